@@ -1,0 +1,39 @@
+"""What every Roundhouse gRPC server carries: grpc.health.v1, server reflection, one error mapping."""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from roundhouse.errors import RoundhouseError
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+async def add_standard_services(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
+    """Adds health (every service SERVING) and reflection; returns the health servicer."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: RoundhouseError):
+    """Ends the call with the status that `error` maps to (never a traceback to the client)."""
+    await context.abort(error.code, error.message)
+
+
+def status_from_name(name: str) -> grpc.StatusCode:
+    """grpc.StatusCode from its name (as carried in ErrorDetail.code); INTERNAL when unknown."""
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)

@@ -1,0 +1,53 @@
+"""Router configuration: parsed once in __main__ (flags, with ROUNDHOUSE_ROUTER_* env defaults)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from roundhouse import catalogue
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    catalogue: catalogue.Catalogue
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: int = 50051                    # 0: any free port
+    advertise_host: str = ""             # how workers reach this router (default: host)
+    default_timeout_s: float = 600.0     # deadline of a request whose caller set none
+    publish_timeout_s: float = 5.0
+    log_level: str = "info"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"ROUNDHOUSE_ROUTER_{name}", default)
+
+
+def parse(argv: list[str] | None = None) -> RouterConfig:
+    p = argparse.ArgumentParser(prog="router-svc", description="Roundhouse router: the public gRPC front door")
+    p.add_argument("--config", default=_env("CONFIG", ""), help="models YAML (env ROUNDHOUSE_ROUTER_CONFIG)")
+    p.add_argument("--nats-url", default=_env("NATS_URL", RouterConfig.nats_url))
+    p.add_argument("--host", default=_env("HOST", RouterConfig.host))
+    p.add_argument("--port", type=int, default=int(_env("PORT", str(RouterConfig.port))))
+    p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""))
+    p.add_argument("--default-timeout", type=float, default=float(_env("DEFAULT_TIMEOUT_S", str(RouterConfig.default_timeout_s))))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    a = p.parse_args(argv)
+    if not a.config:
+        p.error("--config is required")
+    try:
+        cat = catalogue.load(a.config)
+    except catalogue.ConfigError as e:
+        p.error(str(e))
+    if a.default_timeout <= 0:
+        p.error("--default-timeout must be > 0")
+    return RouterConfig(
+        catalogue=cat,
+        nats_url=a.nats_url,
+        host=a.host,
+        port=a.port,
+        advertise_host=a.advertise_host,
+        default_timeout_s=a.default_timeout,
+        log_level=a.log_level,
+    )

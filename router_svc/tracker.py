@@ -1,0 +1,145 @@
+"""The router's requests in flight, and the rule that keeps each caller's stream whole.
+
+The tracker is the one owner of every `Flight`. Workers' chunks come in through `on_chunk`;
+callers read their events from `Flight.events`. A chunk says which JetStream delivery produced
+it. After a worker is lost, the request is delivered again and generated again from the start;
+the tracker then replays: the new generation's tokens must repeat what the caller already has
+(seeded sampling makes them), and only tokens past that point go out. If they differ, the caller
+gets a retryable UNAVAILABLE instead of a stream spliced from two generations.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+
+from protos.v1 import common_pb2, router_pb2, worker_pb2
+
+
+class Action(enum.Enum):
+    OK = 0
+    CANCEL = 1       # nobody waits for this request: tell the worker to abort it
+
+
+@dataclasses.dataclass(eq=False)
+class Flight:
+    request_id: str
+    model: str
+    events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    delivery: int = 0                 # the JetStream delivery whose chunks are accepted
+    link: object = None               # the worker stream serving the current delivery
+    seq: int = 0                      # JetStream sequence of the queued message
+    out_tokens: list[int] = dataclasses.field(default_factory=list)
+    out_text: list[str] = dataclasses.field(default_factory=list)
+    replay: "_Replay | None" = None
+    done: bool = False
+
+
+@dataclasses.dataclass
+class _Replay:
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+
+
+def _event(**kw) -> router_pb2.GenerateEvent:
+    return router_pb2.GenerateEvent(**kw)
+
+
+def error_event(code: str, message: str, retryable: bool) -> router_pb2.GenerateEvent:
+    return _event(error=common_pb2.ErrorDetail(code=code, message=message, retryable=retryable))
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._flights
+
+    def open(self, request_id: str, model: str) -> Flight:
+        flight = Flight(request_id, model)
+        self._flights[request_id] = flight
+        return flight
+
+    def close(self, flight: Flight) -> None:
+        flight.done = True
+        if self._flights.get(flight.request_id) is flight:
+            del self._flights[flight.request_id]
+
+    def on_chunk(self, chunk: worker_pb2.RequestChunk, link: object) -> Action:
+        f = self._flights.get(chunk.request_id)
+        if f is None or f.done:
+            return Action.CANCEL
+        if chunk.delivery < f.delivery:
+            return Action.OK  # a late chunk of an older delivery: never shown
+        if chunk.delivery > f.delivery:
+            # A new generation of this request. Those before it are over (a worker was lost).
+            f.delivery, f.link = chunk.delivery, link
+            # Nothing reached the caller yet: the new generation streams as is; else it replays.
+            f.replay = _Replay() if f.out_tokens else None
+        kind = chunk.WhichOneof("kind")
+        if kind == "started":
+            if f.delivery == chunk.delivery and not f.out_tokens and f.replay is None:
+                f.events.put_nowait(_event(started=router_pb2.Started()))
+            return Action.OK
+        if kind == "delta":
+            return self._delta(f, chunk.delta)
+        if kind == "finished":
+            if f.replay is not None and len(f.replay.tokens) < len(f.out_tokens):
+                return self._diverged(f)
+            f.replay = None
+            f.events.put_nowait(_event(finished=router_pb2.Finished(finish_reason=chunk.finished.finish_reason, usage=chunk.finished.usage)))
+            f.done = True
+            return Action.OK
+        if kind == "error":
+            f.events.put_nowait(_event(error=chunk.error))
+            f.done = True
+            return Action.OK
+        return Action.OK
+
+    def _delta(self, f: Flight, delta: worker_pb2.RequestDelta) -> Action:
+        if f.replay is None:  # the normal case: stream it through
+            f.out_tokens.extend(delta.token_ids)
+            f.out_text.append(delta.text)
+            f.events.put_nowait(_event(delta=router_pb2.TokenDelta(token_ids=delta.token_ids, text=delta.text)))
+            return Action.OK
+        r = f.replay
+        start = len(r.tokens)
+        r.tokens.extend(delta.token_ids)
+        r.text += delta.text
+        common = min(len(r.tokens), len(f.out_tokens))
+        if r.tokens[start:common] != f.out_tokens[start:common]:
+            return self._diverged(f)
+        if len(r.tokens) < len(f.out_tokens):
+            return Action.OK  # still repeating what the caller has
+        sent_text = "".join(f.out_text)
+        if not (r.text.startswith(sent_text) or sent_text.startswith(r.text)):
+            return self._diverged(f)
+        new_tokens = r.tokens[len(f.out_tokens):]
+        new_text = r.text[len(sent_text):]
+        if len(r.text) >= len(sent_text):
+            f.replay = None  # caught up: from here on chunks stream through
+        if new_tokens or new_text:
+            f.out_tokens.extend(new_tokens)
+            f.out_text.append(new_text)
+            f.events.put_nowait(_event(delta=router_pb2.TokenDelta(token_ids=new_tokens, text=new_text)))
+        return Action.OK
+
+    def _diverged(self, f: Flight) -> Action:
+        f.events.put_nowait(
+            error_event(
+                "UNAVAILABLE",
+                "roundhouse: the worker serving this request was lost and its regeneration differs from "
+                "what was already streamed; send the request again",
+                True,
+            )
+        )
+        f.done = True
+        return Action.CANCEL
+
+    def lost_link(self, link: object) -> list[Flight]:
+        """Flights whose current generation ran on `link` (they wait for redelivery)."""
+        return [f for f in self._flights.values() if f.link is link]

@@ -1,0 +1,116 @@
+"""Request validation and resolution: a pure function from a GenerateRequest to what gets queued.
+
+Nothing here does I/O. Every rejection names the field, so a person can fix the request.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import secrets
+import uuid
+from collections.abc import Callable
+
+from protos.v1 import common_pb2, queue_pb2, router_pb2
+from roundhouse.catalogue import Catalogue, ModelSpec
+from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Counter = Callable[[ModelSpec, router_pb2.GenerateRequest], "int | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    spec: ModelSpec
+    queued: queue_pb2.QueuedRequest
+    prompt_tokens: int          # 0 when the model has no tokenizer the router can use
+
+
+def admit(
+    req: router_pb2.GenerateRequest,
+    catalogue: Catalogue,
+    count_prompt: Counter,
+    *,
+    now_ms: int,
+    deadline_ms: int,
+    reply_to: str,
+) -> Admitted:
+    """Validates `req` and returns the fully resolved request to publish, or raises a RequestError."""
+    # 1. The deadline first: an expired request must not cost anything else.
+    if deadline_ms <= now_ms:
+        raise DeadlineExpired("deadline already passed when the request arrived")
+    # 2. The model.
+    if not req.model:
+        raise InvalidRequest("model", "required")
+    spec = catalogue.resolve(req.model)
+    if spec is None:
+        raise ModelNotFound(f"model {req.model!r} not found; ListModels gives the configured names and aliases")
+    # 3. The input.
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("prompt", "either prompt or chat messages are required")
+    if kind == "prompt" and not req.prompt.strip():
+        raise InvalidRequest("prompt", "must not be empty")
+    if kind == "chat":
+        if not req.chat.messages:
+            raise InvalidRequest("messages", "at least one message is required")
+        for i, m in enumerate(req.chat.messages):
+            if m.role not in ROLES:
+                raise InvalidRequest(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(sorted(ROLES))}")
+    if req.request_id and not _REQUEST_ID.match(req.request_id):
+        raise InvalidRequest("request_id", "1-128 characters of letters, digits and . _ : -")
+    # 4. Sampling.
+    s = req.sampling
+    if s.HasField("max_tokens") and s.max_tokens <= 0:
+        raise InvalidRequest("max_tokens", f"must be > 0, got {s.max_tokens}")
+    if s.HasField("max_tokens") and s.max_tokens > spec.token_limit:
+        raise InvalidRequest("max_tokens", f"{s.max_tokens} is above the limit of {spec.token_limit} for model {spec.name}")
+    if s.HasField("temperature") and not (s.temperature >= 0 and math.isfinite(s.temperature)):
+        raise InvalidRequest("temperature", f"must be >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not (0 < s.top_p <= 1):
+        raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.HasField("top_k") and s.top_k < -1:
+        raise InvalidRequest("top_k", f"must be -1 (off), 0 (off) or > 0, got {s.top_k}")
+    if len(s.stop) > 16 or any(not x for x in s.stop):
+        raise InvalidRequest("stop", "at most 16 non-empty stop strings")
+    # 5. Length against the context.
+    prompt_tokens = count_prompt(spec, req)
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else spec.default_max_tokens
+    if prompt_tokens is not None:
+        room = spec.max_model_len - prompt_tokens
+        if room <= 0:
+            raise InvalidRequest(
+                "prompt", f"{prompt_tokens} tokens; the context of model {spec.name} is {spec.max_model_len} tokens"
+            )
+        if max_tokens > room:
+            if s.HasField("max_tokens"):
+                raise InvalidRequest(
+                    "max_tokens",
+                    f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                    f"{spec.max_model_len} tokens of model {spec.name}",
+                )
+            max_tokens = room
+    # 6. The resolved request. A sampled request gets a seed, so that a redelivery after a
+    #    worker loss regenerates the same tokens and the router can continue the stream.
+    sampling = common_pb2.SamplingParams()
+    sampling.CopyFrom(s)
+    sampling.max_tokens = max_tokens
+    if not sampling.HasField("temperature"):
+        sampling.temperature = 1.0
+    if sampling.temperature > 0 and not sampling.HasField("seed"):
+        sampling.seed = secrets.randbits(62)
+    queued = queue_pb2.QueuedRequest(
+        request_id=req.request_id or uuid.uuid4().hex,
+        model=spec.name,
+        sampling=sampling,
+        deadline_unix_ms=deadline_ms,
+        reply_to=reply_to,
+        enqueued_unix_ms=now_ms,
+    )
+    if kind == "prompt":
+        queued.prompt = req.prompt
+    else:
+        queued.chat.messages.extend(req.chat.messages)
+    return Admitted(spec, queued, prompt_tokens or 0)

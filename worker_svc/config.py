@@ -1,0 +1,67 @@
+"""Worker configuration: parsed once in __main__ (flags, with ROUNDHOUSE_WORKER_* env defaults)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import uuid
+
+from roundhouse import catalogue
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    model: catalogue.ModelSpec
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: int = 0                      # 0: any free port (logged in `worker.serving`)
+    worker_id: str = ""
+    load_on_start: bool = True
+    ack_wait_s: float = 30.0           # JetStream redelivers a request this long after a worker went silent
+    max_deliver: int = 5               # deliveries of one request before it is given up
+    drain_timeout_s: float = 30.0      # Evict: how long in-flight requests may finish
+    ready_file: str = ""               # written with {"port": N} once the gRPC server listens
+    log_level: str = "info"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"ROUNDHOUSE_WORKER_{name}", default)
+
+
+def parse(argv: list[str] | None = None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="worker-svc", description="Roundhouse worker: one vLLM engine for one model")
+    p.add_argument("--config", default=_env("CONFIG", ""), help="models YAML (env ROUNDHOUSE_WORKER_CONFIG)")
+    p.add_argument("--model", default=_env("MODEL", ""), help="model name in the catalogue")
+    p.add_argument("--nats-url", default=_env("NATS_URL", WorkerConfig.nats_url))
+    p.add_argument("--host", default=_env("HOST", WorkerConfig.host))
+    p.add_argument("--port", type=int, default=int(_env("PORT", "0")))
+    p.add_argument("--worker-id", default=_env("ID", ""))
+    p.add_argument("--no-load", action="store_true", help="start UNLOADED and wait for a Load call")
+    p.add_argument("--ack-wait", type=float, default=float(_env("ACK_WAIT_S", str(WorkerConfig.ack_wait_s))))
+    p.add_argument("--max-deliver", type=int, default=int(_env("MAX_DELIVER", str(WorkerConfig.max_deliver))))
+    p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", str(WorkerConfig.drain_timeout_s))))
+    p.add_argument("--ready-file", default=_env("READY_FILE", ""))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    a = p.parse_args(argv)
+    if not a.config or not a.model:
+        p.error("--config and --model are required")
+    try:
+        spec = catalogue.load(a.config).get(a.model)
+    except catalogue.ConfigError as e:
+        p.error(str(e))
+    if a.ack_wait <= 1:
+        p.error("--ack-wait must be > 1 second")
+    return WorkerConfig(
+        model=spec,
+        nats_url=a.nats_url,
+        host=a.host,
+        port=a.port,
+        worker_id=a.worker_id or f"{socket.gethostname()}-{spec.name}-{uuid.uuid4().hex[:6]}",
+        load_on_start=not a.no_load,
+        ack_wait_s=a.ack_wait,
+        max_deliver=a.max_deliver,
+        drain_timeout_s=a.drain_timeout,
+        ready_file=a.ready_file,
+        log_level=a.log_level,
+    )

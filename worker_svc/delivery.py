@@ -1,0 +1,108 @@
+"""Token delivery from this worker to the routers that own its requests.
+
+One long-lived bidirectional `Delivery.Deliver` stream per router. Request tasks `push()`
+chunks; the link's sender writes everything pushed since its last write as one batch, so one
+engine step across all requests for that router costs one gRPC message. The router answers on
+the same stream with the ids of requests whose caller is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from protos.v1 import worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger("worker.delivery")
+
+OnCancel = Callable[[str], None]
+OnLost = Callable[[str], None]
+
+
+class RouterLink:
+    """The stream to one router. Dies as a whole: then `on_lost(address)` is called once."""
+
+    def __init__(self, address: str, worker_id: str, on_cancel: OnCancel, on_lost: OnLost):
+        self.address = address
+        self._worker_id = worker_id
+        self._on_cancel = on_cancel
+        self._on_lost = on_lost
+        self._pending: list[worker_pb2.RequestChunk] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._channel = grpc.aio.insecure_channel(address)
+        self._task = asyncio.create_task(self._run(), name=f"delivery-{address}")
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def push(self, chunk: worker_pb2.RequestChunk) -> None:
+        self._pending.append(chunk)
+        self._wake.set()
+
+    async def _batches(self):
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                continue
+            chunks, self._pending = self._pending, []
+            yield worker_pb2.DeliveryBatch(worker_id=self._worker_id, chunks=chunks)
+
+    async def _run(self) -> None:
+        stub = worker_pb2_grpc.DeliveryStub(self._channel)
+        try:
+            call = stub.Deliver(self._batches(), wait_for_ready=False)
+            async for control in call:
+                for request_id in control.cancel_request_ids:
+                    self._on_cancel(request_id)
+            log.warning("delivery.closed", router=self.address)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as e:
+            log.warning("delivery.lost", router=self.address, code=e.code().name, detail=e.details())
+        finally:
+            self._closed = True
+            if not _shutting_down(self._task):
+                self._on_lost(self.address)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        await self._channel.close()
+
+
+def _shutting_down(task: asyncio.Task) -> bool:
+    return task.cancelling() > 0
+
+
+class Links:
+    """The worker's links, one per router address, made on first use."""
+
+    def __init__(self, worker_id: str, on_cancel: OnCancel, on_lost: OnLost):
+        self._worker_id = worker_id
+        self._on_cancel = on_cancel
+        self._on_lost = on_lost
+        self._links: dict[str, RouterLink] = {}
+
+    def to(self, address: str) -> RouterLink:
+        link = self._links.get(address)
+        if link is None or not link.alive:
+            link = RouterLink(address, self._worker_id, self._on_cancel, self._lost)
+            self._links[address] = link
+        return link
+
+    def _lost(self, address: str) -> None:
+        self._links.pop(address, None)
+        self._on_lost(address)
+
+    async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.close()

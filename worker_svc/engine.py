@@ -1,0 +1,152 @@
+"""The vLLM engine behind a small interface. The only module in Roundhouse that imports vllm.
+
+`Engine.start()` builds an `AsyncLLM` (EngineCore in its own process) off the event loop, so the
+worker's gRPC server keeps answering while a model loads; `generate()` yields one `Step` per
+engine step (DELTA output); `abort()` and `shutdown()` are safe to call at any time.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Sequence
+
+from protos.v1 import common_pb2
+from roundhouse.errors import EngineDead, GenerationFailed, InvalidRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is started with (parsed by the worker's config, passed down)."""
+
+    model_path: str
+    served_name: str
+    max_model_len: int
+    max_num_seqs: int = 64
+    kv_cache_gib: float = 1.0     # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class Step:
+    """What one engine step produced for one request."""
+
+    token_ids: Sequence[int]
+    text: str
+    finished: bool
+    finish_reason: int            # common_pb2.FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORTED,
+}
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class Engine:
+    def __init__(self, llm, spec: EngineSpec):
+        self._llm = llm
+        self.spec = spec
+        self._tokenizer = llm.get_tokenizer()
+
+    @classmethod
+    async def start(cls, spec: EngineSpec) -> "Engine":
+        """Builds the engine (tens of seconds on CPU) and runs one token through it."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = await asyncio.to_thread(_on_cpu)
+        if on_cpu:
+            # Read by vLLM's CPU worker when it sizes the KV cache (a per-engine budget in GiB).
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+        args = AsyncEngineArgs(
+            model=spec.model_path,
+            served_model_name=[spec.served_name],
+            max_model_len=spec.max_model_len,
+            max_num_seqs=spec.max_num_seqs,
+            dtype="float32" if on_cpu and spec.dtype == "auto" else spec.dtype,
+            enforce_eager=spec.enforce_eager,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            seed=spec.seed,
+            disable_log_stats=True,
+        )
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        engine = cls(llm, spec)
+        try:
+            async for _ in engine.generate("warmup", [], "roundhouse-warmup", {"max_tokens": 1, "temperature": 0.0}):
+                pass
+        except BaseException:
+            await engine.shutdown()
+            raise
+        return engine
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's chat template applied to `messages`, ready for generation."""
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def generate(
+        self, prompt: str, chat: list[dict[str, str]], request_id: str, sampling: dict
+    ) -> AsyncIterator[Step]:
+        """Streams one request; `sampling` holds SamplingParams fields (max_tokens, temperature, ...)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if self._llm is None:
+            raise EngineDead("engine is shut down")
+        text = self.render_chat(chat) if chat else prompt
+        try:
+            params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequest("sampling", str(e)) from e
+        completion = 0
+        try:
+            async for out in self._llm.generate(text, params, request_id):
+                o = out.outputs[0]
+                completion += len(o.token_ids)
+                yield Step(
+                    token_ids=o.token_ids,
+                    text=o.text,
+                    finished=out.finished,
+                    finish_reason=_FINISH.get(o.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+                    prompt_tokens=len(out.prompt_token_ids or ()),
+                    completion_tokens=completion,
+                )
+        except EngineDeadError as e:
+            raise EngineDead(f"engine died: {e}") from e
+        except EngineGenerateError as e:
+            raise GenerationFailed(f"generation failed: {e}") from e
+        except ValueError as e:  # vLLM's input checks (prompt too long for the context, ...)
+            raise InvalidRequest("prompt", str(e)) from e
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        if request_ids and self._llm is not None:
+            await self._llm.abort(list(request_ids))
+
+    def unfinished(self) -> int:
+        """Requests the engine still holds (vLLM's own bookkeeping, not ours); 0 once shut down."""
+        return self._llm.output_processor.get_num_unfinished_requests() if self._llm else 0
+
+    @property
+    def dead(self) -> bool:
+        return self._llm is None or bool(self._llm.errored)
+
+    async def shutdown(self) -> None:
+        """Stops the EngineCore process; idempotent."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(llm.shutdown)

@@ -1,0 +1,64 @@
+"""The worker's engine lifecycle: one owner, a transition table, awaitable states.
+
+    UNLOADED -> LOADING -> READY -> EVICTING -> UNLOADED
+                       \-> FAILED -> LOADING (an explicit Load retries)
+
+`Residency` is the only writer of the state; every change logs one `residency.changed` event.
+Callers await `ready()` instead of polling.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+
+import structlog
+
+from protos.v1 import worker_pb2
+
+log = structlog.get_logger("worker.residency")
+
+
+class State(enum.Enum):
+    UNLOADED = worker_pb2.ENGINE_STATE_UNLOADED
+    LOADING = worker_pb2.ENGINE_STATE_LOADING
+    READY = worker_pb2.ENGINE_STATE_READY
+    EVICTING = worker_pb2.ENGINE_STATE_EVICTING
+    FAILED = worker_pb2.ENGINE_STATE_FAILED
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.UNLOADED: frozenset({State.LOADING}),
+    State.LOADING: frozenset({State.READY, State.FAILED}),
+    State.READY: frozenset({State.EVICTING, State.FAILED}),
+    State.EVICTING: frozenset({State.UNLOADED, State.FAILED}),
+    State.FAILED: frozenset({State.LOADING, State.UNLOADED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class Residency:
+    def __init__(self, model: str):
+        self.model = model
+        self.state = State.UNLOADED
+        self.error = ""
+        self._changed = asyncio.Condition()
+
+    async def set(self, new: State, error: str = "") -> None:
+        old = self.state
+        if new not in _ALLOWED[old]:
+            raise IllegalTransition(f"roundhouse: {old.name} -> {new.name} is not allowed")
+        self.state, self.error = new, error
+        log.info("residency.changed", model=self.model, old=old.name, new=new.name, **({"error": error} if error else {}))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, *states: State) -> State:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.state in states)
+        return self.state
+
+    async def ready(self) -> None:
+        await self.wait_for(State.READY)

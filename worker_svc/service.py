@@ -1,0 +1,77 @@
+"""Composes a worker process: NATS consumer, engine owner, gRPC control server; ordered shutdown."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import pathlib
+
+import nats
+import structlog
+
+
+from protos.v1 import worker_pb2, worker_pb2_grpc
+from roundhouse import grpcserver, jetstream, subjects
+from worker_svc.config import WorkerConfig
+from worker_svc.consume import heartbeat_loop, pull_loop
+from worker_svc.servicer import WorkerServicer
+from worker_svc.worker import ModelWorker
+
+log = structlog.get_logger("worker")
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
+    structlog.contextvars.bind_contextvars(worker_id=config.worker_id, model=config.model.name)
+    # 1. NATS: the stream, this model's consumer, a pull subscription bound to it.
+    nc = await nats.connect(config.nats_url, name=config.worker_id, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    await jetstream.ensure_stream(js)
+    await jetstream.ensure_consumer(js, config.model.name, config.ack_wait_s, config.max_deliver)
+    psub = await js.pull_subscribe_bind(durable=subjects.consumer_name(config.model.name), stream=subjects.STREAM)
+
+    # 2. The worker and its control server.
+    worker = ModelWorker(config)
+    server = grpcserver.new_server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
+    health = await grpcserver.add_standard_services(server, [SERVICE_NAME])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name))
+    if config.ready_file:
+        tmp = pathlib.Path(config.ready_file + ".tmp")
+        tmp.write_text(json.dumps({"port": port, "worker_id": config.worker_id}))
+        tmp.rename(config.ready_file)
+
+    tasks = [
+        asyncio.create_task(pull_loop(worker, psub), name="pull"),
+        asyncio.create_task(heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
+    ]
+    if config.load_on_start:
+        tasks.append(asyncio.create_task(_load_quietly(worker), name="initial-load"))
+    try:
+        await stop.wait()
+    finally:
+        # 3. Shutdown: stop answering health, stop fetching, requeue what is in flight,
+        #    stop the engine, close the server and the NATS connection.
+        log.info("worker.stopping")
+        await health.enter_graceful_shutdown()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await worker.close()
+        await server.stop(grace=2)
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        log.info("worker.stopped")
+
+
+async def _load_quietly(worker: ModelWorker) -> None:
+    with contextlib.suppress(Exception):  # the failure is in the state (FAILED) and the log
+        await worker.load()
+
+
+

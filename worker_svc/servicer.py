@@ -1,0 +1,30 @@
+"""The Worker gRPC service: Load / Evict / Status for the manager and for operators."""
+from __future__ import annotations
+
+import grpc
+
+from protos.v1 import worker_pb2, worker_pb2_grpc
+from roundhouse.errors import RoundhouseError
+from roundhouse.grpcserver import abort_with
+from worker_svc.worker import ModelWorker
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: ModelWorker):
+        self._worker = worker
+
+    async def Load(self, request: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        try:
+            await self._worker.load()
+        except RoundhouseError as e:
+            await abort_with(context, e)
+        return self._worker.status()
+
+    async def Evict(self, request: worker_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        if request.drain_timeout_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "roundhouse: invalid drain_timeout_s: must be >= 0")
+        await self._worker.evict(request.drain_timeout_s or None)
+        return self._worker.status()
+
+    async def Status(self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        return self._worker.status()

@@ -1,0 +1,320 @@
+"""One model's worker: the engine's lifecycle, the requests in flight, and what happens to each.
+
+The single owner of `active` (requests being generated) and of the engine. A request ends in
+exactly one of three ways for JetStream, decided in `_serve`:
+  ack   - its stream finished (or failed in a way a retry cannot fix: then `term`);
+  nak   - it must run again (engine died, worker evicting or shutting down): redelivered;
+  term  - nobody waits for it any more (caller cancelled, router gone, deadline passed).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import structlog
+from nats.aio.msg import Msg
+
+from protos.v1 import common_pb2, queue_pb2, worker_pb2
+from roundhouse.errors import EngineDead, InvalidRequest, RequestError, Unavailable
+from worker_svc.config import WorkerConfig
+from worker_svc.delivery import Links, RouterLink
+from worker_svc.engine import Engine, EngineSpec
+from worker_svc.residency import Residency, State
+
+log = structlog.get_logger("worker")
+
+
+class Stop:
+    """Why an in-flight request was stopped before it finished."""
+
+    CALLER_GONE = "caller_gone"      # router said cancel: abort, term
+    ROUTER_LOST = "router_lost"      # the owning router's stream broke: abort, term
+    REQUEUE = "requeue"              # evict or shutdown: abort, nak (another delivery serves it)
+
+
+@dataclasses.dataclass
+class Active:
+    msg: Msg
+    link: RouterLink
+    delivery: int
+    engine_request_id: str
+    task: asyncio.Task | None = None
+    stop: str = ""
+
+
+@dataclasses.dataclass
+class Counters:
+    completed: int = 0
+    expired_skipped: int = 0
+    aborted: int = 0
+    load_seconds: float = 0.0
+
+
+class ModelWorker:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.model = config.model.name
+        self.residency = Residency(self.model)
+        self.counters = Counters()
+        self.engine: Engine | None = None
+        self.active: dict[str, Active] = {}
+        self.links = Links(config.worker_id, self.cancel, self._router_lost)
+        self._slot_freed = asyncio.Event()
+        self._load_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Returns once READY. Concurrent callers share one load; a failed load raises Unavailable."""
+        while True:
+            state = self.residency.state
+            if state is State.READY:
+                return
+            if state is State.EVICTING:
+                await self.residency.wait_for(State.UNLOADED, State.FAILED)
+                continue
+            if self._load_task is None or self._load_task.done():  # UNLOADED, or FAILED: a Load retries
+                self._load_task = asyncio.create_task(self._do_load(), name="engine-load")
+            await asyncio.shield(self._load_task)
+            if self.residency.state is State.FAILED:
+                raise Unavailable(f"model {self.model} failed to load: {self.residency.error}")
+
+    async def _do_load(self) -> None:
+        spec = self.config.model
+        await self.residency.set(State.LOADING)
+        started = time.monotonic()
+        try:
+            self.engine = await Engine.start(
+                EngineSpec(
+                    model_path=spec.path,
+                    served_name=spec.name,
+                    max_model_len=spec.max_model_len,
+                    max_num_seqs=spec.max_num_seqs,
+                    kv_cache_gib=spec.kv_cache_gib,
+                )
+            )
+        except Exception as e:  # any load failure: bad weights, does not fit, ...
+            log.error("engine.load_failed", model=self.model, error=repr(e))
+            await self.residency.set(State.FAILED, error=f"{type(e).__name__}: {e}")
+            return
+        self.counters.load_seconds = time.monotonic() - started
+        log.info("engine.loaded", model=self.model, seconds=round(self.counters.load_seconds, 2))
+        await self.residency.set(State.READY)
+
+    async def evict(self, drain_timeout_s: float | None = None) -> None:
+        """Stops taking requests, lets those in flight finish (requeues them past the timeout), unloads."""
+        if self.residency.state is not State.READY:
+            if self.residency.state is State.EVICTING:
+                await self.residency.wait_for(State.UNLOADED, State.FAILED)
+            return
+        await self.residency.set(State.EVICTING)
+        timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if not await self._drained(timeout):
+            log.warning("engine.drain_timeout", model=self.model, requeued=len(self.active))
+            await self._stop_all(Stop.REQUEUE)
+        await self._shutdown_engine()
+        await self.residency.set(State.UNLOADED)
+
+    async def close(self) -> None:
+        """Process shutdown: requests in flight go back to the queue; the engine stops."""
+        await self._stop_all(Stop.REQUEUE)
+        await self._shutdown_engine()
+        await self.links.close()
+
+    async def _shutdown_engine(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await engine.shutdown()
+
+    async def _drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.active:
+            self._slot_freed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), remaining)
+            except TimeoutError:
+                return not self.active
+        return True
+
+    async def _stop_all(self, reason: str) -> None:
+        tasks = [a.task for a in self.active.values() if a.task is not None]
+        for request_id in list(self.active):
+            self._stop(request_id, reason)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- slots -----------------------------------------------------------------------------
+
+    def free_slots(self) -> int:
+        return self.config.model.max_num_seqs - len(self.active)
+
+    async def wait_for_slot(self) -> int:
+        while self.free_slots() <= 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        return self.free_slots()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def start(self, msg: Msg) -> None:
+        """Takes one fetched message; the worker owns it from here until ack / nak / term."""
+        self._background(self._serve(msg))
+
+    def cancel(self, request_id: str) -> None:
+        """The router says the caller is gone."""
+        self._stop(request_id, Stop.CALLER_GONE)
+
+    def _router_lost(self, address: str) -> None:
+        for request_id, active in list(self.active.items()):
+            if active.link.address == address:
+                self._stop(request_id, Stop.ROUTER_LOST)
+
+    def _stop(self, request_id: str, reason: str) -> None:
+        active = self.active.get(request_id)
+        if active is not None and active.task is not None and not active.stop:
+            active.stop = reason
+            active.task.cancel()
+
+    async def _serve(self, msg: Msg) -> None:
+        # 1. Decode; an undecodable message can never succeed.
+        try:
+            req = queue_pb2.QueuedRequest.FromString(msg.data)
+        except Exception:
+            log.error("request.undecodable", subject=msg.subject)
+            await msg.term()
+            return
+        delivery = msg.metadata.num_delivered or 1
+        rid = req.request_id
+        bound = log.bind(request_id=rid, model=self.model, delivery=delivery)
+        # 2. Never start an expired request (its caller already got DEADLINE_EXCEEDED).
+        remaining = (req.deadline_unix_ms / 1000.0 - time.time()) if req.deadline_unix_ms else None
+        if remaining is not None and remaining <= 0:
+            self.counters.expired_skipped += 1
+            bound.info("request.expired_skipped")
+            await msg.term()
+            return
+        engine = self.engine
+        if engine is None or rid in self.active:
+            await msg.nak(delay=0.5)
+            return
+        # 3. Register, announce, generate.
+        link = self.links.to(req.reply_to)
+        active = Active(msg, link, delivery, f"{rid}@{delivery}", asyncio.current_task())
+        self.active[rid] = active
+        link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
+        outcome = "ack"
+        try:
+            async with asyncio.timeout(remaining):
+                async for step in engine.generate(
+                    req.prompt,
+                    [{"role": m.role, "content": m.content} for m in req.chat.messages],
+                    active.engine_request_id,
+                    _sampling(req.sampling),
+                ):
+                    if step.token_ids or step.text:
+                        link.push(
+                            worker_pb2.RequestChunk(
+                                request_id=rid,
+                                delivery=delivery,
+                                delta=worker_pb2.RequestDelta(token_ids=step.token_ids, text=step.text),
+                            )
+                        )
+                    if step.finished:
+                        link.push(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))
+            self.counters.completed += 1
+        except asyncio.CancelledError:
+            if not active.stop:
+                raise  # not ours: the whole worker is going down
+            asyncio.current_task().uncancel()
+            self.counters.aborted += 1
+            await engine.abort([active.engine_request_id])
+            outcome = "nak" if active.stop == Stop.REQUEUE else "term"
+            bound.info("request.stopped", reason=active.stop)
+        except TimeoutError:
+            self.counters.aborted += 1
+            await engine.abort([active.engine_request_id])
+            link.push(_error(rid, delivery, "DEADLINE_EXCEEDED", "roundhouse: deadline passed during generation", False))
+            outcome = "term"
+        except EngineDead as e:
+            bound.error("engine.dead", error=str(e))
+            outcome = "nak"
+            self._background(self._engine_died(str(e)))
+        except (InvalidRequest, RequestError) as e:
+            link.push(_error(rid, delivery, e.code.name, e.message, e.retryable))
+            outcome = "term"
+        finally:
+            del self.active[rid]
+            self._slot_freed.set()
+        # 4. Settle with JetStream.
+        if outcome == "ack":
+            await msg.ack()
+        elif outcome == "nak":
+            await msg.nak()
+        else:
+            await msg.term()
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        task.add_done_callback(_log_crash)
+
+    async def _engine_died(self, error: str) -> None:
+        if self.residency.state is State.READY:
+            await self.residency.set(State.FAILED, error=error)
+            await self._stop_all(Stop.REQUEUE)
+            await self._shutdown_engine()
+
+    async def heartbeat(self) -> None:
+        """Tells JetStream that every request in flight is still being worked on."""
+        msgs = [a.msg for a in self.active.values()]
+        await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+
+    def status(self) -> worker_pb2.WorkerStatus:
+        c = self.counters
+        return worker_pb2.WorkerStatus(
+            worker_id=self.config.worker_id,
+            model=self.model,
+            state=self.residency.state.value,
+            error=self.residency.error,
+            in_flight=len(self.active),
+            engine_unfinished=self.engine.unfinished() if self.engine else 0,
+            max_num_seqs=self.config.model.max_num_seqs,
+            completed=c.completed,
+            expired_skipped=c.expired_skipped,
+            aborted=c.aborted,
+            load_seconds=c.load_seconds,
+        )
+
+
+def _sampling(p: common_pb2.SamplingParams) -> dict:
+    """SamplingParams fields for vLLM; the router has already filled in every default."""
+    out: dict = {"max_tokens": p.max_tokens, "ignore_eos": p.ignore_eos}
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if p.HasField(name):
+            out[name] = getattr(p, name)
+    if p.stop:
+        out["stop"] = list(p.stop)
+    return out
+
+
+def _finished(rid: str, delivery: int, reason: int, prompt: int, completion: int) -> worker_pb2.RequestChunk:
+    return worker_pb2.RequestChunk(
+        request_id=rid,
+        delivery=delivery,
+        finished=worker_pb2.RequestFinished(
+            finish_reason=reason, usage=common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion)
+        ),
+    )
+
+
+def _error(rid: str, delivery: int, code: str, message: str, retryable: bool) -> worker_pb2.RequestChunk:
+    return worker_pb2.RequestChunk(
+        request_id=rid, delivery=delivery, error=common_pb2.ErrorDetail(code=code, message=message, retryable=retryable)
+    )
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("request.crashed", error=repr(task.exception()))
