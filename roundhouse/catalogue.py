@@ -10,12 +10,13 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         max_tokens_limit: 512      # optional cap on max_tokens (default: max_model_len)
         default_max_tokens: 128    # used when a request sets none
         max_num_seqs: 64           # engine slots
-        kv_cache_gib: 0.25         # KV-cache reservation per engine
+        kv_cache_bytes: 256MiB     # KV-cache reservation per engine (bytes, or with KiB/MiB/GiB)
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ class ModelSpec:
     max_tokens_limit: int = 0       # 0: max_model_len
     default_max_tokens: int = 256
     max_num_seqs: int = 64
-    kv_cache_gib: float = 0.25
+    kv_cache_bytes: int = 256 * 2**20
 
     @property
     def token_limit(self) -> int:
@@ -88,8 +89,10 @@ def _model(raw: Any, where: str, base: pathlib.Path) -> ModelSpec:
     for key in ("max_model_len", "default_max_tokens", "max_num_seqs"):
         if getattr(spec, key) <= 0:
             raise ConfigError(f"{where}.{key}: must be > 0")
-    if spec.max_tokens_limit < 0 or spec.kv_cache_gib <= 0:
-        raise ConfigError(f"{where}.{'max_tokens_limit' if spec.max_tokens_limit < 0 else 'kv_cache_gib'}: must be > 0")
+    if spec.max_tokens_limit < 0:
+        raise ConfigError(f"{where}.max_tokens_limit: must be >= 0")
+    if spec.kv_cache_bytes <= 0:
+        raise ConfigError(f"{where}.kv_cache_bytes: must be > 0")
     if spec.default_max_tokens > spec.token_limit:
         raise ConfigError(f"{where}.default_max_tokens: above the model's token limit {spec.token_limit}")
     return spec
@@ -100,6 +103,8 @@ def _coerce(where: str, typ: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: must be a non-empty string")
         return value
+    if typ == "int" and where.endswith("_bytes"):
+        return parse_size(where, value)
     if typ == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: must be an integer, got {value!r}")
@@ -113,6 +118,20 @@ def _coerce(where: str, typ: str, value: Any) -> Any:
             raise ConfigError(f"{where}: must be a list of non-empty strings")
         return tuple(value)
     raise AssertionError(typ)
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(where: str, value: Any) -> int:
+    """Bytes from an integer or a string like '256MiB' / '1.5 GiB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{where}: must be a size in bytes (an integer, or like '256MiB', '2GiB'), got {value!r}")
 
 
 def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:

@@ -24,7 +24,7 @@ class EngineSpec:
     served_name: str
     max_model_len: int
     max_num_seqs: int = 64
-    kv_cache_gib: float = 1.0     # VLLM_CPU_KVCACHE_SPACE on CPU
+    kv_cache_bytes: int = 2**30
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
     enforce_eager: bool = True
@@ -69,9 +69,8 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = await asyncio.to_thread(_on_cpu)
-        if on_cpu:
-            # Read by vLLM's CPU worker when it sizes the KV cache (a per-engine budget in GiB).
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+        # The legacy CPU variable (whole GiB) would override the exact byte budget below.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         args = AsyncEngineArgs(
             model=spec.model_path,
             served_model_name=[spec.served_name],
@@ -81,6 +80,7 @@ class Engine:
             enforce_eager=spec.enforce_eager,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             seed=spec.seed,
+            kv_cache_memory_bytes=spec.kv_cache_bytes,
             disable_log_stats=True,
         )
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

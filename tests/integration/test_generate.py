@@ -1,0 +1,189 @@
+"""A gRPC caller's request through router → JetStream → vLLM worker → gRPC, on real parts."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from protos.v1 import common_pb2, router_pb2
+from roundhouse import subjects
+from tests.conftest import assert_quiescent, collect, eventually, kinds_of, tokens_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+PROMPTS = ["Hello world", "The quick brown fox", "def fibonacci(n):", "A roundhouse is"]
+
+
+def greedy(max_tokens: int, ignore_eos: bool = True) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+
+
+async def test_tokens_equal_the_same_engine_called_directly(router, router_stub, chat_worker, models, js):
+    from worker_svc.engine import Engine, EngineSpec
+
+    spec = models.get("tiny-0")
+    # 1. Through the whole system: completion prompts and one chat request.
+    requests = [router_pb2.GenerateRequest(model="chat", prompt=p, sampling=greedy(24)) for p in PROMPTS]
+    chat = router_pb2.GenerateRequest(model="tiny-0", sampling=greedy(24))
+    chat.chat.messages.add(role="user", content="Hello, how are you today?")
+    requests.append(chat)
+    routed = [await collect(router_stub.Generate(r, timeout=120)) for r in requests]
+    # 2. The same engine, called directly in this process with the same greedy parameters.
+    engine = await Engine.start(EngineSpec(model_path=spec.path, served_name=spec.name,
+                                           max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes))
+    try:
+        direct = []
+        for i, r in enumerate(requests):
+            chat_msgs = [{"role": m.role, "content": m.content} for m in r.chat.messages]
+            ids = []
+            async for step in engine.generate(r.prompt, chat_msgs, f"direct-{i}", {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}):
+                ids.extend(step.token_ids)
+            direct.append(ids)
+    finally:
+        await engine.shutdown()
+    for events, expected in zip(routed, direct):
+        assert kinds_of(events)[0] == "queued"
+        assert kinds_of(events)[-1] == "finished"
+        assert tokens_of(events) == expected
+        assert len(expected) == 24
+    assert len({tuple(d) for d in direct}) == len(direct), "different prompts should give different tokens"
+    await assert_quiescent(router, js, [chat_worker])
+
+
+async def test_32_concurrent_streams_each_get_exactly_max_tokens(router, router_stub, chat_worker, js):
+    wanted = [8 + i for i in range(32)]
+    calls = [
+        collect(router_stub.Generate(router_pb2.GenerateRequest(model="chat", prompt=f"stream {i}", sampling=greedy(n)), timeout=180))
+        for i, n in enumerate(wanted)
+    ]
+    results = await asyncio.gather(*calls)
+    for n, events in zip(wanted, results):
+        kinds = kinds_of(events)
+        assert kinds[0] == "queued" and kinds.count("finished") == 1 and kinds[-1] == "finished"
+        assert "error" not in kinds
+        fin = events[-1].finished
+        assert len(tokens_of(events)) == n
+        assert fin.usage.completion_tokens == n
+        assert fin.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        text = "".join(ev.delta.text for ev in events if ev.WhichOneof("event") == "delta")
+        assert text, "detokenized text streams along with the ids"
+    await assert_quiescent(router, js, [chat_worker])
+
+
+async def test_cancelled_stream_leaves_nothing_in_the_engine_within_a_second(router, router_stub, chat_worker, js):
+    before = (await chat_worker.status()).aborted
+    call = router_stub.Generate(router_pb2.GenerateRequest(model="chat", prompt="cancel me", sampling=greedy(1000)), timeout=120)
+    deltas = 0
+    async for ev in call:
+        if ev.WhichOneof("event") == "delta":
+            deltas += 1
+            if deltas == 3:
+                break
+    assert (await chat_worker.status()).engine_unfinished == 1
+    call.cancel()
+    cancelled_at = time.monotonic()
+
+    async def engine_empty() -> bool:
+        st = await chat_worker.status()
+        return st.engine_unfinished == 0 and st.in_flight == 0
+
+    await eventually(engine_empty, 1.0, "the engine aborted the cancelled request")
+    print(f"engine empty {1000 * (time.monotonic() - cancelled_at):.0f} ms after the cancel")
+    assert (await chat_worker.status()).aborted == before + 1
+    await assert_quiescent(router, js, [chat_worker])
+
+
+def _bad(**kw) -> router_pb2.GenerateRequest:
+    kw.setdefault("model", "chat")
+    sampling = kw.pop("sampling", None)
+    req = router_pb2.GenerateRequest(**kw)
+    if sampling is not None:
+        req.sampling.CopyFrom(sampling)
+    return req
+
+
+def _no_messages() -> router_pb2.GenerateRequest:
+    req = router_pb2.GenerateRequest(model="chat")
+    req.chat.SetInParent()
+    return req
+
+
+LONG_PROMPT = " ".join(f"word{i}" for i in range(1500))
+
+BAD_INPUTS = [
+    ("unknown model", _bad(model="no-such-model", prompt="hi"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    ("no model", _bad(model="", prompt="hi"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ("empty prompt", _bad(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("no input", _bad(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("no messages", _no_messages(), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    ("max_tokens 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("max_tokens < 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=-5)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("max_tokens above limit", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1001)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("temperature < 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-0.5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("top_p 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ("top_p > 1", _bad(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ("prompt longer than context", _bad(prompt=LONG_PROMPT), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("prompt + max_tokens over context", _bad(prompt=" ".join(["hello"] * 300), sampling=common_pb2.SamplingParams(max_tokens=1000)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+]
+
+
+async def test_bad_input_gets_its_status_and_touches_nothing(router, router_stub, chat_worker, js):
+    # A healthy long stream runs the whole time: bad requests beside it must not touch it.
+    good_call = router_stub.Generate(
+        router_pb2.GenerateRequest(model="chat", prompt="a healthy neighbour", sampling=greedy(300)), timeout=180)
+    first = await good_call.read()
+    assert first.WhichOneof("event") == "queued"
+
+    async def rest() -> list:
+        out = []
+        while (ev := await good_call.read()) is not grpc.aio.EOF:
+            out.append(ev)
+        return out
+
+    good = asyncio.ensure_future(rest())
+    seq_before = (await js.stream_info(subjects.STREAM)).state.last_seq
+    engine_before = (await chat_worker.status())
+    for name, req, code, field in BAD_INPUTS:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(router_stub.Generate(req, timeout=10))
+        assert info.value.code() == code, name
+        assert field in info.value.details(), f"{name}: {info.value.details()!r} should name {field!r}"
+        assert info.value.details().startswith("roundhouse: "), name
+    # An expired deadline: the router refuses it before anything is queued.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(router_stub.Generate(_bad(prompt="late"), timeout=0.000001))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Nothing was published (the good stream was, before seq_before), nothing reached the engine.
+    assert (await js.stream_info(subjects.STREAM)).state.last_seq == seq_before
+    events = [first, *await good]
+    assert len(tokens_of(events)) == 300 and kinds_of(events)[-1] == "finished"
+    after = await chat_worker.status()
+    assert after.completed == engine_before.completed + 1 and after.aborted == engine_before.aborted
+    # The router is still up and serving.
+    events = await collect(router_stub.Generate(_bad(prompt="still here", sampling=greedy(4)), timeout=60))
+    assert len(tokens_of(events)) == 4
+    await assert_quiescent(router, js, [chat_worker])
+
+
+async def test_list_models_names_aliases_and_limits(router_stub, models):
+    resp = await router_stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)
+    by_name = {m.name: m for m in resp.models}
+    assert set(by_name) == {"tiny-0", "tiny-1"}
+    assert list(by_name["tiny-0"].aliases) == ["chat"]
+    assert by_name["tiny-0"].max_model_len == 1024 and by_name["tiny-0"].max_tokens_limit == 1000
+
+
+async def test_health_and_reflection_are_served(router):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="roundhouse.v1.Router"), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert "roundhouse.v1.Router" in names and "roundhouse.v1.Delivery" in names
