@@ -145,3 +145,9 @@ async def assert_quiescent(router: Router, js, workers, models=("tiny-0",), time
 
 async def queued_count(js, model: str) -> int:
     return await jetstream.queued(js, model)
+
+
+def pytest_configure(config):
+    from roundhouse import logs
+
+    logs.configure("tests", "info", json=False)

@@ -1,0 +1,60 @@
+import pathlib
+
+import pytest
+
+from roundhouse import catalogue
+from roundhouse.catalogue import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def _one(**kw):
+    m = {"name": "m", "path": "models/m", "max_model_len": 1024, **kw}
+    return {"models": [m]}
+
+
+def test_loads_defaults_and_resolves_relative_paths(tmp_path):
+    (tmp_path / "c.yaml").write_text("models:\n  - name: m\n    aliases: [chat]\n    path: models/m\n    max_model_len: 512\n    kv_cache_bytes: 64MiB\n")
+    cat = catalogue.load(tmp_path / "c.yaml")
+    spec = cat.resolve("chat")
+    assert spec is cat.resolve("m") and spec.name == "m"
+    assert spec.path == str((tmp_path / "models/m").resolve())
+    assert spec.kv_cache_bytes == 64 * 2**20
+    assert spec.token_limit == 512
+    assert cat.resolve("nope") is None
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({}, "models"),
+        ({"models": []}, "models"),
+        ({"models": ["x"]}, "models[0]"),
+        ({"models": [{"name": "m", "path": "p"}]}, "models[0].max_model_len"),
+        (_one(colour="red"), "models[0].colour"),
+        (_one(max_model_len="big"), "models[0].max_model_len"),
+        (_one(max_model_len=0), "models[0].max_model_len"),
+        (_one(aliases="chat"), "models[0].aliases"),
+        (_one(kv_cache_bytes="lots"), "models[0].kv_cache_bytes"),
+        (_one(default_max_tokens=2048), "models[0].default_max_tokens"),
+        ({"models": [_one()["models"][0], _one()["models"][0]]}, "'m' is used twice"),
+    ],
+)
+def test_errors_name_the_bad_key(raw, key):
+    with pytest.raises(ConfigError) as info:
+        catalogue.from_mapping(raw, pathlib.Path("/x"))
+    assert key in str(info.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        catalogue.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        catalogue.load(tmp_path / "bad.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    spec = catalogue.ModelSpec(name="a/b", path=str(tmp_path / "x"), max_model_len=256, aliases=("x",), kv_cache_bytes=123)
+    (tmp_path / "c.yaml").write_text(catalogue.dump([spec]))
+    assert catalogue.load(tmp_path / "c.yaml").models == (spec,)

@@ -1,0 +1,113 @@
+"""The splice guard: after a redelivery the caller's stream continues only if it repeats exactly."""
+import pytest
+
+from protos.v1 import common_pb2, worker_pb2
+from router_svc.tracker import Action, Tracker
+
+pytestmark = pytest.mark.unit
+
+
+def started(delivery):
+    return worker_pb2.RequestChunk(request_id="r", delivery=delivery, started=True)
+
+
+def delta(delivery, ids, text=None):
+    text = "".join(f"<{i}>" for i in ids) if text is None else text
+    return worker_pb2.RequestChunk(request_id="r", delivery=delivery, delta=worker_pb2.RequestDelta(token_ids=ids, text=text))
+
+
+def finished(delivery, n):
+    return worker_pb2.RequestChunk(
+        request_id="r", delivery=delivery,
+        finished=worker_pb2.RequestFinished(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(completion_tokens=n)),
+    )
+
+
+def drain(flight):
+    out = []
+    while not flight.events.empty():
+        out.append(flight.events.get_nowait())
+    return out
+
+
+def streamed(events):
+    return [t for e in events if e.WhichOneof("event") == "delta" for t in e.delta.token_ids]
+
+
+def text(events):
+    return "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
+
+
+def test_first_delivery_streams_through():
+    t = Tracker()
+    f = t.open("r", "m")
+    for c in (started(1), delta(1, [1, 2]), delta(1, [3]), finished(1, 3)):
+        assert t.on_chunk(c, "w1") is Action.OK
+    ev = drain(f)
+    assert [e.WhichOneof("event") for e in ev] == ["started", "delta", "delta", "finished"]
+    assert streamed(ev) == [1, 2, 3]
+
+
+def test_redelivery_that_repeats_the_prefix_continues_seamlessly():
+    t = Tracker()
+    f = t.open("r", "m")
+    for c in (started(1), delta(1, [1, 2]), delta(1, [3])):
+        t.on_chunk(c, "w1")
+    # worker w1 dies; the request is generated again from the start on w2, in other step sizes
+    for c in (started(2), delta(2, [1]), delta(2, [2, 3, 4]), delta(2, [5]), finished(2, 5)):
+        assert t.on_chunk(c, "w2") is Action.OK
+    ev = drain(f)
+    assert streamed(ev) == [1, 2, 3, 4, 5]
+    assert text(ev) == "<1><2><3><4><5>"
+    assert [e.WhichOneof("event") for e in ev].count("started") == 1
+    assert ev[-1].WhichOneof("event") == "finished"
+
+
+def test_redelivery_that_differs_ends_with_a_retryable_error_and_no_splice():
+    t = Tracker()
+    f = t.open("r", "m")
+    for c in (delta(1, [1, 2, 3]),):
+        t.on_chunk(c, "w1")
+    assert t.on_chunk(delta(2, [1, 9]), "w2") is Action.CANCEL
+    ev = drain(f)
+    assert streamed(ev) == [1, 2, 3]
+    assert ev[-1].error.code == "UNAVAILABLE" and ev[-1].error.retryable
+    assert t.on_chunk(delta(2, [3]), "w2") is Action.CANCEL  # nothing more reaches the caller
+    assert streamed(drain(f)) == []
+
+
+def test_redelivery_that_finishes_short_is_an_error():
+    t = Tracker()
+    f = t.open("r", "m")
+    t.on_chunk(delta(1, [1, 2, 3]), "w1")
+    t.on_chunk(delta(2, [1, 2]), "w2")
+    assert t.on_chunk(finished(2, 2), "w2") is Action.CANCEL
+    assert drain(f)[-1].WhichOneof("event") == "error"
+
+
+def test_late_chunks_of_an_older_delivery_are_ignored():
+    t = Tracker()
+    f = t.open("r", "m")
+    t.on_chunk(delta(2, [1]), "w2")
+    assert t.on_chunk(delta(1, [7, 7]), "w1") is Action.OK
+    assert streamed(drain(f)) == [1]
+
+
+def test_chunks_for_unknown_or_closed_requests_ask_for_a_cancel():
+    t = Tracker()
+    assert t.on_chunk(started(1), "w") is Action.CANCEL
+    f = t.open("r", "m")
+    t.close(f)
+    assert t.on_chunk(delta(1, [1]), "w") is Action.CANCEL
+    assert len(t) == 0
+
+
+def test_text_that_lags_its_tokens_is_not_duplicated():
+    t = Tracker()
+    f = t.open("r", "m")
+    t.on_chunk(delta(1, [1, 2], "ab"), "w1")
+    # the regeneration holds back text for an incomplete character, then catches up
+    t.on_chunk(delta(2, [1, 2], "a"), "w2")
+    t.on_chunk(delta(2, [3], "bc"), "w2")
+    ev = drain(f)
+    assert streamed(ev) == [1, 2, 3] and text(ev) == "abc"

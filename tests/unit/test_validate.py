@@ -1,0 +1,81 @@
+import pathlib
+
+import pytest
+
+from protos.v1 import common_pb2, router_pb2
+from roundhouse import catalogue
+from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
+from router_svc.validate import admit
+
+pytestmark = pytest.mark.unit
+
+CAT = catalogue.from_mapping(
+    {"models": [{"name": "m", "aliases": ["chat"], "path": "p", "max_model_len": 100, "max_tokens_limit": 80, "default_max_tokens": 30}]},
+    pathlib.Path("/"),
+)
+
+
+def words(spec, req):  # a stand-in tokenizer: one token per word
+    if req.WhichOneof("input") == "chat":
+        return sum(len(m.content.split()) + 2 for m in req.chat.messages)
+    return len(req.prompt.split())
+
+
+def run(req, now=1_000, deadline=61_000, counter=words):
+    return admit(req, CAT, counter, now_ms=now, deadline_ms=deadline, reply_to="r:1")
+
+
+def req(**sampling):
+    return router_pb2.GenerateRequest(model="chat", prompt="one two three", sampling=common_pb2.SamplingParams(**sampling))
+
+
+def test_resolves_alias_applies_defaults_and_seeds_sampled_requests():
+    a = run(req())
+    q = a.queued
+    assert q.model == "m" and q.reply_to == "r:1" and q.deadline_unix_ms == 61_000 and q.request_id
+    assert q.sampling.max_tokens == 30 and q.sampling.temperature == 1.0 and q.sampling.HasField("seed")
+    assert a.prompt_tokens == 3
+    greedy = run(req(temperature=0.0)).queued.sampling
+    assert not greedy.HasField("seed")
+
+
+def test_default_max_tokens_is_clamped_to_the_room_left_in_the_context():
+    r = router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 90))
+    assert run(r).queued.sampling.max_tokens == 10
+
+
+@pytest.mark.parametrize(
+    "request_, error, field",
+    [
+        (router_pb2.GenerateRequest(model="", prompt="x"), InvalidRequest, "model"),
+        (router_pb2.GenerateRequest(model="x", prompt="x"), ModelNotFound, "'x' not found"),
+        (router_pb2.GenerateRequest(model="m"), InvalidRequest, "prompt"),
+        (router_pb2.GenerateRequest(model="m", prompt="   "), InvalidRequest, "prompt"),
+        (router_pb2.GenerateRequest(model="m", chat=router_pb2.ChatMessages()), InvalidRequest, "messages"),
+        (router_pb2.GenerateRequest(model="m", chat=router_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="robot", content="x")])), InvalidRequest, "messages[0].role"),
+        (router_pb2.GenerateRequest(model="m", prompt="x", request_id="bad id!"), InvalidRequest, "request_id"),
+        (req(max_tokens=0), InvalidRequest, "max_tokens"),
+        (req(max_tokens=81), InvalidRequest, "max_tokens"),
+        (req(temperature=-0.01), InvalidRequest, "temperature"),
+        (req(temperature=float("nan")), InvalidRequest, "temperature"),
+        (req(top_p=0.0), InvalidRequest, "top_p"),
+        (req(top_p=1.01), InvalidRequest, "top_p"),
+        (req(top_k=-2), InvalidRequest, "top_k"),
+        (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 100)), InvalidRequest, "prompt"),
+        (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 50), sampling=common_pb2.SamplingParams(max_tokens=60)), InvalidRequest, "max_tokens"),
+    ],
+)
+def test_bad_requests_name_the_field(request_, error, field):
+    with pytest.raises(error) as info:
+        run(request_)
+    assert field in str(info.value) and str(info.value).startswith("roundhouse: ")
+
+
+def test_expired_deadline_is_refused_first():
+    with pytest.raises(DeadlineExpired):
+        run(router_pb2.GenerateRequest(model="x"), now=5_000, deadline=5_000)
+
+
+def test_model_without_a_tokenizer_skips_the_length_check():
+    a = run(router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 500)), counter=lambda s, r: None)
+    assert a.prompt_tokens == 0 and a.queued.sampling.max_tokens == 30
