@@ -11,6 +11,23 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         default_max_tokens: 128    # used when a request sets none
         max_num_seqs: 64           # engine slots
         kv_cache_bytes: 256MiB     # KV-cache reservation per engine (bytes, or with KiB/MiB/GiB)
+        priority: 0                # higher stays resident longer under pressure
+        pinned: false              # never evicted
+        min_resident_s: 30         # not evicted sooner after its load (stops thrashing)
+        gpu: cpu                   # which budget it counts against
+
+    gpus:                          # optional; default: one "cpu" GPU with 8GiB
+      - id: cpu                    # or cuda:0, ...
+        budget_bytes: 8GiB         # required on CPU; on CUDA default: total memory x utilization
+        utilization: 0.85
+        engine_overhead_bytes: 256MiB
+
+    manager:                       # optional
+      drain_timeout_s: 30          # in-flight requests of a model being evicted get this long
+      load_backoff_s: 10           # after a failed load; doubles on each failure, up to 300 s
+      report_interval_s: 2         # workers refresh their report this often
+      queue_poll_s: 0.5
+      starvation_s: 30             # a waiting model may drain busy ones after waiting this long
 """
 from __future__ import annotations
 
@@ -37,6 +54,10 @@ class ModelSpec:
     default_max_tokens: int = 256
     max_num_seqs: int = 64
     kv_cache_bytes: int = 256 * 2**20
+    priority: int = 0
+    pinned: bool = False
+    min_resident_s: float = 30.0
+    gpu: str = "cpu"
 
     @property
     def token_limit(self) -> int:
@@ -44,8 +65,30 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    id: str
+    budget_bytes: int = 0            # 0: detect (CUDA) — required on CPU
+    utilization: float = 0.85
+    engine_overhead_bytes: int = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerSpec:
+    drain_timeout_s: float = 30.0
+    load_backoff_s: float = 10.0
+    report_interval_s: float = 2.0
+    queue_poll_s: float = 0.5
+    starvation_s: float = 30.0        # a waiting model may drain busy ones after this long
+
+
+DEFAULT_GPUS = (GpuSpec(id="cpu", budget_bytes=8 * 2**30),)
+
+
+@dataclasses.dataclass(frozen=True)
 class Catalogue:
     models: tuple[ModelSpec, ...]
+    gpus: tuple[GpuSpec, ...] = DEFAULT_GPUS
+    manager: ManagerSpec = ManagerSpec()
 
     def __post_init__(self):
         index: dict[str, ModelSpec] = {}
@@ -67,35 +110,50 @@ class Catalogue:
         return spec
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec)}
+def _build(cls, raw: Any, where: str, required: set[str]):
+    """A `cls` dataclass from a mapping, every value type-checked; errors name the key."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    missing = required - set(raw)
+    if missing:
+        raise ConfigError(f"{where}.{sorted(missing)[0]}: required")
+    return cls(**{key: _coerce(f"{where}.{key}", fields[key].type, value) for key, value in raw.items()})
+
+
+def _positive(obj, where: str, *keys: str, allow_zero: tuple[str, ...] = ()) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value < 0 or (value == 0 and key not in allow_zero):
+            raise ConfigError(f"{where}.{key}: must be {'>= 0' if key in allow_zero else '> 0'}")
+
+
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
 _REQUIRED = {"name", "path", "max_model_len"}
 
 
 def _model(raw: Any, where: str, base: pathlib.Path) -> ModelSpec:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
-    unknown = set(raw) - set(_FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_FIELDS))})")
-    missing = _REQUIRED - set(raw)
-    if missing:
-        raise ConfigError(f"{where}.{sorted(missing)[0]}: required")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        values[key] = _coerce(f"{where}.{key}", _FIELDS[key].type, value)
-    path = pathlib.Path(values["path"])
-    values["path"] = str(path if path.is_absolute() else (base / path).resolve())
-    spec = ModelSpec(**values)
-    for key in ("max_model_len", "default_max_tokens", "max_num_seqs"):
-        if getattr(spec, key) <= 0:
-            raise ConfigError(f"{where}.{key}: must be > 0")
-    if spec.max_tokens_limit < 0:
-        raise ConfigError(f"{where}.max_tokens_limit: must be >= 0")
-    if spec.kv_cache_bytes <= 0:
-        raise ConfigError(f"{where}.kv_cache_bytes: must be > 0")
+    spec = _build(ModelSpec, raw, where, _REQUIRED)
+    path = pathlib.Path(spec.path)
+    spec = dataclasses.replace(spec, path=str(path if path.is_absolute() else (base / path).resolve()))
+    _positive(spec, where, "max_model_len", "default_max_tokens", "max_num_seqs", "kv_cache_bytes", "max_tokens_limit",
+              "min_resident_s", allow_zero=("max_tokens_limit", "min_resident_s"))
     if spec.default_max_tokens > spec.token_limit:
         raise ConfigError(f"{where}.default_max_tokens: above the model's token limit {spec.token_limit}")
     return spec
+
+
+def _gpu(raw: Any, where: str) -> GpuSpec:
+    gpu = _build(GpuSpec, raw, where, {"id"})
+    _positive(gpu, where, "budget_bytes", "engine_overhead_bytes", allow_zero=("budget_bytes", "engine_overhead_bytes"))
+    if not 0 < gpu.utilization <= 1:
+        raise ConfigError(f"{where}.utilization: must be in (0, 1]")
+    if gpu.budget_bytes == 0 and not gpu.id.startswith("cuda"):
+        raise ConfigError(f"{where}.budget_bytes: required for {gpu.id!r} (detected only on CUDA)")
+    return gpu
 
 
 def _coerce(where: str, typ: str, value: Any) -> Any:
@@ -108,6 +166,10 @@ def _coerce(where: str, typ: str, value: Any) -> Any:
     if typ == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
         return value
     if typ == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -140,7 +202,25 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    return Catalogue(tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models)))
+    unknown = set(raw) - {"models", "gpus", "manager"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, manager, models)")
+    specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
+    gpus = DEFAULT_GPUS
+    if "gpus" in raw:
+        if not isinstance(raw["gpus"], list) or not raw["gpus"]:
+            raise ConfigError("gpus: must be a non-empty list")
+        gpus = tuple(_gpu(g, f"gpus[{i}]") for i, g in enumerate(raw["gpus"]))
+        if len({g.id for g in gpus}) != len(gpus):
+            raise ConfigError("gpus: an id is used twice")
+    manager = _build(ManagerSpec, raw.get("manager") or {}, "manager", set())
+    _positive(manager, "manager", "drain_timeout_s", "load_backoff_s", "report_interval_s", "queue_poll_s", "starvation_s",
+              allow_zero=("drain_timeout_s",))
+    known = {g.id for g in gpus}
+    for i, m in enumerate(specs):
+        if m.gpu not in known:
+            raise ConfigError(f"models[{i}].gpu: {m.gpu!r} is not in gpus ({', '.join(sorted(known))})")
+    return Catalogue(specs, gpus, manager)
 
 
 def load(path: str | pathlib.Path) -> Catalogue:
@@ -154,12 +234,22 @@ def load(path: str | pathlib.Path) -> Catalogue:
     return from_mapping(raw, path.parent)
 
 
-def dump(models: Iterable[ModelSpec]) -> str:
-    """YAML for a catalogue (used to write the embedded defaults)."""
+def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: ManagerSpec | None = None) -> str:
+    """YAML for a catalogue (used to write the embedded defaults and test catalogues)."""
     out = []
     for m in models:
-        d = {k: v for k, v in dataclasses.asdict(m).items() if v != _FIELDS[k].default or k in _REQUIRED}
+        d = {k: v for k, v in dataclasses.asdict(m).items() if v != _MODEL_DEFAULTS[k] or k in _REQUIRED}
         if "aliases" in d:
             d["aliases"] = list(d["aliases"])
         out.append(d)
-    return yaml.safe_dump({"models": out}, sort_keys=False)
+    doc: dict[str, Any] = {"models": out}
+    if gpus:
+        doc["gpus"] = [dataclasses.asdict(g) for g in gpus]
+    if manager is not None:
+        doc["manager"] = dataclasses.asdict(manager)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def weight_bytes(model_path: str) -> int:
+    """Weights on disk (safetensors files): the estimate of their size in memory."""
+    return sum(p.stat().st_size for p in pathlib.Path(model_path).glob("*.safetensors"))

@@ -5,6 +5,8 @@
     roundhouse make-models DIR --count 3  # deterministic tiny Llama models + DIR/models.yaml
     roundhouse generate --model chat "Hello"   # stream one generation from a router
     roundhouse models                     # the router's models and their queues
+    roundhouse status                     # residency: state, footprint, queue, loads, evictions
+    roundhouse pin|unpin|load|evict|drain MODEL   # the manager's admin calls
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import asyncio
 import pathlib
 import signal
 import sys
+import time
 
 import grpc
 
-from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
+from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
 
 
 def _cmd_make_models(a: argparse.Namespace) -> int:
@@ -28,6 +31,8 @@ def _cmd_make_models(a: argparse.Namespace) -> int:
 
 
 async def _up(a: argparse.Namespace) -> None:
+    from manager_svc.config import ManagerConfig
+    from manager_svc.service import ManagerService
     from roundhouse import logs, natsd, stack
     from roundhouse.catalogue import load
     from router_svc.config import RouterConfig
@@ -41,25 +46,26 @@ async def _up(a: argparse.Namespace) -> None:
     cat = load(config_path)
     nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
     router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.port))
+    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.manager_port))
     workers: list[stack.WorkerProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await manager.start()
         await router.start()
         for m in cat.models:
-            workers.append(await stack.start_worker(config_path, m.name, nats.url, var / "run", "--no-load"))
-        for w in workers:  # one load at a time: engines never profile memory side by side
-            status = await w.load()
-            print(f"roundhouse: {w.model} ready in {status.load_seconds:.1f}s (worker {w.address})", flush=True)
-        print(f"roundhouse: router listening on {router.address}; models: "
-              f"{', '.join(m.name + (' (' + ', '.join(m.aliases) + ')' if m.aliases else '') for m in cat.models)}", flush=True)
+            workers.append(await stack.start_worker(config_path, m.name, nats.url, var / "run", "--manager", manager.address))
+        print(f"roundhouse: router on {router.address}, manager on {manager.address}; models: "
+              f"{', '.join(m.name + (' (' + ', '.join(m.aliases) + ')' if m.aliases else '') for m in cat.models)}; "
+              f"each loads on its first request (or `roundhouse load MODEL`)", flush=True)
         await stop.wait()
     finally:
         for w in workers:
             w.stop()
         await router.stop()
+        await manager.stop()
         nats.stop()
 
 
@@ -84,6 +90,8 @@ async def _generate(a: argparse.Namespace) -> int:
                 kind = ev.WhichOneof("event")
                 if kind == "delta":
                     print(ev.delta.text, end="", flush=True)
+                elif kind == "loading":
+                    print(f"[loading {ev.loading.model}, ~{ev.loading.estimate_s:.0f}s]", file=sys.stderr, flush=True)
                 elif kind == "finished":
                     u = ev.finished.usage
                     print(f"\n[finished: {common_pb2.FinishReason.Name(ev.finished.finish_reason)}, "
@@ -102,6 +110,33 @@ async def _models(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _status(a: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(a.manager) as ch:
+        resp = await manager_pb2_grpc.ManagerStub(ch).ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)
+    for g in resp.gpus:
+        print(f"gpu {g.gpu}: {g.used_bytes / 2**20:.0f} / {g.budget_bytes / 2**20:.0f} MiB")
+    print(f"{'model':20} {'state':9} {'MiB':>6} {'queue':>5} {'run':>4} {'loads':>5} {'evict':>5} {'pin':>3}  last use / error")
+    for m in resp.models:
+        state = worker_pb2.EngineState.Name(m.state).removeprefix("ENGINE_STATE_").lower()
+        last = time.strftime("%H:%M:%S", time.localtime(m.last_used_unix)) if m.last_used_unix else "-"
+        print(f"{m.model:20} {state:9} {m.footprint_bytes / 2**20:>6.0f} {m.queue_depth:>5} {m.in_flight:>4} {m.loads:>5} "
+              f"{m.evictions:>5} {'yes' if m.pinned else '':>3}  {m.error or last}")
+    return 0
+
+
+async def _admin(a: argparse.Namespace) -> int:
+    method = {"pin": "Pin", "unpin": "Unpin", "load": "LoadModel", "evict": "EvictModel", "drain": "Drain"}[a.cmd]
+    async with grpc.aio.insecure_channel(a.manager) as ch:
+        try:
+            m = await getattr(manager_pb2_grpc.ManagerStub(ch), method)(manager_pb2.ModelRequest(model=a.model), timeout=a.timeout)
+        except grpc.aio.AioRpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{m.model}: {worker_pb2.EngineState.Name(m.state).removeprefix('ENGINE_STATE_').lower()}"
+          f"{' (pinned)' if m.pinned else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="roundhouse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--nats-port", type=int, default=0)
+    up.add_argument("--manager-port", type=int, default=50052)
     up.add_argument("--log-level", default="info")
     mm = sub.add_parser("make-models", help="write deterministic tiny models and a catalogue")
     mm.add_argument("dir")
@@ -125,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--router", default="127.0.0.1:50051")
     models = sub.add_parser("models", help="list the router's models")
     models.add_argument("--router", default="127.0.0.1:50051")
+    status = sub.add_parser("status", help="residency of every model (the manager's view)")
+    status.add_argument("--manager", default="127.0.0.1:50052")
+    for name in ("pin", "unpin", "load", "evict", "drain"):
+        cmd = sub.add_parser(name, help=f"{name} a model (manager admin)")
+        cmd.add_argument("model")
+        cmd.add_argument("--manager", default="127.0.0.1:50052")
+        cmd.add_argument("--timeout", type=float, default=600)
     a = p.parse_args(argv)
     if a.cmd == "up":
         return _cmd_up(a)
@@ -132,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_make_models(a)
     if a.cmd == "generate":
         return asyncio.run(_generate(a))
+    if a.cmd == "status":
+        return asyncio.run(_status(a))
+    if a.cmd in ("pin", "unpin", "load", "evict", "drain"):
+        return asyncio.run(_admin(a))
     return asyncio.run(_models(a))
 
 

@@ -22,23 +22,25 @@ from roundhouse import catalogue, tinymodels
 
 
 def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, list[str]] | None = None,
-                         **overrides) -> pathlib.Path:
-    """Makes `count` tiny models under root/models and a catalogue root/models.yaml for them."""
-    specs = tinymodels.default_specs(count)
+                         prefix: str = "tiny", gpus: tuple[catalogue.GpuSpec, ...] = (),
+                         manager: catalogue.ManagerSpec | None = None,
+                         per_model: dict[str, dict] | None = None, **overrides) -> pathlib.Path:
+    """Makes `count` tiny models under root/models and a catalogue root/<prefix>.yaml for them."""
+    specs = tinymodels.default_specs(count, prefix)
     tinymodels.write_models(root / "models", specs)
-    aliases = aliases or {}
+    aliases, per_model = aliases or {}, per_model or {}
     models = [
         catalogue.ModelSpec(
             name=s.name,
             path=f"models/{s.name}",
             max_model_len=s.max_position_embeddings,
             aliases=tuple(aliases.get(s.name, ())),
-            **overrides,
+            **{**overrides, **per_model.get(s.name, {})},
         )
         for s in specs
     ]
-    path = root / "models.yaml"
-    path.write_text(catalogue.dump(models))
+    path = root / ("models.yaml" if prefix == "tiny" else f"{prefix}.yaml")
+    path.write_text(catalogue.dump(models, gpus, manager))
     return path
 
 

@@ -32,3 +32,12 @@ def request_subject(model: str) -> str:
 def consumer_name(model: str) -> str:
     """The durable pull consumer shared by every worker of `model`."""
     return f"rh-worker-{model_token(model)}"
+
+
+# Core NATS (not JetStream): events that may be lost without harm.
+REQUEST_EVENTS = "rh.evt.request"          # routers → manager: payload is the model name
+MODEL_EVENTS_PREFIX = "rh.evt.model"       # manager → routers: ModelEvent per residency change
+
+
+def model_event_subject(model: str) -> str:
+    return f"{MODEL_EVENTS_PREFIX}.{model_token(model)}"

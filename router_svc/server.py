@@ -4,15 +4,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import nats
 import nats.errors
+import nats.js.api
 import structlog
-from nats.js import JetStreamContext
 
-from protos.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos.v1 import manager_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, subjects
 from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import RoundhouseError
@@ -30,9 +31,10 @@ _TERMINAL = frozenset({"finished", "error"})
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, config: RouterConfig, js: JetStreamContext, tracker: Tracker, reply_to: str):
+    def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str):
         self._config = config
-        self._js = js
+        self._nc = nc
+        self._js = nc.jetstream()
         self._tracker = tracker
         self._reply_to = reply_to
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
@@ -63,18 +65,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         flight = self._tracker.open(q.request_id, q.model)
         try:
             # 2. Queue it in the model's subject.
-            try:
-                ack = await self._js.publish(
-                    subjects.request_subject(q.model), q.SerializeToString(),
-                    timeout=self._config.publish_timeout_s, headers={"Nats-Msg-Id": q.request_id},
-                )
-            except (nats.errors.Error, asyncio.TimeoutError) as e:
-                log.error("request.publish_failed", error=repr(e))
+            ack = await self._publish(q)
+            if ack is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "roundhouse: cannot queue the request (NATS unavailable); retry")
                 return
             flight.seq = ack.seq
             log.debug("request.routed", seq=ack.seq)
+            with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
+                await self._nc.publish(subjects.REQUEST_EVENTS, q.model.encode())
             yield router_pb2.GenerateEvent(queued=router_pb2.Queued(request_id=q.request_id, model=q.model, prompt_tokens=admitted.prompt_tokens))
+            loading = self._tracker.loading_event(q.model)
+            if loading is not None:
+                yield loading
             # 3. Relay events in order until the stream ends or the deadline passes.
             deadline = asyncio.get_running_loop().time() + timeout
             get = flight.events.get
@@ -92,12 +94,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         await context.abort(grpcserver.status_from_name(event.error.code), event.error.message)
                     return
         finally:
-            # 4. Caller gone (finished, cancelled, or deadline): make sure no engine keeps working on it.
-            unfinished = not flight.done
+            # 4. Caller gone (cancelled, deadline, or failed before any worker took it): make sure
+            #    no engine keeps working on it and no worker starts it later.
+            forget = not flight.done or flight.link is None
             self._tracker.close(flight)
-            if unfinished:
+            if forget:
                 await self._forget(flight)
             structlog.contextvars.unbind_contextvars("request_id", "model")
+
+    async def _publish(self, q) -> "nats.js.api.PubAck | None":
+        """Publishes once, and once more on a timeout. The message id is unique to this call, so
+        JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
+        request_id later is never mistaken for a duplicate."""
+        headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
+        payload = q.SerializeToString()
+        subject = subjects.request_subject(q.model)
+        for attempt in (1, 2):
+            try:
+                return await self._js.publish(subject, payload, timeout=self._config.publish_timeout_s, headers=headers)
+            except (nats.errors.Error, asyncio.TimeoutError) as e:
+                log.error("request.publish_failed", attempt=attempt, error=repr(e))
+        return None
 
     async def _forget(self, flight) -> None:
         if flight.link is not None:
@@ -141,13 +158,22 @@ class Router:
         self._nc = await nats.connect(self.config.nats_url, name="roundhouse-router", max_reconnect_attempts=-1)
         js = self._nc.jetstream()
         await jetstream.ensure_stream(js)
+        await self._nc.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=self._on_model_event)
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.config, js, self.tracker, self.address), self._server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.config, self._nc, self.tracker, self.address), self._server)
         worker_pb2_grpc.add_DeliveryServicer_to_server(DeliveryServicer(self.tracker), self._server)
         self._health = await grpcserver.add_standard_services(self._server, [ROUTER_SERVICE, DELIVERY_SERVICE])
         await self._server.start()
         log.info("router.serving", address=self.address, models=[m.name for m in self.config.catalogue.models])
+
+    async def _on_model_event(self, msg) -> None:
+        try:
+            ev = manager_pb2.ModelEvent.FromString(msg.data)
+        except Exception:
+            log.warning("router.bad_model_event", subject=msg.subject)
+            return
+        self.tracker.on_model_event(ev.model, ev.state, ev.estimate_s, ev.error)
 
     async def stop(self, grace: float = 5.0) -> None:
         log.info("router.stopping")

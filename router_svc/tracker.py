@@ -52,6 +52,26 @@ def error_event(code: str, message: str, retryable: bool) -> router_pb2.Generate
 class Tracker:
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
+        self._loading: dict[str, float] = {}     # model -> load estimate (s), from the manager
+
+    def on_model_event(self, model: str, state: int, estimate_s: float, error: str) -> None:
+        """The manager says `model` is loading, ready, unloaded or cannot load."""
+        waiting = [f for f in self._flights.values() if f.model == model and f.link is None and not f.done]
+        if state == worker_pb2.ENGINE_STATE_LOADING:
+            self._loading[model] = estimate_s
+            for f in waiting:
+                f.events.put_nowait(self.loading_event(model))
+            return
+        self._loading.pop(model, None)
+        if state == worker_pb2.ENGINE_STATE_FAILED:
+            for f in waiting:
+                f.events.put_nowait(error_event("UNAVAILABLE", f"roundhouse: model {model} cannot be loaded: {error}", True))
+                f.done = True
+
+    def loading_event(self, model: str) -> router_pb2.GenerateEvent | None:
+        if model not in self._loading:
+            return None
+        return _event(loading=router_pb2.Loading(model=model, estimate_s=self._loading[model]))
 
     def __len__(self) -> int:
         return len(self._flights)

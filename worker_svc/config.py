@@ -22,6 +22,8 @@ class WorkerConfig:
     max_deliver: int = 5               # deliveries of one request before it is given up
     drain_timeout_s: float = 30.0      # Evict: how long in-flight requests may finish
     ready_file: str = ""               # written with {"port": N} once the gRPC server listens
+    manager: str = ""                  # host:port of the Manager; then the manager decides loads
+    report_interval_s: float = 2.0     # how often the worker refreshes its report to the manager
     log_level: str = "info"
 
 
@@ -38,6 +40,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--port", type=int, default=int(_env("PORT", "0")))
     p.add_argument("--worker-id", default=_env("ID", ""))
     p.add_argument("--no-load", action="store_true", help="start UNLOADED and wait for a Load call")
+    p.add_argument("--manager", default=_env("MANAGER", ""), help="Manager address; implies --no-load")
     p.add_argument("--ack-wait", type=float, default=float(_env("ACK_WAIT_S", str(WorkerConfig.ack_wait_s))))
     p.add_argument("--max-deliver", type=int, default=int(_env("MAX_DELIVER", str(WorkerConfig.max_deliver))))
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", str(WorkerConfig.drain_timeout_s))))
@@ -47,7 +50,8 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     if not a.config or not a.model:
         p.error("--config and --model are required")
     try:
-        spec = catalogue.load(a.config).get(a.model)
+        cat = catalogue.load(a.config)
+        spec = cat.get(a.model)
     except catalogue.ConfigError as e:
         p.error(str(e))
     if a.ack_wait <= 1:
@@ -58,7 +62,9 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         host=a.host,
         port=a.port,
         worker_id=a.worker_id or f"{socket.gethostname()}-{spec.name}-{uuid.uuid4().hex[:6]}",
-        load_on_start=not a.no_load,
+        load_on_start=not (a.no_load or a.manager),
+        manager=a.manager,
+        report_interval_s=cat.manager.report_interval_s,
         ack_wait_s=a.ack_wait,
         max_deliver=a.max_deliver,
         drain_timeout_s=a.drain_timeout,

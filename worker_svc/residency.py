@@ -1,7 +1,7 @@
 """The worker's engine lifecycle: one owner, a transition table, awaitable states.
 
     UNLOADED -> LOADING -> READY -> EVICTING -> UNLOADED
-                       \-> FAILED -> LOADING (an explicit Load retries)
+                       +-> FAILED -> LOADING (an explicit Load retries)
 
 `Residency` is the only writer of the state; every change logs one `residency.changed` event.
 Callers await `ready()` instead of polling.
@@ -59,6 +59,14 @@ class Residency:
         async with self._changed:
             await self._changed.wait_for(lambda: self.state in states)
         return self.state
+
+    async def next_change(self, timeout: float) -> None:
+        """Returns at the next state change, or after `timeout` seconds."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
 
     async def ready(self) -> None:
         await self.wait_for(State.READY)

@@ -6,14 +6,16 @@ import contextlib
 import json
 import pathlib
 
+import grpc
 import nats
 import structlog
 
 
-from protos.v1 import worker_pb2, worker_pb2_grpc
+from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, subjects
+from worker_svc import preflight
 from worker_svc.config import WorkerConfig
-from worker_svc.consume import heartbeat_loop, pull_loop
+from worker_svc.consume import Puller, heartbeat_loop, pull_loop
 from worker_svc.servicer import WorkerServicer
 from worker_svc.worker import ModelWorker
 
@@ -29,7 +31,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await jetstream.ensure_stream(js)
     await jetstream.ensure_consumer(js, config.model.name, config.ack_wait_s, config.max_deliver)
-    psub = await js.pull_subscribe_bind(durable=subjects.consumer_name(config.model.name), stream=subjects.STREAM)
+    puller = Puller(nc, config.model.name)
+    await puller.start()
 
     # 2. The worker and its control server.
     worker = ModelWorker(config)
@@ -45,9 +48,11 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         tmp.rename(config.ready_file)
 
     tasks = [
-        asyncio.create_task(pull_loop(worker, psub), name="pull"),
+        asyncio.create_task(pull_loop(worker, puller), name="pull"),
         asyncio.create_task(heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
     ]
+    if config.manager:
+        tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.host}:{port}"), name="report"))
     if config.load_on_start:
         tasks.append(asyncio.create_task(_load_quietly(worker), name="initial-load"))
     try:
@@ -63,7 +68,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await worker.close()
         await server.stop(grace=2)
         with contextlib.suppress(Exception):
-            await psub.unsubscribe()
+            await puller.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         log.info("worker.stopped")
@@ -75,3 +80,16 @@ async def _load_quietly(worker: ModelWorker) -> None:
 
 
 
+
+
+async def _report_loop(worker: ModelWorker, config: WorkerConfig, address: str) -> None:
+    """Registers with the manager, then reports every state change and refreshes periodically."""
+    problem = await asyncio.to_thread(preflight.check, config.model.path)
+    async with grpc.aio.insecure_channel(config.manager) as channel:
+        stub = manager_pb2_grpc.ManagerStub(channel)
+        while True:
+            try:
+                await stub.Report(worker.report(address, problem), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                log.debug("worker.report_failed", manager=config.manager, code=e.code().name)
+            await worker.residency.next_change(config.report_interval_s)

@@ -15,10 +15,12 @@ import time
 import structlog
 from nats.aio.msg import Msg
 
-from protos.v1 import common_pb2, queue_pb2, worker_pb2
+from protos.v1 import common_pb2, manager_pb2, queue_pb2, worker_pb2
+from roundhouse import catalogue
 from roundhouse.errors import EngineDead, InvalidRequest, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
+from worker_svc import preflight
 from worker_svc.engine import Engine, EngineSpec
 from worker_svc.residency import Residency, State
 
@@ -48,6 +50,7 @@ class Counters:
     completed: int = 0
     expired_skipped: int = 0
     aborted: int = 0
+    loads: int = 0
     load_seconds: float = 0.0
 
 
@@ -83,7 +86,13 @@ class ModelWorker:
     async def _do_load(self) -> None:
         spec = self.config.model
         await self.residency.set(State.LOADING)
+        self.counters.loads += 1
         started = time.monotonic()
+        problem = await asyncio.to_thread(preflight.check, spec.path)
+        if problem:
+            log.error("engine.load_failed", model=self.model, error=problem)
+            await self.residency.set(State.FAILED, error=problem)
+            return
         try:
             self.engine = await Engine.start(
                 EngineSpec(
@@ -223,8 +232,8 @@ class ModelWorker:
                             )
                         )
                     if step.finished:
+                        self.counters.completed += 1
                         link.push(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))
-            self.counters.completed += 1
         except asyncio.CancelledError:
             if not active.stop:
                 raise  # not ours: the whole worker is going down
@@ -271,6 +280,15 @@ class ModelWorker:
         msgs = [a.msg for a in self.active.values()]
         await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
 
+    def report(self, address: str, preflight_error: str) -> manager_pb2.WorkerReport:
+        spec = self.config.model
+        return manager_pb2.WorkerReport(
+            worker_id=self.config.worker_id, model=self.model, address=address, gpu=spec.gpu,
+            weight_bytes=catalogue.weight_bytes(spec.path), kv_cache_bytes=spec.kv_cache_bytes, can_sleep=False,
+            state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active),
+            preflight_error=preflight_error,
+        )
+
     def status(self) -> worker_pb2.WorkerStatus:
         c = self.counters
         return worker_pb2.WorkerStatus(
@@ -285,6 +303,7 @@ class ModelWorker:
             expired_skipped=c.expired_skipped,
             aborted=c.aborted,
             load_seconds=c.load_seconds,
+            loads=c.loads,
         )
 
 

@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\xad\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\xf2\x01\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x42\x07\n\x05\x65vent\"B\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"\x1c\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo2\xa7\x01\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\xad\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\x9d\x02\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x12)\n\x07loading\x18\x06 \x01(\x0b\x32\x16.roundhouse.v1.LoadingH\x00\x42\x07\n\x05\x65vent\",\n\x07Loading\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nestimate_s\x18\x02 \x01(\x01\"B\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"\x1c\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo2\xa7\x01\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=241
   _globals['_CHATMESSAGES']._serialized_end=301
   _globals['_GENERATEEVENT']._serialized_start=304
-  _globals['_GENERATEEVENT']._serialized_end=546
-  _globals['_QUEUED']._serialized_start=548
-  _globals['_QUEUED']._serialized_end=614
-  _globals['_STARTED']._serialized_start=616
-  _globals['_STARTED']._serialized_end=644
-  _globals['_TOKENDELTA']._serialized_start=646
-  _globals['_TOKENDELTA']._serialized_end=691
-  _globals['_FINISHED']._serialized_start=693
-  _globals['_FINISHED']._serialized_end=792
-  _globals['_LISTMODELSREQUEST']._serialized_start=794
-  _globals['_LISTMODELSREQUEST']._serialized_end=813
-  _globals['_MODELINFO']._serialized_start=815
-  _globals['_MODELINFO']._serialized_end=922
-  _globals['_LISTMODELSRESPONSE']._serialized_start=924
-  _globals['_LISTMODELSRESPONSE']._serialized_end=986
-  _globals['_ROUTER']._serialized_start=989
-  _globals['_ROUTER']._serialized_end=1156
+  _globals['_GENERATEEVENT']._serialized_end=589
+  _globals['_LOADING']._serialized_start=591
+  _globals['_LOADING']._serialized_end=635
+  _globals['_QUEUED']._serialized_start=637
+  _globals['_QUEUED']._serialized_end=703
+  _globals['_STARTED']._serialized_start=705
+  _globals['_STARTED']._serialized_end=733
+  _globals['_TOKENDELTA']._serialized_start=735
+  _globals['_TOKENDELTA']._serialized_end=780
+  _globals['_FINISHED']._serialized_start=782
+  _globals['_FINISHED']._serialized_end=881
+  _globals['_LISTMODELSREQUEST']._serialized_start=883
+  _globals['_LISTMODELSREQUEST']._serialized_end=902
+  _globals['_MODELINFO']._serialized_start=904
+  _globals['_MODELINFO']._serialized_end=1011
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1013
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1075
+  _globals['_ROUTER']._serialized_start=1078
+  _globals['_ROUTER']._serialized_end=1245
 # @@protoc_insertion_point(module_scope)

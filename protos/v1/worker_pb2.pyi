@@ -40,7 +40,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "model", "state", "error", "in_flight", "engine_unfinished", "max_num_seqs", "completed", "expired_skipped", "aborted", "load_seconds")
+    __slots__ = ("worker_id", "model", "state", "error", "in_flight", "engine_unfinished", "max_num_seqs", "completed", "expired_skipped", "aborted", "load_seconds", "loads")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class WorkerStatus(_message.Message):
     EXPIRED_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     state: EngineState
@@ -63,7 +64,8 @@ class WorkerStatus(_message.Message):
     expired_skipped: int
     aborted: int
     load_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., completed: _Optional[int] = ..., expired_skipped: _Optional[int] = ..., aborted: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    loads: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., completed: _Optional[int] = ..., expired_skipped: _Optional[int] = ..., aborted: _Optional[int] = ..., load_seconds: _Optional[float] = ..., loads: _Optional[int] = ...) -> None: ...
 
 class DeliveryBatch(_message.Message):
     __slots__ = ("worker_id", "chunks")

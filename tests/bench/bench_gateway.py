@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import pathlib
 import statistics
 import subprocess
@@ -111,23 +112,46 @@ async def bench_routed(models_yaml: pathlib.Path, spec: catalogue.ModelSpec, wor
         nats.stop()
 
 
+def _phase(a: argparse.Namespace, levels: list[int]) -> None:
+    """One side of the comparison, alone in this process; prints its figures as JSON."""
+    work = pathlib.Path(a.work)
+    models_yaml = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64)
+    spec = catalogue.load(models_yaml).models[0]
+    if a.phase == "direct":
+        runs = asyncio.run(bench_direct(spec, a.requests, a.max_tokens, levels))
+    else:
+        runs = asyncio.run(bench_routed(models_yaml, spec, work, a.requests, a.max_tokens, levels))
+    print("RESULT " + json.dumps({c: r.summary() for c, r in runs.items()}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--levels", default="1,32")
+    p.add_argument("--phase", choices=["direct", "routed"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     a = p.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
+    if a.phase:
+        _phase(a, levels)
+        return
+    # Each side runs in its own process, one after the other, so nothing of one (an engine
+    # process that has not quite exited) competes with the other for the two cores.
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = pathlib.Path(tmp)
-        models_yaml = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64)
-        spec = catalogue.load(models_yaml).models[0]
-        direct = asyncio.run(bench_direct(spec, a.requests, a.max_tokens, levels))
-        routed = asyncio.run(bench_routed(models_yaml, spec, work, a.requests, a.max_tokens, levels))
-    print(f"\n{a.requests} requests x {a.max_tokens} output tokens, greedy, model {spec.name} (vLLM CPU)")
+        for phase in ("direct", "routed"):
+            out = subprocess.run(
+                [sys.executable, "-m", "tests.bench.bench_gateway", "--phase", phase, "--work", tmp,
+                 "--requests", str(a.requests), "--max-tokens", str(a.max_tokens), "--levels", a.levels],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True,
+            ).stdout
+            line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+            results[phase] = {int(k): v for k, v in json.loads(line[7:]).items()}
+    print(f"\n{a.requests} requests x {a.max_tokens} output tokens, greedy, tiny Llama (vLLM CPU, 2 cores)")
     print(f"{'conc':>4} {'path':>7} {'ttft p50 ms':>12} {'ttft p99 ms':>12} {'out tok/s':>10}")
     for c in levels:
-        d, r = direct[c].summary(), routed[c].summary()
+        d, r = results["direct"][c], results["routed"][c]
         for name, s in (("direct", d), ("routed", r)):
             print(f"{c:>4} {name:>7} {s['ttft_p50_ms']:>12.2f} {s['ttft_p99_ms']:>12.2f} {s['tok_s']:>10.0f}")
         print(f"{c:>4} {'added':>7} {r['ttft_p50_ms'] - d['ttft_p50_ms']:>12.2f} {r['ttft_p99_ms'] - d['ttft_p99_ms']:>12.2f} "

@@ -1,0 +1,38 @@
+"""Manager configuration: parsed once in __main__ (flags, with ROUNDHOUSE_MANAGER_* env defaults)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from roundhouse import catalogue
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerConfig:
+    catalogue: catalogue.Catalogue
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: int = 50052
+    log_level: str = "info"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"ROUNDHOUSE_MANAGER_{name}", default)
+
+
+def parse(argv: list[str] | None = None) -> ManagerConfig:
+    p = argparse.ArgumentParser(prog="manager-svc", description="Roundhouse manager: which models are resident")
+    p.add_argument("--config", default=_env("CONFIG", ""), help="models YAML (env ROUNDHOUSE_MANAGER_CONFIG)")
+    p.add_argument("--nats-url", default=_env("NATS_URL", ManagerConfig.nats_url))
+    p.add_argument("--host", default=_env("HOST", ManagerConfig.host))
+    p.add_argument("--port", type=int, default=int(_env("PORT", str(ManagerConfig.port))))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    a = p.parse_args(argv)
+    if not a.config:
+        p.error("--config is required")
+    try:
+        cat = catalogue.load(a.config)
+    except catalogue.ConfigError as e:
+        p.error(str(e))
+    return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level)

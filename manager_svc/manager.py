@@ -1,0 +1,245 @@
+"""The manager: one task owns every model's residency and applies the policy's decisions.
+
+Inputs: workers' reports (gRPC `Report`), queue depths (JetStream consumer info), request
+events from routers (core NATS). Effects: `Load` / `Evict` to workers over gRPC, `ModelEvent`s
+to routers. After a restart it waits one report interval before deciding anything, so its view
+is rebuilt from the workers first and nothing is ever loaded twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+
+from manager_svc import budget
+from manager_svc.policy import Evict, Fail, Load, Phase, plan
+from manager_svc.state import PHASE_OF, STATE_OF, Entry
+from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
+from roundhouse import jetstream, subjects
+from roundhouse.catalogue import Catalogue
+from roundhouse.catalogue import weight_bytes as catalogue_weight_bytes
+from roundhouse.errors import ModelNotFound, RoundhouseError, Unavailable
+
+log = structlog.get_logger("manager")
+
+LOAD_RPC_TIMEOUT_S = 900.0
+
+
+class Manager:
+    def __init__(self, catalogue: Catalogue, nats_url: str, clock=time.time):
+        self.catalogue = catalogue
+        self.settings = catalogue.manager
+        self.budgets = budget.budgets(catalogue.gpus)
+        overhead = {g.id: g.engine_overhead_bytes for g in catalogue.gpus}
+        self.entries = {
+            m.name: Entry(m, overhead[m.gpu], weight_bytes=catalogue_weight_bytes(m.path), pinned=m.pinned)
+            for m in catalogue.models
+        }
+        self._nats_url = nats_url
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._nc: nats.NATS | None = None
+        self._js = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._nc = await nats.connect(self._nats_url, name="roundhouse-manager", max_reconnect_attempts=-1)
+        self._js = self._nc.jetstream()
+        await jetstream.ensure_stream(self._js)
+        await self._nc.subscribe(subjects.REQUEST_EVENTS, cb=self._on_request_event)
+        self._tasks = [
+            asyncio.create_task(self._poll_queues(), name="poll-queues"),
+            asyncio.create_task(self._decide_loop(), name="decide"),
+        ]
+        log.info("manager.started", budgets={g: f"{b / 2**20:.0f}MiB" for g, b in self.budgets.items()})
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        ops = [e.op for e in self.entries.values() if e.op is not None]
+        for op in ops:
+            op.cancel()
+        await asyncio.gather(*self._tasks, *ops, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def on_report(self, r: manager_pb2.WorkerReport) -> None:
+        e = self.entries.get(r.model)
+        if e is None:
+            raise RoundhouseError(f"model {r.model!r} is not in the manager's catalogue")
+        e.worker_id, e.address = r.worker_id, r.address
+        if r.weight_bytes:
+            e.weight_bytes = r.weight_bytes
+        e.reported_in_flight = r.in_flight
+        e.broken = r.preflight_error
+        if e.op is None:  # while this manager has a Load / Evict under way, that call is the truth
+            phase = PHASE_OF.get(r.state, Phase.UNLOADED)
+            if phase is Phase.READY and e.phase is not Phase.READY:
+                e.resident_since = self._clock()
+            e.phase, e.error = phase, (r.error if phase is Phase.FAILED else "")
+        self._notify()
+
+    async def _on_request_event(self, msg) -> None:
+        e = self.entries.get(msg.data.decode(errors="replace"))
+        if e is not None:
+            e.touch(self._clock())
+            self._wake.set()
+
+    async def _poll_queues(self) -> None:
+        while True:
+            now = self._clock()
+            changed = False
+            for e in self.entries.values():
+                try:
+                    info = await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
+                except nats.js.errors.NotFoundError:
+                    continue
+                except (nats.errors.Error, asyncio.TimeoutError) as err:
+                    log.warning("manager.queue_poll_failed", model=e.spec.name, error=repr(err))
+                    continue
+                changed |= e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
+            if changed:
+                self._wake.set()
+            await asyncio.sleep(self.settings.queue_poll_s)  # a polling period
+
+    # ---- decisions -----------------------------------------------------------------------------
+
+    async def _decide_loop(self) -> None:
+        # Rebuild the view from the workers' reports before acting (a restarted manager).
+        await asyncio.sleep(1.5 * self.settings.report_interval_s)
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s)
+            for action in actions:
+                self._apply(action)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.queue_poll_s):
+                    await self._wake.wait()
+
+    def _apply(self, action) -> None:
+        e = self.entries[action.model]
+        if isinstance(action, Fail):
+            e.failed(action.reason, self._clock(), self.settings.load_backoff_s)
+            log.error("residency.load_refused", model=e.spec.name, reason=action.reason)
+            self._publish(e)
+            self._notify()
+        elif isinstance(action, Load) and e.op is None:
+            e.op = asyncio.create_task(self._load(e))
+        elif isinstance(action, Evict) and e.op is None:
+            e.op = asyncio.create_task(self._evict(e))
+
+    async def _load(self, e: Entry) -> None:
+        e.phase, e.error = Phase.LOADING, ""
+        e.loads += 1
+        self._set_changed(e)
+        started = self._clock()
+        try:
+            await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
+            log.error("residency.load_failed", model=e.spec.name, error=e.error, retry_in_s=round(e.backoff_until - self._clock(), 1))
+        else:
+            e.phase, e.failures, e.requested = Phase.READY, 0, False
+            e.resident_since = self._clock()
+            e.last_load_s = e.resident_since - started
+        finally:
+            e.op = None
+        self._set_changed(e)
+
+    async def _evict(self, e: Entry) -> None:
+        e.phase = Phase.EVICTING
+        e.evictions += 1
+        self._set_changed(e)
+        try:
+            await self._worker(e).Evict(worker_pb2.EvictRequest(drain_timeout_s=self.settings.drain_timeout_s),
+                                        timeout=self.settings.drain_timeout_s + 120)
+            e.phase = Phase.UNLOADED
+        except grpc.aio.AioRpcError as err:
+            log.error("residency.evict_failed", model=e.spec.name, error=err.details())
+            e.phase = Phase.FAILED
+            e.error = err.details() or err.code().name
+        finally:
+            e.op = None
+        self._set_changed(e)
+
+    def _worker(self, e: Entry) -> worker_pb2_grpc.WorkerStub:
+        ch = self._channels.get(e.address)
+        if ch is None:
+            ch = self._channels[e.address] = grpc.aio.insecure_channel(e.address)
+        return worker_pb2_grpc.WorkerStub(ch)
+
+    # ---- effects and waiting ----------------------------------------------------------------
+
+    def _set_changed(self, e: Entry) -> None:
+        log.info("residency.changed", model=e.spec.name, state=e.phase.name, loads=e.loads, evictions=e.evictions,
+                 **({"error": e.error} if e.error else {}))
+        self._publish(e)
+        self._notify()
+
+    def _publish(self, e: Entry) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            return
+        event = manager_pb2.ModelEvent(model=e.spec.name, state=STATE_OF[e.phase], error=e.error,
+                                       estimate_s=e.last_load_s if e.phase is Phase.LOADING else 0.0)
+        asyncio.ensure_future(self._nc.publish(subjects.model_event_subject(e.spec.name), event.SerializeToString()))
+
+    def _notify(self) -> None:
+        self._wake.set()
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.ensure_future(notify())
+
+    async def wait_until(self, e: Entry, *phases: Phase) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: e.op is None and e.phase in phases)
+
+    # ---- admin -------------------------------------------------------------------------------
+
+    def entry(self, model: str) -> Entry:
+        e = self.entries.get(model)
+        if e is None:
+            raise ModelNotFound(f"model {model!r} is not in the catalogue")
+        return e
+
+    async def load_by_hand(self, model: str) -> Entry:
+        e = self.entry(model)
+        e.requested, e.draining, e.backoff_until = True, False, 0.0
+        self._wake.set()
+        await self.wait_until(e, Phase.READY, Phase.FAILED)
+        e.requested = False
+        if e.phase is Phase.FAILED:
+            raise Unavailable(f"model {model} failed to load: {e.error or e.broken}")
+        return e
+
+    async def evict_by_hand(self, model: str) -> Entry:
+        e = self.entry(model)
+        if e.op is not None:
+            await self.wait_until(e, Phase.READY, Phase.UNLOADED, Phase.FAILED)
+        if e.phase is Phase.READY:
+            e.op = asyncio.create_task(self._evict(e))
+            await self.wait_until(e, Phase.UNLOADED, Phase.FAILED)
+        return e
+
+    async def drain(self, model: str) -> Entry:
+        self.entry(model).draining = True
+        return await self.evict_by_hand(model)
+

@@ -1,0 +1,57 @@
+"""Composes a manager process: the Manager core and its gRPC server."""
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from manager_svc.config import ManagerConfig
+from manager_svc.manager import Manager
+from manager_svc.servicer import ManagerServicer
+from protos.v1 import manager_pb2, manager_pb2_grpc
+from roundhouse import grpcserver
+
+log = structlog.get_logger("manager")
+
+SERVICE_NAME = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
+
+
+class ManagerService:
+    """A running manager (tests start, kill and restart it in-process)."""
+
+    def __init__(self, config: ManagerConfig):
+        self.config = config
+        self.manager = Manager(config.catalogue, config.nats_url)
+        self.port = 0
+        self._server = None
+        self._health = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.manager.start()
+        self._server = grpcserver.new_server()
+        manager_pb2_grpc.add_ManagerServicer_to_server(ManagerServicer(self.manager), self._server)
+        self._health = await grpcserver.add_standard_services(self._server, [SERVICE_NAME])
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        log.info("manager.serving", address=self.address)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.manager.stop()
+        log.info("manager.stopped")
+
+
+async def serve(config: ManagerConfig, stop: asyncio.Event) -> None:
+    service = ManagerService(config)
+    await service.start()
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()

@@ -1,0 +1,107 @@
+"""The manager's view of one model: what workers reported, what the queues say, what it did."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from protos.v1 import manager_pb2, worker_pb2
+from roundhouse.catalogue import ModelSpec
+from manager_svc.policy import ModelView, Phase
+
+FREQUENCY_HALF_LIFE_S = 60.0
+BACKOFF_MAX_S = 300.0
+
+PHASE_OF = {
+    worker_pb2.ENGINE_STATE_UNLOADED: Phase.UNLOADED,
+    worker_pb2.ENGINE_STATE_LOADING: Phase.LOADING,
+    worker_pb2.ENGINE_STATE_READY: Phase.READY,
+    worker_pb2.ENGINE_STATE_EVICTING: Phase.EVICTING,
+    worker_pb2.ENGINE_STATE_FAILED: Phase.FAILED,
+}
+STATE_OF = {v: k for k, v in PHASE_OF.items()}
+
+
+@dataclasses.dataclass
+class Entry:
+    spec: ModelSpec
+    overhead_bytes: int
+    weight_bytes: int = 0
+    worker_id: str = ""
+    address: str = ""
+    phase: Phase = Phase.UNLOADED
+    error: str = ""
+    broken: str = ""
+    in_flight: int = 0
+    reported_in_flight: int = 0
+    queue_depth: int = 0
+    waiting_since: float | None = None
+    last_used: float = 0.0
+    frequency: float = 0.0
+    frequency_at: float = 0.0
+    loads: int = 0
+    evictions: int = 0
+    pinned: bool = False
+    draining: bool = False
+    requested: bool = False           # an operator asked for it (LoadModel)
+    failures: int = 0
+    backoff_until: float = 0.0
+    resident_since: float = 0.0
+    last_load_s: float = 30.0         # the estimate given to waiting callers
+    op: asyncio.Task | None = None    # the Load / Evict this manager has under way
+
+    @property
+    def footprint(self) -> int:
+        return self.weight_bytes + self.spec.kv_cache_bytes + self.overhead_bytes
+
+    def touch(self, now: float) -> None:
+        """One request for this model was seen."""
+        self.frequency = self.decayed_frequency(now) + 1.0
+        self.frequency_at = self.last_used = now
+
+    def decayed_frequency(self, now: float) -> float:
+        return self.frequency * 0.5 ** (max(0.0, now - self.frequency_at) / FREQUENCY_HALF_LIFE_S)
+
+    def set_queue(self, depth: int, acked_pending: int, now: float) -> bool:
+        changed = depth != self.queue_depth
+        self.queue_depth = depth
+        self.in_flight = max(acked_pending, self.reported_in_flight)
+        if depth == 0:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+        return changed
+
+    def failed(self, reason: str, now: float, backoff_s: float) -> None:
+        self.phase, self.error = Phase.FAILED, reason
+        self.failures += 1
+        self.backoff_until = now + min(BACKOFF_MAX_S, backoff_s * 2 ** (self.failures - 1))
+
+    def view(self, now: float) -> ModelView:
+        return ModelView(
+            name=self.spec.name,
+            gpu=self.spec.gpu,
+            footprint=self.footprint,
+            phase=self.phase,
+            has_worker=bool(self.address),
+            queue_depth=max(self.queue_depth, 1 if self.requested else 0),
+            in_flight=self.in_flight,
+            waiting_since=self.waiting_since if self.waiting_since is not None else (now if self.requested else None),
+            pinned=self.pinned,
+            priority=self.spec.priority,
+            last_used=self.last_used,
+            frequency=self.decayed_frequency(now),
+            resident_since=self.resident_since,
+            min_resident_s=self.spec.min_resident_s,
+            backoff_until=self.backoff_until,
+            draining=self.draining,
+            broken=self.broken,
+        )
+
+    def residency(self) -> manager_pb2.ModelResidency:
+        return manager_pb2.ModelResidency(
+            model=self.spec.name, state=STATE_OF[self.phase], worker_id=self.worker_id, gpu=self.spec.gpu,
+            footprint_bytes=self.footprint, queue_depth=self.queue_depth, in_flight=self.in_flight,
+            last_used_unix=self.last_used, loads=self.loads, evictions=self.evictions, pinned=self.pinned,
+            priority=self.spec.priority, error=self.error or self.broken, backoff_until_unix=self.backoff_until,
+            draining=self.draining,
+        )

@@ -1,0 +1,71 @@
+"""Table tests of the residency policy (no processes, no clock)."""
+import pytest
+
+from manager_svc.policy import Evict, Fail, Load, ModelView, Phase, eviction_for, plan
+
+pytestmark = pytest.mark.unit
+
+MB = 2**20
+NOW = 1000.0
+
+
+def m(name, phase=Phase.UNLOADED, fp=100 * MB, **kw):
+    kw.setdefault("resident_since", 0.0)
+    return ModelView(name=name, gpu="g", footprint=fp, phase=phase, **kw)
+
+
+def ready(name, **kw):
+    return m(name, Phase.READY, **kw)
+
+
+def cold(name, **kw):
+    kw.setdefault("queue_depth", 1)
+    kw.setdefault("waiting_since", NOW - 1)
+    return m(name, **kw)
+
+
+BUDGET = {"g": 250 * MB}
+
+CASES = [
+    ("loads into free room", [cold("a")], [Load("a")]),
+    ("nothing waiting, nothing to do", [ready("a"), m("b")], []),
+    ("evicts the least recently used idle model", [ready("a", last_used=5), ready("b", last_used=9), cold("c")], [Evict("a")]),
+    ("frequency beats recency", [ready("a", last_used=5, frequency=9), ready("b", last_used=9, frequency=1), cold("c")], [Evict("b")]),
+    ("lower priority goes first", [ready("a", last_used=1, priority=5), ready("b", last_used=9), cold("c", priority=5)], [Evict("b")]),
+    ("never a higher-priority model than the one loading", [ready("a", priority=9), ready("b", priority=9), cold("c")], []),
+    ("never a pinned model", [ready("a", pinned=True, last_used=1), ready("b", last_used=9), cold("c")], [Evict("b")]),
+    ("all pinned: evict nothing", [ready("a", pinned=True), ready("b", pinned=True), cold("c")], []),
+    ("never a model with requests in flight", [ready("a", in_flight=2, last_used=1), ready("b", last_used=9), cold("c")], [Evict("b")]),
+    ("busy models are not drained for a fresh waiter", [ready("a", in_flight=1), ready("b", queue_depth=3), cold("c")], []),
+    ("busy models are drained for a starving waiter",
+     [ready("a", in_flight=1, last_used=1), ready("b", queue_depth=3), cold("c", waiting_since=NOW - 31)], [Evict("a")]),
+    ("minimum resident time is honoured", [ready("a", resident_since=NOW - 5, min_resident_s=30), ready("b", resident_since=NOW - 5, min_resident_s=30), cold("c")], []),
+    ("one transition at a time", [m("a", Phase.LOADING), cold("b"), cold("c")], []),
+    ("evicting blocks new work too", [m("a", Phase.EVICTING), cold("c")], []),
+    ("higher priority waiter first", [cold("a", waiting_since=NOW - 9), cold("b", priority=1)], [Load("b")]),
+    ("longest waiting first", [cold("a", waiting_since=NOW - 2), cold("b", waiting_since=NOW - 9)], [Load("b")]),
+    ("backoff after a failure", [cold("a", phase=Phase.FAILED, backoff_until=NOW + 5)], []),
+    ("retry after backoff", [cold("a", phase=Phase.FAILED, backoff_until=NOW - 1)], [Load("a")]),
+    ("no worker registered yet", [cold("a", has_worker=False)], []),
+    ("draining models are not loaded", [cold("a", draining=True)], []),
+    ("too big for the whole budget", [cold("a", fp=300 * MB)], [Fail("a", "needs 300 MiB but the budget of g is 250 MiB")]),
+    ("broken weights fail before any eviction", [ready("a"), ready("b"), cold("c", broken="bad header")], [Fail("c", "bad header")]),
+    ("evicts two small for one big", [ready("a", fp=100 * MB, last_used=1), ready("b", fp=100 * MB, last_used=2), cold("c", fp=200 * MB)],
+     [Evict("a"), Evict("b")]),
+    ("not enough even after evicting all that may go: evict nothing",
+     [ready("a", fp=100 * MB), ready("b", fp=100 * MB, pinned=True), cold("c", fp=200 * MB)], []),
+]
+
+
+@pytest.mark.parametrize("name, models, expected", CASES, ids=[c[0] for c in CASES])
+def test_plan(name, models, expected):
+    assert plan(models, BUDGET, NOW) == expected
+
+
+def test_gpus_are_planned_independently():
+    models = [cold("a"), ModelView(name="b", gpu="h", footprint=10, phase=Phase.UNLOADED, queue_depth=1)]
+    assert plan(models, {"g": 250 * MB, "h": 100}, NOW) == [Load("a"), Load("b")]
+
+
+def test_eviction_for_returns_nothing_when_it_cannot_free_enough():
+    assert eviction_for(cold("c"), [ready("a")], need=200 * MB, now=NOW) == []
