@@ -19,7 +19,7 @@ class WorkerConfig:
     worker_id: str = ""
     load_on_start: bool = True
     ack_wait_s: float = 30.0           # JetStream redelivers a request this long after a worker went silent
-    max_deliver: int = 5               # deliveries of one request before it is given up
+    max_deliver: int = 10              # deliveries of one request before it is given up
     drain_timeout_s: float = 30.0      # Evict: how long in-flight requests may finish
     ready_file: str = ""               # written with {"port": N} once the gRPC server listens
     manager: str = ""                  # host:port of the Manager; then the manager decides loads

@@ -21,7 +21,11 @@ from worker_svc.worker import ModelWorker
 log = structlog.get_logger("worker.consume")
 
 PULL_BATCH_MAX = 64
-PULL_EXPIRES_S = 5.0        # a pull request lingers this long when the queue is empty
+# A pull request lingers this long when the queue is empty. Short, because messages it takes
+# while the engine is being evicted are handed back (nak), and each hand-back counts as a
+# delivery against the consumer's max_deliver.
+PULL_EXPIRES_S = 1.0
+NOT_READY_NAK_DELAY_S = 1.0
 _HEARTBEAT = "100"
 
 
@@ -78,8 +82,8 @@ async def pull_loop(worker: ModelWorker, puller: Puller) -> None:
                 break
             if worker.residency.state is State.READY:
                 worker.start(msg)
-            else:  # evicting since the pull began: hand it back at once
-                await msg.nak()
+            else:  # evicting since the pull began: hand it back, redelivered after the delay
+                await msg.nak(delay=NOT_READY_NAK_DELAY_S)
 
 
 async def heartbeat_loop(worker: ModelWorker, interval_s: float) -> None:

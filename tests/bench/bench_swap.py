@@ -1,0 +1,99 @@
+"""Swap latency on this machine: evict + load + first token, and the added wait of a cold request.
+
+    .venv/bin/python -m tests.bench.bench_swap [--swaps 6]
+
+Three tiny models and a budget that holds one, so every request to another model is a swap:
+the manager evicts the resident one (vLLM shutdown), loads the next (engine start), and the
+request that was waiting in the queue gets its first token. For each swap it prints the time
+from the request to the `loading` event (eviction and decision), from `loading` to `started`
+(the load), and from `started` to the first token; then the cold request's time to first token
+against a warm one's, p50 / p99. Not a test: it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import statistics
+import tempfile
+import time
+
+import grpc
+
+from manager_svc.config import ManagerConfig
+from manager_svc.service import ManagerService
+from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
+from roundhouse import catalogue, logs, natsd, stack
+from router_svc.config import RouterConfig
+from router_svc.server import Router
+
+MiB = 2**20
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def timed(stub, model: str, i: int) -> dict[str, float]:
+    req = router_pb2.GenerateRequest(model=model, prompt=f"swap {i}", sampling=common_pb2.SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True))
+    t0, marks = time.perf_counter(), {}
+    async for ev in stub.Generate(req, timeout=600):
+        marks.setdefault(ev.WhichOneof("event"), time.perf_counter() - t0)
+    return marks
+
+
+async def run(swaps: int) -> None:
+    logs.configure("bench", "warning")
+    work = pathlib.Path(tempfile.mkdtemp())
+    yaml = stack.write_tiny_catalogue(
+        work, 3, prefix="swap",
+        gpus=(catalogue.GpuSpec(id="cpu", budget_bytes=120 * MiB, engine_overhead_bytes=32 * MiB),),
+        manager=catalogue.ManagerSpec(report_interval_s=1, queue_poll_s=0.25),
+        kv_cache_bytes=64 * MiB, min_resident_s=0,
+    )
+    cat = catalogue.load(yaml)
+    nats = natsd.start(work / "js")
+    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, port=0))
+    await manager.start()
+    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, port=0))
+    await router.start()
+    workers = [await stack.start_worker(yaml, m.name, nats.url, work / "run", "--manager", manager.address, "--log-level", "warning")
+               for m in cat.models]
+    rows, warm = [], []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            names = [m.name for m in cat.models]
+            await timed(stub, names[0], -1)  # first load, not a swap
+            for i in range(swaps):
+                model = names[(i + 1) % len(names)]
+                marks = await timed(stub, model, i)
+                rows.append((model, marks))
+                warm.append((await timed(stub, model, 1000 + i))["delta"])
+    finally:
+        for w in workers:
+            w.stop()
+        await router.stop(grace=1)
+        await manager.stop()
+        nats.stop()
+    print(f"\nswap = evict the resident tiny model + load the requested one + first token (vLLM CPU, 2 cores)")
+    print(f"{'model':8} {'to loading s':>12} {'load s':>8} {'1st token ms':>13} {'swap total s':>13}")
+    for model, m in rows:
+        print(f"{model:8} {m['loading']:>12.2f} {m['started'] - m['loading']:>8.2f} {1000 * (m['delta'] - m['started']):>13.1f} {m['delta']:>13.2f}")
+    cold = [m["delta"] for _, m in rows]
+    added = [c - w for c, w in zip(cold, warm)]
+    print(f"cold-request TTFT  p50 {statistics.median(cold):.2f} s  p99 {pct(cold, 99):.2f} s")
+    print(f"warm-request TTFT  p50 {1000 * statistics.median(warm):.1f} ms  p99 {1000 * pct(warm, 99):.1f} ms")
+    print(f"added wait of the first request to a cold model  p50 {statistics.median(added):.2f} s  p99 {pct(added, 99):.2f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--swaps", type=int, default=6)
+    asyncio.run(run(p.parse_args().swaps))
+
+
+if __name__ == "__main__":
+    main()
