@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
-from roundhouse import catalogue
+from roundhouse import catalogue, entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,8 +16,7 @@ class ManagerConfig:
     log_level: str = "info"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"ROUNDHOUSE_MANAGER_{name}", default)
+_env = entry.env_reader("manager")
 
 
 def parse(argv: list[str] | None = None) -> ManagerConfig:
@@ -29,10 +27,5 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     p.add_argument("--port", type=int, default=int(_env("PORT", str(ManagerConfig.port))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
-    if not a.config:
-        p.error("--config is required")
-    try:
-        cat = catalogue.load(a.config)
-    except catalogue.ConfigError as e:
-        p.error(str(e))
+    cat = entry.load_catalogue(p, a.config)
     return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
-from roundhouse import catalogue
+from roundhouse import catalogue, entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +19,7 @@ class RouterConfig:
     log_level: str = "info"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"ROUNDHOUSE_ROUTER_{name}", default)
+_env = entry.env_reader("router")
 
 
 def parse(argv: list[str] | None = None) -> RouterConfig:
@@ -34,12 +32,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--default-timeout", type=float, default=float(_env("DEFAULT_TIMEOUT_S", str(RouterConfig.default_timeout_s))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
-    if not a.config:
-        p.error("--config is required")
-    try:
-        cat = catalogue.load(a.config)
-    except catalogue.ConfigError as e:
-        p.error(str(e))
+    cat = entry.load_catalogue(p, a.config)
     if a.default_timeout <= 0:
         p.error("--default-timeout must be > 0")
     return RouterConfig(

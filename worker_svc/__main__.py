@@ -1,27 +1,19 @@
-"""`worker-svc --config models.yaml --model NAME`: flags → WorkerConfig → asyncio.run(serve())."""
+"""`worker-svc --config models.yaml`: flags → config → serve() until SIGINT / SIGTERM."""
 from __future__ import annotations
 
-import asyncio
-import signal
-
-from roundhouse import logs
+from roundhouse import entry
 from worker_svc.config import parse
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse(argv)
-    logs.configure("worker", config.log_level)
 
-    async def run() -> None:
-        from worker_svc.service import serve
+    async def serve(stop) -> None:
+        from worker_svc.service import serve as serve_forever  # imported late: --help stays fast
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+        await serve_forever(config, stop)
 
-    asyncio.run(run())
+    entry.run("worker", config.log_level, serve)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import socket
 import uuid
 
-from roundhouse import catalogue
+from roundhouse import catalogue, entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +26,7 @@ class WorkerConfig:
     log_level: str = "info"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"ROUNDHOUSE_WORKER_{name}", default)
+_env = entry.env_reader("worker")
 
 
 def parse(argv: list[str] | None = None) -> WorkerConfig:
@@ -47,10 +45,10 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--ready-file", default=_env("READY_FILE", ""))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
-    if not a.config or not a.model:
-        p.error("--config and --model are required")
+    if not a.model:
+        p.error("--model is required")
+    cat = entry.load_catalogue(p, a.config)
     try:
-        cat = catalogue.load(a.config)
         spec = cat.get(a.model)
     except catalogue.ConfigError as e:
         p.error(str(e))
