@@ -30,7 +30,8 @@ if [ -f "$VENV/.roundhouse-stamp" ] && [ "$(cat "$VENV/.roundhouse-stamp")" = "$
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# (the filter drops pip's notes about local index folders that hold no such package)
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 pip install -q --upgrade "pip>=24" packaging
 
 if [ "$DEVICE" = gpu ]; then

@@ -29,6 +29,7 @@ from roundhouse.errors import ModelNotFound, RoundhouseError, Unavailable
 log = structlog.get_logger("manager")
 
 LOAD_RPC_TIMEOUT_S = 900.0
+STOP_STEP_TIMEOUT_S = 5.0
 
 
 class Manager:
@@ -64,17 +65,24 @@ class Manager:
         log.info("manager.started", budgets={g: f"{b / 2**20:.0f}MiB" for g, b in self.budgets.items()})
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        """Stops deciding and closes connections; every step bounded, idempotent. Workers keep
+        their engines: a manager that comes back rebuilds its view from their reports."""
+        tasks = self._tasks + [e.op for e in self.entries.values() if e.op is not None]
+        self._tasks = []
+        for t in tasks:
             t.cancel()
-        ops = [e.op for e in self.entries.values() if e.op is not None]
-        for op in ops:
-            op.cancel()
-        await asyncio.gather(*self._tasks, *ops, return_exceptions=True)
-        for ch in self._channels.values():
-            await ch.close()
-        if self._nc is not None:
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
+            if pending:
+                log.warning("manager.stop_tasks_pending", tasks=[t.get_name() for t in pending])
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
             with contextlib.suppress(Exception):
-                await self._nc.close()
+                await asyncio.wait_for(ch.close(), STOP_STEP_TIMEOUT_S)
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), STOP_STEP_TIMEOUT_S)
 
     # ---- inputs ------------------------------------------------------------------------------
 

@@ -181,9 +181,10 @@ class Router:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._nc is not None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await asyncio.wait_for(nc.drain(), 10)
         log.info("router.stopped")
 
 

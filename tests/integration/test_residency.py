@@ -93,23 +93,25 @@ class Stack:
 @pytest_asyncio.fixture(scope="module")
 async def res(res_yaml, res_catalogue, nats_server, session_dir):
     s = Stack(res_yaml, res_catalogue, nats_server.url, session_dir / "run-res")
-    await s.start_manager()
-    s.router = Router(RouterConfig(catalogue=res_catalogue, nats_url=nats_server.url, port=0))
-    await s.router.start()
-    s.router_stub = s.stub(router_pb2_grpc.RouterStub, s.router.port)
-    for m in (*MODELS, "res-bad"):
-        s.workers[m] = await stack.start_worker(res_yaml, m, nats_server.url, s.run_dir, "--ack-wait", str(TEST_ACK_WAIT_S),
-                                                "--manager", f"127.0.0.1:{s.manager_port}")
-
-    await eventually(lambda: _all_reported(s), 60, "every worker registered with the manager")
-    yield s
-    for w in s.workers.values():
-        w.stop(timeout=15)
-    await s.router.stop(grace=1)
-    if s.manager is not None:
-        await s.manager.stop()
-    for ch in s._channels:
-        await ch.close()
+    try:
+        await s.start_manager()
+        s.router = Router(RouterConfig(catalogue=res_catalogue, nats_url=nats_server.url, port=0))
+        await s.router.start()
+        s.router_stub = s.stub(router_pb2_grpc.RouterStub, s.router.port)
+        for m in (*MODELS, "res-bad"):
+            s.workers[m] = await stack.start_worker(res_yaml, m, nats_server.url, s.run_dir, "--ack-wait", str(TEST_ACK_WAIT_S),
+                                                    "--manager", f"127.0.0.1:{s.manager_port}")
+        await eventually(lambda: _all_reported(s), 60, "every worker registered with the manager")
+        yield s
+    finally:  # also when the set-up itself failed: no worker process outlives the module
+        for w in s.workers.values():
+            w.stop(timeout=15)
+        if s.router is not None:
+            await s.router.stop(grace=1)
+        if s.manager is not None:
+            await s.manager.stop()
+        for ch in s._channels:
+            await ch.close()
 
 
 def _ok(events, n) -> None:
@@ -213,7 +215,10 @@ async def test_corrupt_weights_fail_their_waiters_and_leave_the_others_serving(r
 
 async def test_manager_restart_during_traffic_loses_nothing_and_loads_nothing_twice(res):
     r = await res.residency()
-    resident = [m for m in MODELS if r[m].state == READY]
+    resident = [m for m in MODELS if r[m].state == READY] or ["res-0"]
+    for m in resident:
+        _ok(await res.generate(m, 4), 4)
+    r = await res.residency()
     loads_before = {m: (await res.workers[m].status()).loads for m in MODELS}
     stop = asyncio.Event()
     done, failed = [], []
@@ -222,23 +227,32 @@ async def test_manager_restart_during_traffic_loses_nothing_and_loads_nothing_tw
         i = 0
         while not stop.is_set():
             try:
-                _ok(await res.generate(model, 4, prompt=f"steady {i}"), 4)
+                _ok(await res.generate(model, 4, prompt=f"steady {i}", timeout=60), 4)
                 done.append(model)
             except (grpc.aio.AioRpcError, AssertionError) as e:
                 failed.append(repr(e))
             i += 1
 
     clients = [asyncio.ensure_future(client(m)) for m in resident]
-    await eventually(lambda: len(done) >= 4, 60, "steady traffic flowing")
-    await res.manager.stop()          # the manager goes away mid-traffic...
-    res.manager = None
-    await eventually(lambda: len(done) >= 10, 60, "traffic keeps flowing without a manager")
-    await res.start_manager()          # ...and comes back on the same address
-    await eventually(lambda: _all_reported(res), 30, "the new manager rebuilt its view from the workers")
-    n = len(done)
-    await eventually(lambda: len(done) >= n + 6, 60, "traffic flowing with the new manager")
+    try:
+        await eventually(lambda: len(done) >= 4, 60, "steady traffic flowing")
+        t = time.monotonic()
+        await res.manager.stop()          # the manager goes away mid-traffic...
+        print(f"manager stopped in {time.monotonic() - t:.1f}s")
+        res.manager = None
+        await eventually(lambda: len(done) >= 10, 60, "traffic keeps flowing without a manager")
+        t = time.monotonic()
+        await res.start_manager()          # ...and comes back on the same address
+        print(f"manager restarted in {time.monotonic() - t:.1f}s")
+        await eventually(lambda: _all_reported(res), 30, "the new manager rebuilt its view from the workers")
+        n = len(done)
+        await eventually(lambda: len(done) >= n + 6, 60, "traffic flowing with the new manager")
+    except BaseException:
+        for c in clients:
+            c.cancel()
+        raise
     stop.set()
-    await asyncio.gather(*clients)
+    await asyncio.gather(*clients)  # each client finishes the request it has under way
     assert failed == []
     r2 = await res.residency()
     for m in MODELS:
