@@ -11,6 +11,8 @@ from router_svc.tracker import Action, Tracker
 
 log = structlog.get_logger("router.delivery")
 
+_LAST = frozenset({"finished", "error"})
+
 
 class WorkerLink:
     """Our side of one worker's stream: cancels are batched and written by one task."""
@@ -18,6 +20,7 @@ class WorkerLink:
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
         self._cancels: list[str] = []
+        self._received: list[str] = []
         self._wake = asyncio.Event()
         self.worker_id = ""
 
@@ -25,13 +28,19 @@ class WorkerLink:
         self._cancels.append(request_id)
         self._wake.set()
 
+    def received(self, request_id: str) -> None:
+        """The last chunk of `request_id` is here: the worker may ack it."""
+        self._received.append(request_id)
+        self._wake.set()
+
     async def write_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ids, self._cancels = self._cancels, []
-            if ids:
-                await self._context.write(worker_pb2.DeliveryControl(cancel_request_ids=ids))
+            cancels, self._cancels = self._cancels, []
+            received, self._received = self._received, []
+            if cancels or received:
+                await self._context.write(worker_pb2.DeliveryControl(cancel_request_ids=cancels, received_request_ids=received))
 
 
 class DeliveryServicer(worker_pb2_grpc.DeliveryServicer):
@@ -51,6 +60,8 @@ class DeliveryServicer(worker_pb2_grpc.DeliveryServicer):
                 for chunk in batch.chunks:
                     if on_chunk(chunk, link) is Action.CANCEL:
                         link.cancel(chunk.request_id)
+                    if chunk.WhichOneof("kind") in _LAST:
+                        link.received(chunk.request_id)
         finally:
             writer.cancel()
             waiting = self._tracker.lost_link(link)

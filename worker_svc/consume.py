@@ -55,6 +55,8 @@ class Puller:
         if status == _HEARTBEAT:
             return await self.next()
         if status is not None or not msg.reply:
+            if status not in ("404", "408"):
+                log.debug("consume.pull_status", status=status, description=(msg.headers or {}).get("Description"))
             return None  # 408 expired, 404 no messages, 409 ...: this request is over
         return msg
 

@@ -33,6 +33,7 @@ class RouterLink:
         self._pending: list[worker_pb2.RequestChunk] = []
         self._wake = asyncio.Event()
         self._closed = False
+        self._receipts: dict[str, asyncio.Future] = {}
         self._channel = grpc.aio.insecure_channel(address)
         self._task = asyncio.create_task(self._run(), name=f"delivery-{address}")
 
@@ -43,6 +44,17 @@ class RouterLink:
     def push(self, chunk: worker_pb2.RequestChunk) -> None:
         self._pending.append(chunk)
         self._wake.set()
+
+    def push_last(self, chunk: worker_pb2.RequestChunk) -> asyncio.Future:
+        """Pushes a request's last chunk; the future is True once the router has it, False if
+        this link died first (then the router, and with it the caller, is gone)."""
+        receipt = asyncio.get_running_loop().create_future()
+        if self._closed:
+            receipt.set_result(False)
+            return receipt
+        self._receipts[chunk.request_id] = receipt
+        self.push(chunk)
+        return receipt
 
     async def _batches(self):
         while True:
@@ -60,6 +72,10 @@ class RouterLink:
             async for control in call:
                 for request_id in control.cancel_request_ids:
                     self._on_cancel(request_id)
+                for request_id in control.received_request_ids:
+                    receipt = self._receipts.pop(request_id, None)
+                    if receipt is not None and not receipt.done():
+                        receipt.set_result(True)
             log.warning("delivery.closed", router=self.address)
         except asyncio.CancelledError:
             raise
@@ -67,6 +83,10 @@ class RouterLink:
             log.warning("delivery.lost", router=self.address, code=e.code().name, detail=e.details())
         finally:
             self._closed = True
+            receipts, self._receipts = self._receipts, {}
+            for receipt in receipts.values():
+                if not receipt.done():
+                    receipt.set_result(False)
             if not _shutting_down(self._task):
                 self._on_lost(self.address)
 

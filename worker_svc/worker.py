@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 
 from protos.v1 import common_pb2, manager_pb2, queue_pb2, worker_pb2
 from roundhouse import catalogue
-from roundhouse.errors import EngineDead, InvalidRequest, RequestError, Unavailable
+from roundhouse.errors import EngineDead, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
 from worker_svc import preflight
@@ -25,6 +25,8 @@ from worker_svc.engine import Engine, EngineSpec
 from worker_svc.residency import Residency, State
 
 log = structlog.get_logger("worker")
+
+RECEIPT_TIMEOUT_S = 30.0   # how long a finished request waits for the router to confirm it
 
 
 class Stop:
@@ -214,7 +216,9 @@ class ModelWorker:
         active = Active(msg, link, delivery, f"{rid}@{delivery}", asyncio.current_task())
         self.active[rid] = active
         link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
+        bound.debug("request.started", reply_to=req.reply_to)
         outcome = "ack"
+        receipt: asyncio.Future | None = None
         try:
             async with asyncio.timeout(remaining):
                 async for step in engine.generate(
@@ -233,7 +237,7 @@ class ModelWorker:
                         )
                     if step.finished:
                         self.counters.completed += 1
-                        link.push(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))
+                        receipt = link.push_last(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))
         except asyncio.CancelledError:
             if not active.stop:
                 raise  # not ours: the whole worker is going down
@@ -245,19 +249,28 @@ class ModelWorker:
         except TimeoutError:
             self.counters.aborted += 1
             await engine.abort([active.engine_request_id])
-            link.push(_error(rid, delivery, "DEADLINE_EXCEEDED", "roundhouse: deadline passed during generation", False))
+            receipt = link.push_last(_error(rid, delivery, "DEADLINE_EXCEEDED", "roundhouse: deadline passed during generation", False))
             outcome = "term"
         except EngineDead as e:
             bound.error("engine.dead", error=str(e))
             outcome = "nak"
             self._background(self._engine_died(str(e)))
-        except (InvalidRequest, RequestError) as e:
-            link.push(_error(rid, delivery, e.code.name, e.message, e.retryable))
+        except RequestError as e:
+            receipt = link.push_last(_error(rid, delivery, e.code.name, e.message, e.retryable))
             outcome = "term"
         finally:
             del self.active[rid]
             self._slot_freed.set()
-        # 4. Settle with JetStream.
+        # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
+        #    that dies before that leaves the request queued for another delivery.
+        if receipt is not None:
+            try:
+                delivered = await asyncio.wait_for(receipt, RECEIPT_TIMEOUT_S)
+            except TimeoutError:
+                delivered = False
+            if not delivered:  # the router (and so the caller) is gone: nobody waits for it
+                bound.warning("request.unconfirmed")
+                outcome = "term"
         if outcome == "ack":
             await msg.ack()
         elif outcome == "nak":

@@ -108,7 +108,9 @@ class RequestFinished(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class DeliveryControl(_message.Message):
-    __slots__ = ("cancel_request_ids",)
+    __slots__ = ("cancel_request_ids", "received_request_ids")
     CANCEL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     cancel_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, cancel_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    received_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cancel_request_ids: _Optional[_Iterable[str]] = ..., received_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
