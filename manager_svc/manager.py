@@ -223,7 +223,8 @@ class Manager:
     # ---- admin -------------------------------------------------------------------------------
 
     def entry(self, model: str) -> Entry:
-        e = self.entries.get(model)
+        spec = self.catalogue.resolve(model)  # a name or an alias
+        e = self.entries.get(spec.name) if spec is not None else None
         if e is None:
             raise ModelNotFound(f"model {model!r} is not in the catalogue")
         return e

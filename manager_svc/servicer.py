@@ -38,7 +38,8 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
         return await self._admin(context, self._m.load_by_hand, request.model)
 
     async def EvictModel(self, request, context):
-        e = self._m.entries.get(request.model)
+        spec = self._m.catalogue.resolve(request.model)
+        e = self._m.entries.get(spec.name) if spec is not None else None
         if e is not None and e.pinned:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"roundhouse: model {request.model} is pinned; unpin it first")
         return await self._admin(context, self._m.evict_by_hand, request.model)
