@@ -24,7 +24,7 @@ from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
 from roundhouse import jetstream, subjects
 from roundhouse.catalogue import Catalogue
 from roundhouse.catalogue import weight_bytes as catalogue_weight_bytes
-from roundhouse.errors import ModelNotFound, RoundhouseError, Unavailable
+from roundhouse.errors import ModelNotFound, ModelPinned, RoundhouseError, Unavailable
 
 log = structlog.get_logger("manager")
 
@@ -241,14 +241,20 @@ class Manager:
 
     async def evict_by_hand(self, model: str) -> Entry:
         e = self.entry(model)
+        if e.pinned:
+            raise ModelPinned(f"model {e.spec.name} is pinned; unpin it first")
+        return await self._unload(e)
+
+    async def drain(self, model: str) -> Entry:
+        e = self.entry(model)
+        e.draining = True
+        return await self._unload(e)
+
+    async def _unload(self, e: Entry) -> Entry:
         if e.op is not None:
             await self.wait_until(e, Phase.READY, Phase.UNLOADED, Phase.FAILED)
         if e.phase is Phase.READY:
             e.op = asyncio.create_task(self._evict(e))
             await self.wait_until(e, Phase.UNLOADED, Phase.FAILED)
         return e
-
-    async def drain(self, model: str) -> Entry:
-        self.entry(model).draining = True
-        return await self.evict_by_hand(model)
 

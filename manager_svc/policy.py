@@ -74,6 +74,11 @@ _BUSY = (Phase.LOADING, Phase.EVICTING)
 _RESIDENT = (Phase.LOADING, Phase.READY, Phase.EVICTING)
 
 
+def used_bytes(models: Sequence[ModelView], gpu: str) -> int:
+    """What the models loading, ready or being evicted on `gpu` take of its budget."""
+    return sum(m.footprint for m in models if m.gpu == gpu and m.phase in _RESIDENT)
+
+
 def wants_load(m: ModelView, now: float) -> bool:
     return (
         m.has_worker
@@ -103,7 +108,7 @@ def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, st
         if target.footprint > budget:
             actions.append(Fail(target.name, f"needs {_mib(target.footprint)} but the budget of {gpu} is {_mib(budget)}"))
             continue
-        used = sum(m.footprint for m in on_gpu if m.phase in _RESIDENT)
+        used = used_bytes(on_gpu, gpu)
         if used + target.footprint <= budget:
             actions.append(Load(target.name))
             continue

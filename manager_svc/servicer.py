@@ -1,9 +1,12 @@
 """The Manager gRPC service: workers' reports and the admin surface."""
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from manager_svc.manager import Manager
+from manager_svc.policy import used_bytes
 from protos.v1 import manager_pb2, manager_pb2_grpc
 from roundhouse.errors import RoundhouseError
 from roundhouse.grpcserver import abort_with
@@ -23,9 +26,10 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
     async def ListResidency(self, request, context):
         m = self._m
         out = manager_pb2.ListResidencyResponse(models=[e.residency() for e in m.entries.values()])
+        now = time.time()
+        views = [e.view(now) for e in m.entries.values()]
         for gpu, budget in m.budgets.items():
-            used = sum(e.footprint for e in m.entries.values() if e.spec.gpu == gpu and e.phase.name in ("LOADING", "READY", "EVICTING"))
-            out.gpus.add(gpu=gpu, budget_bytes=budget, used_bytes=used)
+            out.gpus.add(gpu=gpu, budget_bytes=budget, used_bytes=used_bytes(views, gpu))
         return out
 
     async def Pin(self, request, context):
@@ -38,10 +42,6 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
         return await self._admin(context, self._m.load_by_hand, request.model)
 
     async def EvictModel(self, request, context):
-        spec = self._m.catalogue.resolve(request.model)
-        e = self._m.entries.get(spec.name) if spec is not None else None
-        if e is not None and e.pinned:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"roundhouse: model {request.model} is pinned; unpin it first")
         return await self._admin(context, self._m.evict_by_hand, request.model)
 
     async def Drain(self, request, context):

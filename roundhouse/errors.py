@@ -43,6 +43,12 @@ class ModelNotFound(RequestError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class ModelPinned(RequestError):
+    """An operator asked to evict a pinned model."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExpired(RequestError):
     """The request's deadline passed before it could finish."""
 

@@ -63,6 +63,7 @@ class ModelWorker:
         self.residency = Residency(self.model)
         self.counters = Counters()
         self.engine: Engine | None = None
+        self.weight_bytes = catalogue.weight_bytes(config.model.path)
         self.active: dict[str, Active] = {}
         self.links = Links(config.worker_id, self.cancel, self._router_lost)
         self._slot_freed = asyncio.Event()
@@ -297,7 +298,7 @@ class ModelWorker:
         spec = self.config.model
         return manager_pb2.WorkerReport(
             worker_id=self.config.worker_id, model=self.model, address=address, gpu=spec.gpu,
-            weight_bytes=catalogue.weight_bytes(spec.path), kv_cache_bytes=spec.kv_cache_bytes, can_sleep=False,
+            weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=False,
             state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active),
             preflight_error=preflight_error,
         )
