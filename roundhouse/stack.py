@@ -24,9 +24,10 @@ from roundhouse import catalogue, tinymodels
 def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, list[str]] | None = None,
                          prefix: str = "tiny", gpus: tuple[catalogue.GpuSpec, ...] = (),
                          manager: catalogue.ManagerSpec | None = None,
-                         per_model: dict[str, dict] | None = None, **overrides) -> pathlib.Path:
+                         per_model: dict[str, dict] | None = None, context: int = 1024,
+                         **overrides) -> pathlib.Path:
     """Makes `count` tiny models under root/models and a catalogue root/<prefix>.yaml for them."""
-    specs = tinymodels.default_specs(count, prefix)
+    specs = tinymodels.default_specs(count, prefix, context)
     tinymodels.write_models(root / "models", specs)
     aliases, per_model = aliases or {}, per_model or {}
     models = [

@@ -43,8 +43,8 @@ class TinySpec:
     max_position_embeddings: int = 1024
 
 
-def default_specs(count: int, prefix: str = "tiny") -> list[TinySpec]:
-    return [TinySpec(name=f"{prefix}-{i}", seed=1000 + i) for i in range(count)]
+def default_specs(count: int, prefix: str = "tiny", context: int = 1024) -> list[TinySpec]:
+    return [TinySpec(name=f"{prefix}-{i}", seed=1000 + i, max_position_embeddings=context) for i in range(count)]
 
 
 def _train_tokenizer(vocab_size: int):

@@ -23,6 +23,8 @@ from router_svc.server import Router
 # Short enough that a killed worker's request is redelivered within a test's time, long
 # enough that a busy 2-core machine keeps up with the heartbeats (every ack_wait / 3).
 TEST_ACK_WAIT_S = 4.0
+TEST_CONTEXT = 8192
+TEST_MAX_TOKENS = 8000
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +41,13 @@ def nats_server(session_dir):
 
 @pytest.fixture(scope="session")
 def models_yaml(session_dir) -> pathlib.Path:
-    """Two tiny models: tiny-0 (alias chat), tiny-1 (alias code); 1024-token context."""
+    """Two tiny models: tiny-0 (alias chat), tiny-1 (alias code); TEST_CONTEXT-token context.
+
+    The context is long so that a max-length generation takes seconds even on a fast machine:
+    the cancel test must be able to cancel a request the engine is still generating."""
     return stack.write_tiny_catalogue(
-        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]},
-        kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=1000, default_max_tokens=16,
+        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, context=TEST_CONTEXT,
+        kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
     )
 
 

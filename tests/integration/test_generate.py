@@ -9,7 +9,7 @@ import pytest
 
 from protos.v1 import common_pb2, router_pb2
 from roundhouse import subjects
-from tests.conftest import assert_quiescent, collect, eventually, kinds_of, tokens_of
+from tests.conftest import TEST_CONTEXT, TEST_MAX_TOKENS, assert_quiescent, collect, eventually, kinds_of, tokens_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -74,10 +74,10 @@ async def test_32_concurrent_streams_each_get_exactly_max_tokens(router, router_
 
 async def test_cancelled_stream_leaves_nothing_in_the_engine_within_a_second(router, router_stub, chat_worker, js):
     before = await chat_worker.status()
-    call = router_stub.Generate(router_pb2.GenerateRequest(model="chat", prompt="cancel me", sampling=greedy(1000)), timeout=120)
+    call = router_stub.Generate(router_pb2.GenerateRequest(model="chat", prompt="cancel me", sampling=greedy(TEST_MAX_TOKENS)), timeout=120)
     async for ev in call:
         if ev.WhichOneof("event") == "started":
-            break  # the engine has just begun a 1000-token generation
+            break  # the engine has just begun a generation of seconds
     call.cancel()
     cancelled_at = time.monotonic()
 
@@ -108,7 +108,7 @@ def _no_messages() -> router_pb2.GenerateRequest:
     return req
 
 
-LONG_PROMPT = " ".join(f"word{i}" for i in range(1500))
+LONG_PROMPT = " ".join(f"word{i}" for i in range(TEST_CONTEXT // 2))
 
 BAD_INPUTS = [
     ("unknown model", _bad(model="no-such-model", prompt="hi"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
@@ -118,12 +118,12 @@ BAD_INPUTS = [
     ("no messages", _no_messages(), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
     ("max_tokens 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     ("max_tokens < 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=-5)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ("max_tokens above limit", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1001)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("max_tokens above limit", _bad(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=TEST_MAX_TOKENS + 1)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     ("temperature < 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-0.5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("top_p 0", _bad(prompt="hi", sampling=common_pb2.SamplingParams(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ("top_p > 1", _bad(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ("prompt longer than context", _bad(prompt=LONG_PROMPT), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    ("prompt + max_tokens over context", _bad(prompt=" ".join(["hello"] * 300), sampling=common_pb2.SamplingParams(max_tokens=1000)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("prompt + max_tokens over context", _bad(prompt=" ".join(["hello"] * 300), sampling=common_pb2.SamplingParams(max_tokens=TEST_MAX_TOKENS)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
 ]
 
 
@@ -170,7 +170,7 @@ async def test_list_models_names_aliases_and_limits(router_stub, models):
     by_name = {m.name: m for m in resp.models}
     assert set(by_name) == {"tiny-0", "tiny-1"}
     assert list(by_name["tiny-0"].aliases) == ["chat"]
-    assert by_name["tiny-0"].max_model_len == 1024 and by_name["tiny-0"].max_tokens_limit == 1000
+    assert by_name["tiny-0"].max_model_len == TEST_CONTEXT and by_name["tiny-0"].max_tokens_limit == TEST_MAX_TOKENS
 
 
 async def test_health_and_reflection_are_served(router):
