@@ -15,6 +15,7 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         pinned: false              # never evicted
         min_resident_s: 30         # not evicted sooner after its load (stops thrashing)
         gpu: cpu                   # which budget it counts against
+        max_queued: 1024           # waiting requests a router admits; more get RESOURCE_EXHAUSTED / 429
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -28,6 +29,11 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
       report_interval_s: 2         # workers refresh their report this often
       queue_poll_s: 0.5
       starvation_s: 30             # a waiting model may drain busy ones after waiting this long
+
+    routing:                       # optional; model "auto" (see roundhouse/routing.py)
+      default_model: auto
+      fallback: chat
+      rules: [...]
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
+
+from roundhouse import routing
 
 
 class ConfigError(ValueError):
@@ -58,6 +66,7 @@ class ModelSpec:
     pinned: bool = False
     min_resident_s: float = 30.0
     gpu: str = "cpu"
+    max_queued: int = 1024
 
     @property
     def token_limit(self) -> int:
@@ -89,6 +98,7 @@ class Catalogue:
     models: tuple[ModelSpec, ...]
     gpus: tuple[GpuSpec, ...] = DEFAULT_GPUS
     manager: ManagerSpec = ManagerSpec()
+    routing: "routing.RoutingSpec | None" = None
 
     def __post_init__(self):
         index: dict[str, ModelSpec] = {}
@@ -140,7 +150,7 @@ def _model(raw: Any, where: str, base: pathlib.Path) -> ModelSpec:
     path = pathlib.Path(spec.path)
     spec = dataclasses.replace(spec, path=str(path if path.is_absolute() else (base / path).resolve()))
     _positive(spec, where, "max_model_len", "default_max_tokens", "max_num_seqs", "kv_cache_bytes", "max_tokens_limit",
-              "min_resident_s", allow_zero=("max_tokens_limit", "min_resident_s"))
+              "min_resident_s", "max_queued", allow_zero=("max_tokens_limit", "min_resident_s"))
     if spec.default_max_tokens > spec.token_limit:
         raise ConfigError(f"{where}.default_max_tokens: above the model's token limit {spec.token_limit}")
     return spec
@@ -202,9 +212,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"models", "gpus", "manager"}
+    unknown = set(raw) - {"models", "gpus", "manager", "routing"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, manager, models)")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, manager, models, routing)")
     specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
     gpus = DEFAULT_GPUS
     if "gpus" in raw:
@@ -220,7 +230,16 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     for i, m in enumerate(specs):
         if m.gpu not in known:
             raise ConfigError(f"models[{i}].gpu: {m.gpu!r} is not in gpus ({', '.join(sorted(known))})")
-    return Catalogue(specs, gpus, manager)
+    cat = Catalogue(specs, gpus, manager)
+    if raw.get("routing") is not None:
+        try:
+            rules = routing.parse(raw["routing"], lambda name: getattr(cat.resolve(name), "name", None))
+        except routing.RoutingError as e:
+            raise ConfigError(str(e)) from e
+        if cat.resolve(routing.AUTO) is not None:
+            raise ConfigError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
+        cat = dataclasses.replace(cat, routing=rules)
+    return cat
 
 
 def load(path: str | pathlib.Path) -> Catalogue:

@@ -43,6 +43,12 @@ class ModelNotFound(RequestError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class JobNotFound(RequestError):
+    """A job id that is unknown, or whose record has expired."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class ModelPinned(RequestError):
     """An operator asked to evict a pinned model."""
 
@@ -67,6 +73,16 @@ class QueueFull(RequestError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retryable = True
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class DuplicateRequest(RequestError):
+    """A request (or job) with this id is already in flight."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class GenerationFailed(RequestError):

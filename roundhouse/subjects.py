@@ -41,3 +41,16 @@ MODEL_EVENTS_PREFIX = "rh.evt.model"       # manager → routers: ModelEvent per
 
 def model_event_subject(model: str) -> str:
     return f"{MODEL_EVENTS_PREFIX}.{model_token(model)}"
+
+
+# Async jobs (router_svc/jobs.py).
+JOBS_STREAM = "RH_JOBS"                    # work-queue stream of accepted jobs, run by any router
+JOBS_RUN = "rh.jobs.run"
+JOBS_RUNNERS = "rh-job-runners"            # its durable consumer, shared by every router
+JOBS_SUBMIT = "rh.jobs.submit"             # core request-reply: a job in, its record out
+JOBS_CANCEL = "rh.jobs.cancel"             # core: payload is a job id; every router listens
+JOBS_BUCKET = "rh-jobs"                    # key-value bucket: job id -> Job (JSON)
+
+
+def job_events_subject(job_id: str) -> str:
+    return f"rh.jobs.{job_id}.events"

@@ -13,9 +13,12 @@ class RouterConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 50051                    # 0: any free port
+    http_port: int = 8000                # OpenAI-compatible HTTP API; 0: any free port, -1: off
     advertise_host: str = ""             # how workers reach this router (default: host)
     default_timeout_s: float = 600.0     # deadline of a request whose caller set none
     publish_timeout_s: float = 5.0
+    job_ack_wait_s: float = 30.0         # a lost router's running jobs are rerun after this long
+    job_concurrency: int = 64
     log_level: str = "info"
 
 
@@ -28,6 +31,10 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--nats-url", default=_env("NATS_URL", RouterConfig.nats_url))
     p.add_argument("--host", default=_env("HOST", RouterConfig.host))
     p.add_argument("--port", type=int, default=int(_env("PORT", str(RouterConfig.port))))
+    p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", str(RouterConfig.http_port))),
+                   help="OpenAI-compatible HTTP port (0: any free port, -1: off)")
+    p.add_argument("--job-ack-wait", type=float, default=float(_env("JOB_ACK_WAIT_S", str(RouterConfig.job_ack_wait_s))))
+    p.add_argument("--job-concurrency", type=int, default=int(_env("JOB_CONCURRENCY", str(RouterConfig.job_concurrency))))
     p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""))
     p.add_argument("--default-timeout", type=float, default=float(_env("DEFAULT_TIMEOUT_S", str(RouterConfig.default_timeout_s))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
@@ -35,11 +42,16 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     cat = entry.load_catalogue(p, a.config)
     if a.default_timeout <= 0:
         p.error("--default-timeout must be > 0")
+    if a.job_ack_wait <= 0 or a.job_concurrency <= 0:
+        p.error("--job-ack-wait and --job-concurrency must be > 0")
     return RouterConfig(
         catalogue=cat,
         nats_url=a.nats_url,
         host=a.host,
         port=a.port,
+        http_port=a.http_port,
+        job_ack_wait_s=a.job_ack_wait,
+        job_concurrency=a.job_concurrency,
         advertise_host=a.advertise_host,
         default_timeout_s=a.default_timeout,
         log_level=a.log_level,

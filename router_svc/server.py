@@ -1,134 +1,59 @@
-"""The Router gRPC service (Generate, ListModels) and the composition of a router process."""
+"""The Router gRPC service and the composition of a router process: gRPC, HTTP and jobs on one gateway."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import nats
 import nats.errors
-import nats.js.api
 import structlog
 
 from protos.v1 import manager_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, subjects
-from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import RoundhouseError
 from router_svc.config import RouterConfig
 from router_svc.delivery import DeliveryServicer
-from router_svc.prompts import PromptCounter
+from router_svc.gateway import Gateway
+from router_svc.http import HttpApi
+from router_svc.jobs import Jobs, JobsConfig
 from router_svc.tracker import Tracker
-from router_svc.validate import admit
 
 log = structlog.get_logger("router")
 
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 DELIVERY_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Delivery"].full_name
-_TERMINAL = frozenset({"finished", "error"})
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str):
-        self._config = config
-        self._nc = nc
-        self._js = nc.jetstream()
-        self._tracker = tracker
-        self._reply_to = reply_to
-        self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
+    """gRPC onto the gateway and the jobs; no request state of its own."""
 
-    def _count(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> int | None:
-        counter = self._counters[spec.name]
-        if req.WhichOneof("input") == "chat":
-            return counter.count_chat([{"role": m.role, "content": m.content} for m in req.chat.messages])
-        return counter.count(req.prompt)
+    def __init__(self, gateway: Gateway, jobs: Jobs, js):
+        self._gw = gateway
+        self._jobs = jobs
+        self._js = js
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateEvent]:
-        # 1. Validate and resolve; bad input ends here, before NATS or a GPU sees it.
-        remaining = context.time_remaining()
-        timeout = self._config.default_timeout_s if remaining is None else min(remaining, self._config.default_timeout_s)
-        now = time.time()
         try:
-            admitted = admit(
-                request, self._config.catalogue, self._count,
-                now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
-            )
+            admitted = self._gw.admit(request, context.time_remaining())
         except RoundhouseError as e:
             await grpcserver.abort_with(context, e)
             return
-        q = admitted.queued
-        if q.request_id in self._tracker:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"roundhouse: request_id {q.request_id!r} is already in flight")
-        structlog.contextvars.bind_contextvars(request_id=q.request_id, model=q.model)
-        flight = self._tracker.open(q.request_id, q.model)
+        events = self._gw.stream(admitted)
         try:
-            # 2. Queue it in the model's subject.
-            ack = await self._publish(q)
-            if ack is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "roundhouse: cannot queue the request (NATS unavailable); retry")
-                return
-            flight.seq = ack.seq
-            log.debug("request.routed", seq=ack.seq)
-            with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
-                await self._nc.publish(subjects.REQUEST_EVENTS, q.model.encode())
-            yield router_pb2.GenerateEvent(queued=router_pb2.Queued(request_id=q.request_id, model=q.model, prompt_tokens=admitted.prompt_tokens))
-            loading = self._tracker.loading_event(q.model)
-            if loading is not None:
-                yield loading
-            # 3. Relay events in order until the stream ends or the deadline passes.
-            deadline = asyncio.get_running_loop().time() + timeout
-            get = flight.events.get
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        event = await get()
-                except TimeoutError:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "roundhouse: deadline exceeded before the generation finished")
-                    return
+            async for event in events:
                 yield event
-                kind = event.WhichOneof("event")
-                if kind in _TERMINAL:
-                    if kind == "error":
-                        await context.abort(grpcserver.status_from_name(event.error.code), event.error.message)
-                    return
+                if event.WhichOneof("event") == "error":
+                    await context.abort(grpcserver.status_from_name(event.error.code), event.error.message)
+        except RoundhouseError as e:  # could not queue
+            await grpcserver.abort_with(context, e)
         finally:
-            # 4. Caller gone (cancelled, deadline, or failed before any worker took it): make sure
-            #    no engine keeps working on it and no worker starts it later.
-            forget = not flight.done or flight.link is None
-            self._tracker.close(flight)
-            if forget:
-                await self._forget(flight)
-            structlog.contextvars.unbind_contextvars("request_id", "model")
-
-    async def _publish(self, q) -> "nats.js.api.PubAck | None":
-        """Publishes once, and once more on a timeout. The message id is unique to this call, so
-        JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
-        request_id later is never mistaken for a duplicate."""
-        headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
-        payload = q.SerializeToString()
-        subject = subjects.request_subject(q.model)
-        for attempt in (1, 2):
-            try:
-                return await self._js.publish(subject, payload, timeout=self._config.publish_timeout_s, headers=headers)
-            except (nats.errors.Error, asyncio.TimeoutError) as e:
-                log.error("request.publish_failed", attempt=attempt, error=repr(e))
-        return None
-
-    async def _forget(self, flight) -> None:
-        if flight.link is not None:
-            flight.link.cancel(flight.request_id)
-        elif flight.seq:
-            # Still queued: take it out of the stream so no worker ever starts it. If a worker
-            # took it meanwhile, its first chunk is answered with a cancel (unknown request).
-            with contextlib.suppress(Exception):
-                await self._js.delete_msg(subjects.STREAM, flight.seq)
-        log.info("request.cancelled", request_id=flight.request_id)
+            await events.aclose()
 
     async def ListModels(self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
         out = router_pb2.ListModelsResponse()
-        for m in self._config.catalogue.models:
+        for m in self._gw.catalogue.models:
             try:
                 waiting = await jetstream.queued(self._js, m.name)
             except (nats.errors.Error, asyncio.TimeoutError):
@@ -138,6 +63,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             )
         return out
 
+    async def SubmitJob(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
+        return await self._job_call(context, self._jobs.submit(request))
+
+    async def GetJob(self, request: router_pb2.JobRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
+        return await self._job_call(context, self._jobs.get(request.job_id))
+
+    async def CancelJob(self, request: router_pb2.JobRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
+        return await self._job_call(context, self._jobs.cancel(request.job_id))
+
+    async def _job_call(self, context, call) -> router_pb2.Job:
+        try:
+            return await call
+        except RoundhouseError as e:
+            await grpcserver.abort_with(context, e)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"roundhouse: the job store is unavailable ({e!r}); retry")
+
 
 class Router:
     """A running router: its NATS connection, gRPC server and tracker (tests inspect it)."""
@@ -146,9 +88,12 @@ class Router:
         self.config = config
         self.tracker = Tracker()
         self.port = 0
+        self.http_port = 0
         self._nc: nats.NATS | None = None
         self._server: grpc.aio.Server | None = None
         self._health = None
+        self._http: HttpApi | None = None
+        self._jobs: Jobs | None = None
 
     @property
     def address(self) -> str:
@@ -161,11 +106,20 @@ class Router:
         await self._nc.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=self._on_model_event)
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.config, self._nc, self.tracker, self.address), self._server)
+        gateway = Gateway(self.config, self._nc, self.tracker, self.address)
+        self._jobs = Jobs(gateway, self._nc, JobsConfig(ack_wait_s=self.config.job_ack_wait_s,
+                                                        concurrency=self.config.job_concurrency))
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(gateway, self._jobs, js), self._server)
         worker_pb2_grpc.add_DeliveryServicer_to_server(DeliveryServicer(self.tracker), self._server)
         self._health = await grpcserver.add_standard_services(self._server, [ROUTER_SERVICE, DELIVERY_SERVICE])
         await self._server.start()
-        log.info("router.serving", address=self.address, models=[m.name for m in self.config.catalogue.models])
+        if self.config.http_port >= 0:
+            nc = self._nc
+            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected)
+            self.http_port = await self._http.start(self.config.host, self.config.http_port)
+        await self._jobs.start()
+        log.info("router.serving", address=self.address, http_port=self.http_port or None,
+                 models=[m.name for m in self.config.catalogue.models])
 
     async def _on_model_event(self, msg) -> None:
         try:
@@ -179,6 +133,10 @@ class Router:
         log.info("router.stopping")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self._jobs is not None:
+            await self._jobs.stop()
+        if self._http is not None:
+            await self._http.stop()
         if self._server is not None:
             await self._server.stop(grace)
         nc, self._nc = self._nc, None

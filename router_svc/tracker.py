@@ -79,6 +79,13 @@ class Tracker:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._flights
 
+    def waiting(self, model: str) -> int:
+        """This router's requests for `model` that no worker has started yet."""
+        return sum(1 for f in self._flights.values() if f.model == model and f.link is None and not f.done)
+
+    def loading_estimate(self, model: str) -> float | None:
+        return self._loading.get(model)
+
     def open(self, request_id: str, model: str) -> Flight:
         flight = Flight(request_id, model)
         self._flights[request_id] = flight

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from protos.v1 import common_pb2, queue_pb2, router_pb2
+from roundhouse import routing
 from roundhouse.catalogue import Catalogue, ModelSpec
 from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
 
@@ -26,6 +27,7 @@ class Admitted:
     spec: ModelSpec
     queued: queue_pb2.QueuedRequest
     prompt_tokens: int          # 0 when the model has no tokenizer the router can use
+    route_reason: str = "requested by name"
 
 
 def admit(
@@ -41,12 +43,11 @@ def admit(
     # 1. The deadline first: an expired request must not cost anything else.
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
-    # 2. The model.
-    if not req.model:
-        raise InvalidRequest("model", "required")
-    spec = catalogue.resolve(req.model)
+    # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
+    name, reason = resolve_route(req, catalogue)
+    spec = catalogue.resolve(name)
     if spec is None:
-        raise ModelNotFound(f"model {req.model!r} not found; ListModels gives the configured names and aliases")
+        raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
     # 3. The input.
     kind = req.WhichOneof("input")
     if kind is None:
@@ -113,4 +114,26 @@ def admit(
         queued.prompt = req.prompt
     else:
         queued.chat.messages.extend(req.chat.messages)
-    return Admitted(spec, queued, prompt_tokens or 0)
+    return Admitted(spec, queued, prompt_tokens or 0, reason)
+
+
+def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:
+    if req.WhichOneof("input") == "chat":
+        return routing.RequestView("chat", tuple(m.content for m in req.chat.messages), dict(req.metadata))
+    return routing.RequestView("completions", (req.prompt,) if req.prompt else (), dict(req.metadata))
+
+
+def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue) -> tuple[str, str]:
+    """The model name the request asks for (classified when "auto") and why."""
+    rules = catalogue.routing
+    name, reason = req.model, "requested by name"
+    if not name and rules is not None and rules.default_model:
+        name, reason = rules.default_model, "the configured default model"
+    if not name:
+        raise InvalidRequest("model", "required")
+    if name == routing.AUTO:
+        if rules is None:
+            raise InvalidRequest("model", '"auto" needs a routing section in the configuration; name a model instead')
+        route = routing.classify(rules, request_view(req))
+        name, reason = route.model, route.reason
+    return name, reason

@@ -58,7 +58,7 @@ def models(models_yaml) -> catalogue.Catalogue:
 
 @pytest_asyncio.fixture(scope="session")
 async def router(nats_server, models) -> Router:
-    r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0))
+    r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0, http_port=0, job_ack_wait_s=TEST_ACK_WAIT_S))
     await r.start()
     yield r
     await r.stop(grace=1)

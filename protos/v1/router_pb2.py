@@ -27,35 +27,45 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\xad\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\x9d\x02\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x12)\n\x07loading\x18\x06 \x01(\x0b\x32\x16.roundhouse.v1.LoadingH\x00\x42\x07\n\x05\x65vent\",\n\x07Loading\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nestimate_s\x18\x02 \x01(\x01\"B\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"\x1c\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo2\xa7\x01\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\x9e\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.roundhouse.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\x9d\x02\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x12)\n\x07loading\x18\x06 \x01(\x0b\x32\x16.roundhouse.v1.LoadingH\x00\x42\x07\n\x05\x65vent\",\n\x07Loading\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nestimate_s\x18\x02 \x01(\x01\"X\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\"A\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0croute_reason\x18\x03 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xfc\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.roundhouse.v1.JobState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetail\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x0b \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12/\n\x07request\x18\r \x01(\x0b\x32\x1e.roundhouse.v1.GenerateRequest*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdd\x02\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponse\x12?\n\tSubmitJob\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x12.roundhouse.v1.Job\x12\x37\n\x06GetJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Job\x12:\n\tCancelJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=1663
+  _globals['_JOBSTATE']._serialized_end=1817
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=239
-  _globals['_CHATMESSAGES']._serialized_start=241
-  _globals['_CHATMESSAGES']._serialized_end=301
-  _globals['_GENERATEEVENT']._serialized_start=304
-  _globals['_GENERATEEVENT']._serialized_end=589
-  _globals['_LOADING']._serialized_start=591
-  _globals['_LOADING']._serialized_end=635
-  _globals['_QUEUED']._serialized_start=637
-  _globals['_QUEUED']._serialized_end=703
-  _globals['_STARTED']._serialized_start=705
-  _globals['_STARTED']._serialized_end=733
-  _globals['_TOKENDELTA']._serialized_start=735
-  _globals['_TOKENDELTA']._serialized_end=780
-  _globals['_FINISHED']._serialized_start=782
-  _globals['_FINISHED']._serialized_end=881
-  _globals['_LISTMODELSREQUEST']._serialized_start=883
-  _globals['_LISTMODELSREQUEST']._serialized_end=902
-  _globals['_MODELINFO']._serialized_start=904
-  _globals['_MODELINFO']._serialized_end=1011
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1013
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1075
-  _globals['_ROUTER']._serialized_start=1078
-  _globals['_ROUTER']._serialized_end=1245
+  _globals['_GENERATEREQUEST']._serialized_end=352
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=296
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=343
+  _globals['_CHATMESSAGES']._serialized_start=354
+  _globals['_CHATMESSAGES']._serialized_end=414
+  _globals['_GENERATEEVENT']._serialized_start=417
+  _globals['_GENERATEEVENT']._serialized_end=702
+  _globals['_LOADING']._serialized_start=704
+  _globals['_LOADING']._serialized_end=748
+  _globals['_QUEUED']._serialized_start=750
+  _globals['_QUEUED']._serialized_end=838
+  _globals['_STARTED']._serialized_start=840
+  _globals['_STARTED']._serialized_end=905
+  _globals['_TOKENDELTA']._serialized_start=907
+  _globals['_TOKENDELTA']._serialized_end=952
+  _globals['_FINISHED']._serialized_start=954
+  _globals['_FINISHED']._serialized_end=1053
+  _globals['_LISTMODELSREQUEST']._serialized_start=1055
+  _globals['_LISTMODELSREQUEST']._serialized_end=1074
+  _globals['_MODELINFO']._serialized_start=1076
+  _globals['_MODELINFO']._serialized_end=1183
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1185
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1247
+  _globals['_JOBREQUEST']._serialized_start=1249
+  _globals['_JOBREQUEST']._serialized_end=1277
+  _globals['_JOB']._serialized_start=1280
+  _globals['_JOB']._serialized_end=1660
+  _globals['_ROUTER']._serialized_start=1820
+  _globals['_ROUTER']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

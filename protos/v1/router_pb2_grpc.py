@@ -46,6 +46,21 @@ class RouterStub:
                 request_serializer=protos_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/roundhouse.v1.Router/SubmitJob',
+                request_serializer=protos_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_router__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/roundhouse.v1.Router/GetJob',
+                request_serializer=protos_dot_v1_dot_router__pb2.JobRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_router__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/roundhouse.v1.Router/CancelJob',
+                request_serializer=protos_dot_v1_dot_router__pb2.JobRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_router__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -65,6 +80,28 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Async jobs, for callers that do not hold a stream open. SubmitJob returns at once; the job
+        survives a router restart; its events go to NATS `rh.jobs.<job_id>.events` and its result
+        to the JetStream key-value bucket `rh-jobs` (JSON), which GetJob reads.
+        (The same is reachable over NATS alone: a request on `rh.jobs.submit`.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +114,21 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=protos_dot_v1_dot_router__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_router__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=protos_dot_v1_dot_router__pb2.JobRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_router__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=protos_dot_v1_dot_router__pb2.JobRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_router__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +185,87 @@ class Router:
             '/roundhouse.v1.Router/ListModels',
             protos_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             protos_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.Router/SubmitJob',
+            protos_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+            protos_dot_v1_dot_router__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.Router/GetJob',
+            protos_dot_v1_dot_router__pb2.JobRequest.SerializeToString,
+            protos_dot_v1_dot_router__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundhouse.v1.Router/CancelJob',
+            protos_dot_v1_dot_router__pb2.JobRequest.SerializeToString,
+            protos_dot_v1_dot_router__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

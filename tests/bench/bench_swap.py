@@ -57,7 +57,7 @@ async def run(swaps: int) -> None:
     nats = natsd.start(work / "js")
     manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, port=0))
     await manager.start()
-    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, port=0))
+    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, port=0, http_port=-1))
     await router.start()
     workers = [await stack.start_worker(yaml, m.name, nats.url, work / "run", "--manager", manager.address, "--log-level", "warning")
                for m in cat.models]

@@ -95,7 +95,7 @@ async def res(res_yaml, res_catalogue, nats_server, session_dir):
     s = Stack(res_yaml, res_catalogue, nats_server.url, session_dir / "run-res")
     try:
         await s.start_manager()
-        s.router = Router(RouterConfig(catalogue=res_catalogue, nats_url=nats_server.url, port=0))
+        s.router = Router(RouterConfig(catalogue=res_catalogue, nats_url=nats_server.url, port=0, http_port=-1))
         await s.router.start()
         s.router_stub = s.stub(router_pb2_grpc.RouterStub, s.router.port)
         for m in (*MODELS, "res-bad"):

@@ -1,0 +1,215 @@
+"""Request classification: which model serves a request sent to model "auto".
+
+Rules come from the `routing:` section of the models YAML; the first rule whose every condition
+holds wins. Nothing here calls a model or does I/O: a request is classified in microseconds, and
+`roundhouse classify` runs the same function offline.
+
+    routing:
+      default_model: auto          # what a request naming no model gets ("" = model required)
+      fallback: chat               # when no rule matches
+      rules:
+        - name: code-language      # every condition given must hold
+          model: code
+          metadata: {code_language: "*"}          # key present (any value)
+        - name: high-quality
+          model: reasoning
+          metadata: {quality: high}               # a value, or a list of values
+        - name: long-conversation
+          model: reasoning
+          min_chars: 6000                         # also: max_chars, min_messages
+        - name: code-in-content
+          model: code
+          patterns: ['```', 'Traceback \\(most recent call last\\)']   # any matches (ignores case)
+        - name: raw-completions
+          model: code
+          endpoint: completions                   # chat | completions
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+AUTO = "auto"
+ENDPOINTS = ("chat", "completions")
+
+
+class RoutingError(ValueError):
+    """The routing section is wrong; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    model: str
+    endpoint: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()   # key -> accepted values; ("*",) any
+    min_messages: int = 0
+    min_chars: int = 0
+    max_chars: int = 0                                         # 0: no limit
+    patterns: tuple[re.Pattern, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+    fallback: str
+    rules: tuple[Rule, ...] = ()
+    default_model: str = AUTO
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestView:
+    """What classification looks at: no tokenizer, no model."""
+    endpoint: str                      # "chat" or "completions"
+    texts: tuple[str, ...]             # the prompt, or every message's content
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def chars(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    model: str
+    reason: str
+
+
+def classify(spec: RoutingSpec, req: RequestView) -> Route:
+    """The model for `req` and why: the first rule that holds, else the fallback."""
+    for rule in spec.rules:
+        why = _holds(rule, req)
+        if why is not None:
+            return Route(rule.model, f"rule {rule.name}: {why}")
+    return Route(spec.fallback, "no rule matched: fallback")
+
+
+def _holds(rule: Rule, req: RequestView) -> str | None:
+    """Why `rule` holds for `req` (its conditions, in words), or None."""
+    because: list[str] = []
+    if rule.endpoint:
+        if req.endpoint not in rule.endpoint:
+            return None
+        because.append(f"endpoint {req.endpoint}")
+    for key, accepted in rule.metadata:
+        value = req.metadata.get(key)
+        if value is None or (accepted != ("*",) and value.lower() not in accepted):
+            return None
+        because.append(f"metadata {key}={value}")
+    if rule.min_messages:
+        if len(req.texts) < rule.min_messages:
+            return None
+        because.append(f"{len(req.texts)} messages")
+    if rule.min_chars or rule.max_chars:
+        chars = req.chars
+        if chars < rule.min_chars or (rule.max_chars and chars > rule.max_chars):
+            return None
+        because.append(f"{chars} characters")
+    if rule.patterns:
+        hit = next((p for p in rule.patterns for t in req.texts if p.search(t)), None)
+        if hit is None:
+            return None
+        because.append(f"content matches /{hit.pattern}/")
+    return ", ".join(because) or "always"
+
+
+# ---- parsing (called by the catalogue loader) ------------------------------------------------
+
+_RULE_KEYS = {"name", "model", "endpoint", "metadata", "min_messages", "min_chars", "max_chars", "patterns"}
+
+
+def parse(raw: Any, resolve) -> RoutingSpec:
+    """A RoutingSpec from the YAML mapping; `resolve(name)` maps a model name or alias to its
+    configured name, or None. Model names in rules are stored resolved."""
+    where = "routing"
+    if not isinstance(raw, Mapping):
+        raise RoutingError(f"{where}: must be a mapping")
+    unknown = set(raw) - {"default_model", "fallback", "rules"}
+    if unknown:
+        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key (known: default_model, fallback, rules)")
+
+    def model(key: str, value: Any) -> str:
+        if not isinstance(value, str) or resolve(value) is None:
+            raise RoutingError(f"{key}: {value!r} is not a configured model name or alias")
+        return resolve(value)
+
+    if "fallback" not in raw:
+        raise RoutingError(f"{where}.fallback: required (the model for requests no rule matches)")
+    fallback = model(f"{where}.fallback", raw["fallback"])
+    default = raw.get("default_model", AUTO)
+    if default is None:
+        default = ""
+    if default not in ("", AUTO):
+        default = model(f"{where}.default_model", default)
+    rules_raw = raw.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise RoutingError(f"{where}.rules: must be a list")
+    rules, names = [], set()
+    for i, r in enumerate(rules_raw):
+        w = f"{where}.rules[{i}]"
+        if not isinstance(r, Mapping):
+            raise RoutingError(f"{w}: must be a mapping")
+        bad = set(r) - _RULE_KEYS
+        if bad:
+            raise RoutingError(f"{w}.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(_RULE_KEYS))})")
+        name = r.get("name")
+        if not isinstance(name, str) or not name:
+            raise RoutingError(f"{w}.name: required, a non-empty string")
+        if name in names:
+            raise RoutingError(f"{w}.name: {name!r} is used twice")
+        names.add(name)
+        rules.append(Rule(
+            name=name,
+            model=model(f"{w}.model", r.get("model")),
+            endpoint=_endpoints(f"{w}.endpoint", r.get("endpoint")),
+            metadata=_metadata(f"{w}.metadata", r.get("metadata")),
+            min_messages=_count(f"{w}.min_messages", r.get("min_messages", 0)),
+            min_chars=_count(f"{w}.min_chars", r.get("min_chars", 0)),
+            max_chars=_count(f"{w}.max_chars", r.get("max_chars", 0)),
+            patterns=_patterns(f"{w}.patterns", r.get("patterns")),
+        ))
+    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default)
+
+
+def _endpoints(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or any(v not in ENDPOINTS for v in values):
+        raise RoutingError(f"{where}: must be one of {', '.join(ENDPOINTS)} (or a list of them)")
+    return tuple(values)
+
+
+def _metadata(where: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or not value:
+        raise RoutingError(f"{where}: must be a mapping of key to a value, a list of values, or '*'")
+    out = []
+    for key, accepted in value.items():
+        values = [accepted] if isinstance(accepted, (str, int, float, bool)) else accepted
+        if not isinstance(key, str) or not isinstance(values, list) or not values:
+            raise RoutingError(f"{where}.{key}: must be a value, a list of values, or '*'")
+        out.append((key, tuple(str(v).lower() for v in values)))
+    return tuple(out)
+
+
+def _count(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RoutingError(f"{where}: must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _patterns(where: str, value: Any) -> tuple[re.Pattern, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise RoutingError(f"{where}: must be a non-empty list of regular expressions")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(re.compile(v, re.IGNORECASE | re.MULTILINE))
+        except re.error as e:
+            raise RoutingError(f"{where}[{i}]: {v!r} is not a valid regular expression: {e}") from e
+    return tuple(out)

@@ -1,0 +1,138 @@
+"""The one request path behind every front door (gRPC, OpenAI HTTP, NATS jobs): admit, queue, relay.
+
+`admit` is synchronous and raises a RoundhouseError for anything wrong with the request, before
+NATS or a GPU sees it. `stream` queues the admitted request and yields its events in order:
+queued, (loading), started, deltas, then exactly one terminal event, finished or error (a passed
+deadline is an error event too). A caller that stops iterating (cancelled, disconnected) makes
+sure no engine keeps working on the request and no worker starts it later.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import nats.js.api
+import structlog
+
+from protos.v1 import router_pb2
+from roundhouse import subjects
+from roundhouse.catalogue import ModelSpec
+from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
+from router_svc.config import RouterConfig
+from router_svc.prompts import PromptCounter
+from router_svc.tracker import Tracker, error_event
+from router_svc.validate import Admitted, admit
+
+log = structlog.get_logger("router")
+
+TERMINAL = frozenset({"finished", "error"})
+
+
+class Gateway:
+    def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str):
+        self.catalogue = config.catalogue
+        self._config = config
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._tracker = tracker
+        self._reply_to = reply_to
+        self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
+
+    def _count(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> int | None:
+        counter = self._counters[spec.name]
+        if req.WhichOneof("input") == "chat":
+            return counter.count_chat([{"role": m.role, "content": m.content} for m in req.chat.messages])
+        return counter.count(req.prompt)
+
+    def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None) -> Admitted:
+        """Validates and resolves `request` (classifying model "auto"), or raises a RequestError."""
+        timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
+        now = time.time()
+        admitted = admit(
+            request, self.catalogue, self._count,
+            now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
+        )
+        q = admitted.queued
+        if q.request_id in self._tracker:
+            raise DuplicateRequest(f"request_id {q.request_id!r} is already in flight")
+        if self._tracker.waiting(q.model) >= admitted.spec.max_queued:
+            estimate = self._tracker.loading_estimate(q.model)
+            raise QueueFull(
+                f"model {q.model} already has {admitted.spec.max_queued} requests waiting; retry later",
+                retry_after_s=max(1.0, estimate or 1.0),
+            )
+        return admitted
+
+    async def stream(self, admitted: Admitted) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """Queues the admitted request and yields its events; raises Unavailable when it cannot queue."""
+        q = admitted.queued
+        structlog.contextvars.bind_contextvars(request_id=q.request_id, model=q.model)
+        flight = self._tracker.open(q.request_id, q.model)
+        try:
+            ack = await self._publish(q)
+            if ack is None:
+                raise Unavailable("cannot queue the request (NATS unavailable); retry")
+            flight.seq = ack.seq
+            log.debug("request.routed", seq=ack.seq, route=admitted.route_reason)
+            with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
+                await self._nc.publish(subjects.REQUEST_EVENTS, q.model.encode())
+            yield router_pb2.GenerateEvent(queued=router_pb2.Queued(
+                request_id=q.request_id, model=q.model, prompt_tokens=admitted.prompt_tokens,
+                route_reason=admitted.route_reason))
+            loading = self._tracker.loading_event(q.model)
+            if loading is not None:
+                yield loading
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (q.deadline_unix_ms / 1000 - time.time())
+            get = flight.events.get
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await get()
+                except TimeoutError:
+                    yield error_event("DEADLINE_EXCEEDED", "roundhouse: deadline exceeded before the generation finished", False)
+                    return
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    event.started.model = q.model
+                    event.started.route_reason = admitted.route_reason
+                yield event
+                if kind in TERMINAL:
+                    return
+        finally:
+            # Caller gone (cancelled, deadline, or failed before any worker took it): make sure
+            # no engine keeps working on it and no worker starts it later.
+            forget = not flight.done or flight.link is None
+            self._tracker.close(flight)
+            if forget:
+                await self._forget(flight)
+            structlog.contextvars.unbind_contextvars("request_id", "model")
+
+    async def _publish(self, q) -> "nats.js.api.PubAck | None":
+        """Publishes once, and once more on a timeout. The message id is unique to this call, so
+        JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
+        request_id later is never mistaken for a duplicate."""
+        headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
+        payload = q.SerializeToString()
+        subject = subjects.request_subject(q.model)
+        for attempt in (1, 2):
+            try:
+                return await self._js.publish(subject, payload, timeout=self._config.publish_timeout_s, headers=headers)
+            except (nats.errors.Error, asyncio.TimeoutError) as e:
+                log.error("request.publish_failed", attempt=attempt, error=repr(e))
+        return None
+
+    async def _forget(self, flight) -> None:
+        if flight.link is not None:
+            flight.link.cancel(flight.request_id)
+        elif flight.seq:
+            # Still queued: take it out of the stream so no worker ever starts it. If a worker
+            # took it meanwhile, its first chunk is answered with a cancel (unknown request).
+            with contextlib.suppress(Exception):
+                await self._js.delete_msg(subjects.STREAM, flight.seq)
+        log.info("request.cancelled", request_id=flight.request_id)

@@ -1,0 +1,151 @@
+"""The router's OpenAI-compatible HTTP front door (aiohttp, on the router's event loop).
+
+    POST /v1/chat/completions   POST /v1/completions   (streaming as server-sent events, or not)
+    GET  /v1/models             GET  /health
+
+Each request goes through the same Gateway as gRPC. The model and the reason it was chosen come
+back in the `x-roundhouse-model` / `x-roundhouse-route-reason` headers. A client that disconnects
+(streaming or not) ends its handler, and the gateway aborts the generation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from roundhouse import routing
+from roundhouse.errors import RoundhouseError
+from router_svc import openai_api
+from router_svc.gateway import Gateway
+
+log = structlog.get_logger("router.http")
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
+
+
+def _error(e: RoundhouseError, headers: dict | None = None) -> web.Response:
+    status, body, extra = openai_api.error_from(e)
+    return _json(status, body, {**(headers or {}), **extra})
+
+
+class HttpApi:
+    def __init__(self, gateway: Gateway, healthy: Callable[[], bool]):
+        self._gw = gateway
+        self._healthy = healthy
+        self._created = int(time.time())
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 2**20)
+        app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, "chat"))
+        app.router.add_post("/v1/completions", lambda r: self._generate(r, "completions"))
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        # handler_cancellation: a client that disconnects cancels its handler, even one that is
+        # not writing (a non-streamed request), so its generation is aborted at once.
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok = self._healthy()
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = []
+        for m in self._gw.catalogue.models:
+            for name in (m.name, *m.aliases):
+                data.append({"id": name, "object": "model", "created": self._created, "owned_by": "roundhouse",
+                             "root": m.name, "max_model_len": m.max_model_len})
+        if self._gw.catalogue.routing is not None:
+            data.append({"id": routing.AUTO, "object": "model", "created": self._created, "owned_by": "roundhouse",
+                         "root": routing.AUTO})
+        return _json(200, {"object": "list", "data": data})
+
+    async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        try:
+            body = await request.json(loads=json.loads)
+        except ValueError as e:
+            _, err = openai_api.error("INVALID_ARGUMENT", f"roundhouse: the body is not valid JSON: {e}", "body")
+            return _json(400, err)
+        try:
+            req, opts = openai_api.parse(body, endpoint, request.headers.get("x-request-id", ""))
+            admitted = self._gw.admit(req)
+        except RoundhouseError as e:
+            return _error(e)
+        q = admitted.queued
+        headers = {"x-request-id": q.request_id, "x-roundhouse-model": q.model,
+                   "x-roundhouse-route-reason": admitted.route_reason}
+        rid, created = openai_api.response_id(endpoint, q.request_id), int(time.time())
+        events = self._gw.stream(admitted)
+        try:
+            if opts.stream:
+                return await self._stream(request, events, opts, rid, created, q.model, headers)
+            return await self._whole(events, opts, rid, created, q.model, headers)
+        except RoundhouseError as e:  # could not queue
+            return _error(e, headers)
+        finally:
+            await events.aclose()  # caller gone or done: the gateway aborts what is left
+
+    async def _whole(self, events, opts, rid, created, model, headers) -> web.Response:
+        text: list[str] = []
+        async for ev in events:
+            kind = ev.WhichOneof("event")
+            if kind == "delta":
+                text.append(ev.delta.text)
+            elif kind == "finished":
+                return _json(200, openai_api.complete(opts, rid, created, model, "".join(text), ev.finished), headers)
+            elif kind == "error":
+                status, body = openai_api.error(ev.error.code, ev.error.message)
+                return _json(status, body, headers)
+        status, body = openai_api.error("INTERNAL", "roundhouse: the stream ended without a result")
+        return _json(status, body, headers)
+
+    async def _stream(self, request, events, opts, rid, created, model, headers) -> web.StreamResponse:
+        first = await anext(events)  # raises before any byte is sent when the request cannot be queued
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        await resp.prepare(request)
+
+        async def send(obj) -> None:
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        await send(openai_api.chunk(opts, rid, created, model, first=True))
+        ev = first
+        while True:
+            kind = ev.WhichOneof("event")
+            if kind == "delta" and ev.delta.text:
+                await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text))
+            elif kind == "finished":
+                await send(openai_api.chunk(opts, rid, created, model, finish=ev.finished.finish_reason))
+                if opts.include_usage:
+                    await send(openai_api.usage_chunk(opts, rid, created, model, ev.finished.usage))
+                break
+            elif kind == "error":
+                await send(openai_api.error(ev.error.code, ev.error.message)[1])
+                break
+            try:
+                ev = await anext(events)
+            except StopAsyncIteration:
+                break
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

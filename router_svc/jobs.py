@@ -1,0 +1,312 @@
+"""Async jobs: a request accepted now, run by any router, its result kept in a key-value bucket.
+
+Submit (NATS request on `rh.jobs.submit`, or gRPC SubmitJob) validates and classifies the request
+like any other, stores a QUEUED record under the job id in the `rh-jobs` bucket, and publishes
+the job to the `RH_JOBS` work-queue stream; the reply is the record, at once. Every router runs
+jobs from that stream's one durable consumer: it marks the job RUNNING, sends it through the
+gateway, publishes each event on `rh.jobs.<id>.events`, stores the result, and only then acks.
+A router that stops hands its running jobs back (nak); one that dies has them redelivered after
+`ack_wait`. Either way another router runs the job again from the start (attempts + 1), so a job
+survives a router restart. Cancel marks the record CANCELLED and tells the router running it.
+
+Body of a NATS submit: the JSON of an OpenAI chat or completions request (`messages` or
+`prompt`, `model` may be "auto"), plus an optional `job_id` (idempotent: resubmitting an id returns
+the existing record). With header `Content-Type: application/x-protobuf` the body is a
+GenerateRequest (request_id = job id) and the reply a Job. Records are JSON (Job's fields).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from google.protobuf import json_format
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+
+from protos.v1 import common_pb2, router_pb2
+from roundhouse import subjects
+from roundhouse.errors import InvalidRequest, JobNotFound, RoundhouseError
+from router_svc import openai_api
+from router_svc.gateway import Gateway
+
+log = structlog.get_logger("router.jobs")
+
+PROTOBUF = "application/x-protobuf"
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TERMINAL = frozenset({router_pb2.JOB_STATE_SUCCEEDED, router_pb2.JOB_STATE_FAILED, router_pb2.JOB_STATE_CANCELLED})
+
+
+@dataclasses.dataclass(frozen=True)
+class JobsConfig:
+    ack_wait_s: float = 30.0         # a dead router's jobs go to another after this long
+    concurrency: int = 64            # jobs one router runs at once
+    ttl_s: float = 7 * 86400         # records are kept this long
+    max_deliver: int = 5             # runs of one job before it is marked FAILED
+
+
+def to_json(job: router_pb2.Job) -> bytes:
+    return json_format.MessageToJson(job, preserving_proto_field_name=True, indent=None).encode()
+
+
+def from_json(data: bytes) -> router_pb2.Job:
+    return json_format.Parse(data, router_pb2.Job(), ignore_unknown_fields=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Jobs:
+    def __init__(self, gateway: Gateway, nc: nats.NATS, config: JobsConfig):
+        self._gw = gateway
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._config = config
+        self._kv = None
+        self._running: dict[str, asyncio.Task] = {}
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._tasks: list[asyncio.Task] = []
+        self._subs: list = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        js = self._js
+        config = StreamConfig(name=subjects.JOBS_STREAM, subjects=[subjects.JOBS_RUN], retention=RetentionPolicy.WORK_QUEUE,
+                              storage=StorageType.FILE, duplicate_window=120.0)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+        try:
+            self._kv = await js.key_value(subjects.JOBS_BUCKET)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            self._kv = await js.create_key_value(KeyValueConfig(
+                bucket=subjects.JOBS_BUCKET, history=1, ttl=self._config.ttl_s, storage=StorageType.FILE))
+        await js.add_consumer(subjects.JOBS_STREAM, ConsumerConfig(
+            durable_name=subjects.JOBS_RUNNERS, filter_subject=subjects.JOBS_RUN, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._config.ack_wait_s, max_deliver=self._config.max_deliver, max_ack_pending=100_000))
+        self._psub = await js.pull_subscribe_bind(subjects.JOBS_RUNNERS, subjects.JOBS_STREAM)
+        self._subs.append(await self._nc.subscribe(subjects.JOBS_SUBMIT, queue="rh-routers", cb=self._on_submit))
+        self._subs.append(await self._nc.subscribe(subjects.JOBS_CANCEL, cb=self._on_cancel))
+        self._tasks.append(asyncio.create_task(self._pull_loop(), name="jobs-pull"))
+
+    async def stop(self) -> None:
+        """Hands running jobs back to the stream (another router runs them now) and stops."""
+        self._stopping = True
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for t in [*self._tasks, *self._running.values()]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+
+    # ---- the API (gRPC and NATS) ----------------------------------------------------------------
+
+    async def submit(self, request: router_pb2.GenerateRequest) -> router_pb2.Job:
+        job_id = request.request_id or uuid.uuid4().hex
+        if not _JOB_ID.match(job_id):
+            raise InvalidRequest("job_id", "1-64 characters of letters, digits, _ and -")
+        request.request_id = f"{job_id}.check"
+        admitted = self._gw.admit(request)  # bad input fails here, nothing stored
+        request.request_id = job_id
+        request.model = admitted.queued.model  # classified once: a rerun does not change its mind
+        now = _now_ms()
+        job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,
+                             route_reason=admitted.route_reason, created_unix_ms=now, updated_unix_ms=now, request=request)
+        try:
+            await self._kv.create(job_id, to_json(job))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self.get(job_id)  # idempotent resubmission
+        await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers={"Nats-Msg-Id": job_id})
+        log.info("job.submitted", job_id=job_id, model=job.model, route=job.route_reason)
+        return job
+
+    async def get(self, job_id: str) -> router_pb2.Job:
+        try:
+            entry = await self._kv.get(job_id)
+        except (nats.js.errors.KeyNotFoundError, ValueError):
+            raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)")
+        return from_json(entry.value)
+
+    async def cancel(self, job_id: str) -> router_pb2.Job:
+        job = await self._update(job_id, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
+        await self._nc.publish(subjects.JOBS_CANCEL, job_id.encode())
+        return job
+
+    async def _update(self, job_id: str, change: Callable[[router_pb2.Job], bool]) -> router_pb2.Job:
+        """Applies `change` to the stored record (compare-and-set); a finished job never changes."""
+        for _ in range(20):
+            try:
+                entry = await self._kv.get(job_id)
+            except nats.js.errors.KeyNotFoundError:
+                raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)")
+            job = from_json(entry.value)
+            if job.state in _TERMINAL or not change(job):
+                return job
+            job.updated_unix_ms = _now_ms()
+            try:
+                await self._kv.update(job_id, to_json(job), last=entry.revision)
+                return job
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise RoundhouseError(f"job {job_id!r}: too many concurrent updates")
+
+    # ---- NATS handlers ----------------------------------------------------------------------------
+
+    async def _on_submit(self, msg) -> None:
+        proto = (msg.headers or {}).get("Content-Type") == PROTOBUF
+        try:
+            if proto:
+                request = router_pb2.GenerateRequest.FromString(msg.data)
+            else:
+                body = json.loads(msg.data)
+                endpoint = "chat" if isinstance(body, dict) and "messages" in body else "completions"
+                request, _ = openai_api.parse(body, endpoint, str(body.get("job_id", "")) if isinstance(body, dict) else "")
+            job = await self.submit(request)
+            reply = job.SerializeToString() if proto else to_json(job)
+        except RoundhouseError as e:
+            err = common_pb2.ErrorDetail(code=e.code.name, message=e.message, retryable=e.retryable)
+            reply = router_pb2.Job(error=err).SerializeToString() if proto else json.dumps(
+                {"error": {"code": err.code, "message": err.message, "retryable": err.retryable}}).encode()
+        except ValueError as e:
+            reply = json.dumps({"error": {"code": "INVALID_ARGUMENT", "message": f"roundhouse: not valid JSON: {e}",
+                                          "retryable": False}}).encode()
+        if msg.reply:
+            await msg.respond(reply)
+
+    async def _on_cancel(self, msg) -> None:
+        task = self._running.get(msg.data.decode(errors="replace"))
+        if task is not None:
+            task.cancel("job cancelled")
+
+    # ---- running jobs -----------------------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                msgs = await self._psub.fetch(1, timeout=5)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                self._slots.release()
+                continue
+            except nats.errors.Error as e:
+                self._slots.release()
+                log.warning("jobs.fetch_failed", error=repr(e))
+                await asyncio.sleep(1)
+                continue
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            msg = msgs[0]
+            try:
+                request = router_pb2.GenerateRequest.FromString(msg.data)
+            except Exception:
+                log.error("job.bad_message")
+                await msg.term()
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(request, msg), name=f"job-{request.request_id}")
+            self._running[request.request_id] = task
+            task.add_done_callback(lambda t, jid=request.request_id: (self._running.pop(jid, None), self._slots.release()))
+
+    async def _run(self, request: router_pb2.GenerateRequest, msg) -> None:
+        job_id = request.request_id
+        attempt = msg.metadata.num_delivered
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        job = None
+        try:
+            job = await self._update(job_id, lambda j: _start(j, attempt))
+            if job.state in _TERMINAL:  # cancelled while queued, or finished by an earlier run
+                await msg.ack()
+                return
+            run = router_pb2.GenerateRequest()
+            run.CopyFrom(request)
+            run.request_id = f"{job_id}.{attempt}"  # a rerun is a new request: never spliced with the last
+            result = await self._generate(job_id, attempt, run)
+            job = await self._update(job_id, lambda j: _result(j, result))
+            await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
+            await msg.ack()
+            log.info("job.done", job_id=job_id, state=router_pb2.JobState.Name(job.state), attempt=attempt)
+        except asyncio.CancelledError:
+            if self._stopping:
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # another router runs it now
+                raise
+            job = await self._update(job_id, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
+            await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
+            await msg.ack()
+        except JobNotFound:
+            await msg.term()
+        finally:
+            heartbeat.cancel()
+
+    async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest) -> router_pb2.Job:
+        """Runs the request through the gateway; returns the result fields (state, text, ...)."""
+        out = router_pb2.Job()
+        try:
+            admitted = self._gw.admit(request)
+            async for ev in self._gw.stream(admitted):
+                await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)})
+                kind = ev.WhichOneof("event")
+                if kind == "delta":
+                    out.text += ev.delta.text
+                    out.token_ids.extend(ev.delta.token_ids)
+                elif kind == "finished":
+                    out.state = router_pb2.JOB_STATE_SUCCEEDED
+                    out.finish_reason = ev.finished.finish_reason
+                    out.usage.CopyFrom(ev.finished.usage)
+                elif kind == "error":
+                    out.state = router_pb2.JOB_STATE_FAILED
+                    out.error.CopyFrom(ev.error)
+        except RoundhouseError as e:
+            out.state = router_pb2.JOB_STATE_FAILED
+            out.error.CopyFrom(common_pb2.ErrorDetail(code=e.code.name, message=e.message, retryable=e.retryable))
+        if out.state == router_pb2.JOB_STATE_UNSPECIFIED:
+            out.state = router_pb2.JOB_STATE_FAILED
+            out.error.CopyFrom(common_pb2.ErrorDetail(code="INTERNAL", message="roundhouse: the stream ended without a result"))
+        return out
+
+    async def _events(self, job_id: str, attempt: int, payload: dict) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._nc.publish(subjects.job_events_subject(job_id),
+                                   json.dumps({"job_id": job_id, "attempt": attempt, **payload}).encode())
+
+    async def _heartbeat(self, msg) -> None:
+        while True:
+            await asyncio.sleep(self._config.ack_wait_s / 3)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+
+
+# ---- record transitions (pure) --------------------------------------------------------------------
+
+
+def _start(job: router_pb2.Job, attempt: int) -> bool:
+    job.state = router_pb2.JOB_STATE_RUNNING
+    job.attempts = attempt
+    return True
+
+
+def _finish(job: router_pb2.Job, state: int) -> bool:
+    job.state = state
+    return True
+
+
+def _result(job: router_pb2.Job, result: router_pb2.Job) -> bool:
+    job.state = result.state
+    job.text = result.text
+    job.token_ids[:] = result.token_ids
+    job.finish_reason = result.finish_reason
+    job.usage.CopyFrom(result.usage)
+    if result.HasField("error"):
+        job.error.CopyFrom(result.error)
+    return True
