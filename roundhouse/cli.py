@@ -1,7 +1,9 @@
 """The `roundhouse` command.
 
     roundhouse up                         # the whole stack on embedded defaults (own nats-server,
-                                          # two tiny models, CPU vLLM), router on 127.0.0.1:50051
+                                          # tiny chat / code / reasoning models, CPU vLLM):
+                                          # gRPC 127.0.0.1:50051, OpenAI HTTP 127.0.0.1:8000
+    roundhouse classify --config FILE < requests.jsonl   # which model each request would get
     roundhouse make-models DIR --count 3  # deterministic tiny Llama models + DIR/models.yaml
     roundhouse generate --model chat "Hello"   # stream one generation from a router
     roundhouse models                     # the router's models and their queues
@@ -31,42 +33,108 @@ def _cmd_make_models(a: argparse.Namespace) -> int:
 
 
 async def _up(a: argparse.Namespace) -> None:
+    import nats as nats_client
+
     from manager_svc.config import ManagerConfig
     from manager_svc.service import ManagerService
-    from roundhouse import logs, natsd, stack
+    from roundhouse import logs, natsd, stack, subjects
     from roundhouse.catalogue import load
     from router_svc.config import RouterConfig
     from router_svc.server import Router
 
     logs.configure("roundhouse", a.log_level)
     var = pathlib.Path(a.var).resolve()
-    config_path = pathlib.Path(a.config).resolve() if a.config else stack.write_tiny_catalogue(
-        var, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, kv_cache_bytes=64 * 2**20, default_max_tokens=64
-    )
+    if a.config:
+        config_path = pathlib.Path(a.config).resolve()
+    else:
+        print(f"roundhouse: making the tiny default models under {var / 'models'} (first run only)", flush=True)
+        config_path = stack.write_default(var)
     cat = load(config_path)
-    nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
-    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.port))
-    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.manager_port))
-    workers: list[stack.WorkerProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
+    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.port, http_port=a.http_port))
+    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.manager_port))
+    workers: list[stack.WorkerProcess] = []
+    progress = None
     try:
         await manager.start()
         await router.start()
+        progress = await nats_client.connect(nats.url, name="roundhouse-up")
+        await progress.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=_model_progress(time.monotonic))
         for m in cat.models:
+            if stop.is_set():
+                return
             workers.append(await stack.start_worker(config_path, m.name, nats.url, var / "run", "--manager", manager.address))
-        print(f"roundhouse: router on {router.address}, manager on {manager.address}; models: "
-              f"{', '.join(m.name + (' (' + ', '.join(m.aliases) + ')' if m.aliases else '') for m in cat.models)}; "
-              f"each loads on its first request (or `roundhouse load MODEL`)", flush=True)
+            print(f"roundhouse: worker for {m.name} started (log {workers[-1].log_path})", flush=True)
+        models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
+        print(f"roundhouse: ready. gRPC {router.address}  HTTP http://{a.host}:{router.http_port}/v1  "
+              f"manager {manager.address}  NATS {nats.url}", flush=True)
+        print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
+              f"(or `roundhouse load MODEL`). Ctrl-C stops everything.", flush=True)
         await stop.wait()
     finally:
+        print("roundhouse: stopping", flush=True)
         for w in workers:
             w.stop()
+        if progress is not None:
+            await progress.close()
         await router.stop()
         await manager.stop()
         nats.stop()
+        print("roundhouse: stopped", flush=True)
+
+
+def _model_progress(clock):
+    """A NATS callback printing each model's residency changes (loading, ready, failed)."""
+    started: dict[str, float] = {}
+
+    async def on_event(msg) -> None:
+        ev = manager_pb2.ModelEvent.FromString(msg.data)
+        state = worker_pb2.EngineState.Name(ev.state).removeprefix("ENGINE_STATE_").lower()
+        if ev.state == worker_pb2.ENGINE_STATE_LOADING:
+            started[ev.model] = clock()
+            print(f"roundhouse: {ev.model}: loading (about {ev.estimate_s:.0f} s)", flush=True)
+        elif ev.state == worker_pb2.ENGINE_STATE_READY and ev.model in started:
+            print(f"roundhouse: {ev.model}: ready after {clock() - started.pop(ev.model):.1f} s", flush=True)
+        else:
+            print(f"roundhouse: {ev.model}: {state}{': ' + ev.error if ev.error else ''}", flush=True)
+
+    return on_event
+
+
+def _cmd_classify(a: argparse.Namespace) -> int:
+    """JSON lines in (endpoint, messages or prompt, metadata) → {"model", "reason"} lines out."""
+    import json
+
+    from roundhouse import routing, stack
+    from roundhouse.catalogue import ConfigError, load
+
+    try:
+        cat = load(a.config or stack.DEFAULT_CONFIG)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cat.routing is None:
+        print(f"error: {a.config}: no routing section", file=sys.stderr)
+        return 2
+    status = 0
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            view = routing.view_of_json(req)
+        except (ValueError, TypeError) as e:
+            print(json.dumps({"line": n, "error": str(e)}), flush=True)
+            status = 1
+            continue
+        route = routing.classify(cat.routing, view)
+        print(json.dumps({"model": route.model, "reason": route.reason, **({"id": req["id"]} if "id" in req else {})}),
+              flush=True)
+    return status
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
@@ -141,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="roundhouse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")
-    up.add_argument("--config", help="models YAML (default: two tiny models made under --var)")
+    up.add_argument("--config", help="models YAML (default: tiny chat / code / reasoning models made under --var)")
     up.add_argument("--var", default="var", help="state directory (models, JetStream store, logs)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (0: any free port)")
     up.add_argument("--nats-port", type=int, default=0)
     up.add_argument("--manager-port", type=int, default=50052)
     up.add_argument("--log-level", default="info")
+    cl = sub.add_parser("classify", help="route JSON-lines requests from stdin offline: prints model and reason")
+    cl.add_argument("--config", help="models YAML with a routing section (default: the embedded one)")
     mm = sub.add_parser("make-models", help="write deterministic tiny models and a catalogue")
     mm.add_argument("dir")
     mm.add_argument("--count", type=int, default=3)
@@ -171,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "up":
         return _cmd_up(a)
+    if a.cmd == "classify":
+        return _cmd_classify(a)
     if a.cmd == "make-models":
         return _cmd_make_models(a)
     if a.cmd == "generate":

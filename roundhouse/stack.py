@@ -45,6 +45,23 @@ def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, 
     return path
 
 
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / "defaults" / "cpu.yaml"
+DEFAULT_MODEL_SEEDS = {"chat": 2001, "code": 2002, "reasoning": 2003}
+
+
+def write_default(var: pathlib.Path) -> pathlib.Path:
+    """The embedded defaults: tiny models chat / code / reasoning under var/models (made once)
+    and the packaged configuration copied next to them as var/roundhouse.yaml."""
+    cat = catalogue.load(DEFAULT_CONFIG)  # validated before anything is written
+    specs = [tinymodels.TinySpec(name=m.name, seed=DEFAULT_MODEL_SEEDS.get(m.name, 2000 + i),
+                                 max_position_embeddings=m.max_model_len)
+             for i, m in enumerate(cat.models)]
+    tinymodels.write_models(var / "models", specs)
+    path = var / "roundhouse.yaml"
+    path.write_text(DEFAULT_CONFIG.read_text())
+    return path
+
+
 @dataclasses.dataclass
 class WorkerProcess:
     model: str

@@ -1,0 +1,105 @@
+"""Classification: the rules' semantics, their parsing errors, and `roundhouse classify` on examples."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from protos.v1 import router_pb2
+from roundhouse import catalogue, routing, stack
+from roundhouse.catalogue import ConfigError
+from roundhouse.errors import InvalidRequest
+from router_svc.validate import resolve_route
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "data" / "classify_examples.jsonl"
+MODELS = [{"name": n, "path": f"m/{n}", "max_model_len": 512} for n in ("chat", "code", "reasoning")]
+
+
+def _cat(rules, **routing_kw) -> catalogue.Catalogue:
+    return catalogue.from_mapping({"models": MODELS, "routing": {"fallback": "chat", "rules": rules, **routing_kw}})
+
+
+def _view(text="hello", endpoint="chat", **metadata) -> routing.RequestView:
+    return routing.RequestView(endpoint, (text,), metadata)
+
+
+def test_first_matching_rule_wins_and_says_why():
+    cat = _cat([
+        {"name": "fence", "model": "code", "patterns": ["```"]},
+        {"name": "anything-long", "model": "reasoning", "min_chars": 10},
+    ])
+    assert routing.classify(cat.routing, _view("```x``` and more text")) == routing.Route("code", "rule fence: content matches /```/")
+    assert routing.classify(cat.routing, _view("a long plain sentence")).model == "reasoning"
+    assert routing.classify(cat.routing, _view("hi")) == routing.Route("chat", "no rule matched: fallback")
+
+
+def test_every_condition_of_a_rule_must_hold():
+    cat = _cat([{"name": "r", "model": "code", "endpoint": "completions", "metadata": {"quality": ["high", "max"]}}])
+    assert routing.classify(cat.routing, _view(endpoint="completions", quality="High")).model == "code"  # values ignore case
+    assert routing.classify(cat.routing, _view(endpoint="chat", quality="high")).model == "chat"
+    assert routing.classify(cat.routing, _view(endpoint="completions", quality="standard")).model == "chat"
+    assert routing.classify(cat.routing, _view(endpoint="completions")).model == "chat"
+
+
+def test_metadata_star_means_present_with_any_value():
+    cat = _cat([{"name": "lang", "model": "code", "metadata": {"code_language": "*"}}])
+    route = routing.classify(cat.routing, _view(code_language="zig"))
+    assert route == routing.Route("code", "rule lang: metadata code_language=zig")
+
+
+@pytest.mark.parametrize("rules, key", [
+    ([{"name": "x", "model": "nope"}], "routing.rules[0].model"),
+    ([{"name": "x", "model": "code", "patterns": ["("]}], "routing.rules[0].patterns[0]"),
+    ([{"name": "x", "model": "code", "endpoint": "embeddings"}], "routing.rules[0].endpoint"),
+    ([{"name": "x", "model": "code", "colour": "red"}], "routing.rules[0].colour"),
+    ([{"name": "x", "model": "code"}, {"name": "x", "model": "chat"}], "routing.rules[1].name"),
+    ([{"model": "code"}], "routing.rules[0].name"),
+    ([{"name": "x", "model": "code", "min_chars": -1}], "routing.rules[0].min_chars"),
+])
+def test_bad_rules_are_refused_naming_the_key(rules, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        _cat(rules)
+
+
+def test_fallback_is_required_and_must_exist():
+    with pytest.raises(ConfigError, match="routing.fallback"):
+        catalogue.from_mapping({"models": MODELS, "routing": {"rules": []}})
+    with pytest.raises(ConfigError, match="routing.fallback"):
+        catalogue.from_mapping({"models": MODELS, "routing": {"fallback": "gpt-5"}})
+
+
+def test_auto_and_the_default_model_resolve_through_the_rules():
+    cat = _cat([{"name": "fence", "model": "code", "patterns": ["```"]}])
+    auto = router_pb2.GenerateRequest(model="auto", prompt="```py\n```")
+    assert resolve_route(auto, cat) == ("code", "rule fence: content matches /```/")
+    unnamed = router_pb2.GenerateRequest(prompt="hello")
+    assert resolve_route(unnamed, cat) == ("chat", "no rule matched: fallback")
+    named = router_pb2.GenerateRequest(model="reasoning", prompt="```")
+    assert resolve_route(named, cat) == ("reasoning", "requested by name")
+    required = _cat([], default_model="")
+    with pytest.raises(InvalidRequest, match="model"):
+        resolve_route(unnamed, required)
+
+
+def test_auto_without_routing_is_a_clear_error():
+    cat = catalogue.from_mapping({"models": MODELS})
+    with pytest.raises(InvalidRequest, match="routing section"):
+        resolve_route(router_pb2.GenerateRequest(model="auto", prompt="x"), cat)
+
+
+def test_classify_command_routes_the_examples_as_written():
+    lines = EXAMPLES.read_text().splitlines()
+    done = subprocess.run([sys.executable, "-m", "roundhouse.cli", "classify", "--config", str(stack.DEFAULT_CONFIG)],
+                          input="\n".join(lines) + "\nnot json\n", capture_output=True, text=True, timeout=60)
+    out = [json.loads(x) for x in done.stdout.splitlines()]
+    assert len(out) == len(lines) + 1
+    for line, got in zip(lines, out):
+        want = json.loads(line)
+        assert (got["id"], got["model"]) == (want["id"], want["expect"]), got["reason"]
+        assert got["reason"]
+    assert "error" in out[-1] and out[-1]["line"] == len(lines) + 1
+    assert done.returncode == 1, "a bad line makes the exit status say so"
+    assert {json.loads(x)["expect"] for x in lines} == {"chat", "code", "reasoning"}
