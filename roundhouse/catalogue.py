@@ -253,7 +253,8 @@ def load(path: str | pathlib.Path) -> Catalogue:
     return from_mapping(raw, path.parent)
 
 
-def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: ManagerSpec | None = None) -> str:
+def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: ManagerSpec | None = None,
+         routing_section: Mapping | None = None) -> str:
     """YAML for a catalogue (used to write the embedded defaults and test catalogues)."""
     out = []
     for m in models:
@@ -266,6 +267,8 @@ def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: Man
         doc["gpus"] = [dataclasses.asdict(g) for g in gpus]
     if manager is not None:
         doc["manager"] = dataclasses.asdict(manager)
+    if routing_section is not None:
+        doc["routing"] = dict(routing_section)
     return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -25,7 +25,7 @@ def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, 
                          prefix: str = "tiny", gpus: tuple[catalogue.GpuSpec, ...] = (),
                          manager: catalogue.ManagerSpec | None = None,
                          per_model: dict[str, dict] | None = None, context: int = 1024,
-                         **overrides) -> pathlib.Path:
+                         routing: dict | None = None, **overrides) -> pathlib.Path:
     """Makes `count` tiny models under root/models and a catalogue root/<prefix>.yaml for them."""
     specs = tinymodels.default_specs(count, prefix, context)
     tinymodels.write_models(root / "models", specs)
@@ -41,7 +41,7 @@ def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, 
         for s in specs
     ]
     path = root / ("models.yaml" if prefix == "tiny" else f"{prefix}.yaml")
-    path.write_text(catalogue.dump(models, gpus, manager))
+    path.write_text(catalogue.dump(models, gpus, manager, routing))
     return path
 
 

@@ -4,7 +4,8 @@
     GET  /v1/models             GET  /health
 
 Each request goes through the same Gateway as gRPC. The model and the reason it was chosen come
-back in the `x-roundhouse-model` / `x-roundhouse-route-reason` headers. A client that disconnects
+back in the `x-roundhouse-model` / `x-roundhouse-route-reason` headers; header `x-request-timeout`
+(seconds) sets a deadline, as a gRPC deadline does, and `x-request-id` the request id. A client that disconnects
 (streaming or not) ends its handler, and the gateway aborts the generation.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from roundhouse import routing
-from roundhouse.errors import RoundhouseError
+from roundhouse.errors import InvalidRequest, RoundhouseError
 from router_svc import openai_api
 from router_svc.gateway import Gateway
 
@@ -33,6 +34,20 @@ def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
 def _error(e: RoundhouseError, headers: dict | None = None) -> web.Response:
     status, body, extra = openai_api.error_from(e)
     return _json(status, body, {**(headers or {}), **extra})
+
+
+def _timeout(request: web.Request) -> float | None:
+    """The caller's deadline in seconds (header `x-request-timeout`), like a gRPC deadline."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest("x-request-timeout", f"must be a number of seconds, got {raw!r}") from None
+    if value <= 0 or value != value:
+        raise InvalidRequest("x-request-timeout", f"must be > 0 seconds, got {raw!r}")
+    return value
 
 
 class HttpApi:
@@ -89,7 +104,7 @@ class HttpApi:
             return _json(400, err)
         try:
             req, opts = openai_api.parse(body, endpoint, request.headers.get("x-request-id", ""))
-            admitted = self._gw.admit(req)
+            admitted = self._gw.admit(req, _timeout(request))
         except RoundhouseError as e:
             return _error(e)
         q = admitted.queued

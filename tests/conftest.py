@@ -24,6 +24,8 @@ from router_svc.server import Router
 # enough that a busy 2-core machine keeps up with the heartbeats (every ack_wait / 3).
 TEST_ACK_WAIT_S = 4.0
 TEST_CONTEXT = 8192
+# model "auto": code fences go to tiny-0 (the model the shared chat_worker serves), the rest to tiny-1.
+TEST_ROUTING = {"default_model": "", "fallback": "tiny-1", "rules": [{"name": "code-fence", "model": "tiny-0", "patterns": ["```"]}]}
 TEST_MAX_TOKENS = 8000
 
 
@@ -46,7 +48,7 @@ def models_yaml(session_dir) -> pathlib.Path:
     The context is long so that a max-length generation takes seconds even on a fast machine:
     the cancel test must be able to cancel a request the engine is still generating."""
     return stack.write_tiny_catalogue(
-        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, context=TEST_CONTEXT,
+        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, context=TEST_CONTEXT, routing=TEST_ROUTING,
         kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
     )
 
