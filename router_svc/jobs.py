@@ -102,12 +102,18 @@ class Jobs:
     async def stop(self) -> None:
         """Hands running jobs back to the stream (another router runs them now) and stops."""
         self._stopping = True
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        for t in [*self._tasks, *self._running.values()]:
+        # Stop pulling first: a job handed back must not land in this router's own open pull.
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in [*self._subs, getattr(self, "_psub", None)]:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        running = list(self._running.values())
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     # ---- the API (gRPC and NATS) ----------------------------------------------------------------
 

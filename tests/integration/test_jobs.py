@@ -1,0 +1,156 @@
+"""Async jobs over NATS: submitted, followed, fetched, cancelled, and run to the end across a router restart."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import nats
+import pytest
+
+from protos.v1 import common_pb2, router_pb2
+from roundhouse import natsd, stack, subjects
+from router_svc.config import RouterConfig
+from router_svc.jobs import PROTOBUF
+from router_svc.server import Router
+from tests.conftest import TEST_ACK_WAIT_S, assert_quiescent, collect, eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+async def nc(nats_server):
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.close()
+
+
+async def _follow(nc, job_id: str):
+    """Subscribes to a job's events before it is submitted; returns (events list, done future)."""
+    events, done = [], asyncio.get_running_loop().create_future()
+
+    async def on(msg):
+        ev = json.loads(msg.data)
+        events.append(ev)
+        if "job" in ev and not done.done():
+            done.set_result(ev["job"])
+
+    sub = await nc.subscribe(subjects.job_events_subject(job_id), cb=on)
+    return events, done, sub
+
+
+async def _grpc_text(router_stub, prompt: str, max_tokens: int) -> str:
+    req = router_pb2.GenerateRequest(model="chat", prompt=prompt,
+                                     sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return "".join(ev.delta.text for ev in await collect(router_stub.Generate(req, timeout=60)) if ev.WhichOneof("event") == "delta")
+
+
+async def test_json_job_is_submitted_followed_and_fetched(nc, router, router_stub, chat_worker, js):
+    want = await _grpc_text(router_stub, "a job for later", 16)
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    events, done, sub = await _follow(nc, job_id)
+    body = {"job_id": job_id, "model": "chat", "prompt": "a job for later", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(body).encode(), timeout=10)).data)
+    assert reply["job_id"] == job_id and reply["state"] in ("JOB_STATE_QUEUED", "JOB_STATE_RUNNING")
+    assert reply["model"] == "tiny-0"
+    final = await asyncio.wait_for(done, 60)
+    await sub.unsubscribe()
+    kinds = [next(iter(e["event"])) for e in events if "event" in e]
+    assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "finished"
+    assert "".join(e["event"]["delta"].get("text", "") for e in events if "delta" in e.get("event", {})) == want
+    assert final["state"] == "JOB_STATE_SUCCEEDED" and final["text"] == want and final["attempts"] == 1
+    # The result is in the key-value bucket (JSON) and behind GetJob.
+    stored = json.loads((await (await js.key_value(subjects.JOBS_BUCKET)).get(job_id)).value)
+    assert stored["text"] == want and stored["usage"]["completion_tokens"] == 16
+    got = await router_stub.GetJob(router_pb2.JobRequest(job_id=job_id), timeout=10)
+    assert got.state == router_pb2.JOB_STATE_SUCCEEDED and got.text == want and len(got.token_ids) == 16
+    assert got.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    await assert_quiescent(router, js, [chat_worker])
+
+
+async def test_protobuf_job_with_model_auto_and_idempotent_resubmission(nc, router_stub, chat_worker):
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    events, done, sub = await _follow(nc, job_id)
+    req = router_pb2.GenerateRequest(model="auto", prompt="```c\nint main;\n```", request_id=job_id,
+                                     sampling=common_pb2.SamplingParams(max_tokens=5, temperature=0))
+    msg = await nc.request(subjects.JOBS_SUBMIT, req.SerializeToString(), timeout=10, headers={"Content-Type": PROTOBUF})
+    job = router_pb2.Job.FromString(msg.data)
+    assert job.job_id == job_id and job.model == "tiny-0" and job.route_reason.startswith("rule code-fence")
+    await asyncio.wait_for(done, 60)
+    await sub.unsubscribe()
+    again = await router_stub.SubmitJob(req, timeout=10)
+    assert again.state == router_pb2.JOB_STATE_SUCCEEDED and again.attempts == 1, "a resubmitted id returns the job, not a rerun"
+
+
+async def test_a_bad_job_is_refused_at_once_and_nothing_is_stored(nc, router_stub):
+    body = {"job_id": "job-bad-1", "model": "chat", "prompt": "x", "max_tokens": 0}
+    reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(body).encode(), timeout=10)).data)
+    assert reply["error"]["code"] == "INVALID_ARGUMENT" and "max_tokens" in reply["error"]["message"]
+    assert "error" in json.loads((await nc.request(subjects.JOBS_SUBMIT, b"{not json", timeout=10)).data)
+    with pytest.raises(grpc.aio.AioRpcError) as nf:
+        await router_stub.GetJob(router_pb2.JobRequest(job_id="job-bad-1"), timeout=10)
+    assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_job_aborts_its_generation(nc, router, router_stub, chat_worker, js):
+    before = await chat_worker.status()
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    events, done, sub = await _follow(nc, job_id)
+    await router_stub.SubmitJob(router_pb2.GenerateRequest(
+        model="chat", prompt="a long job", request_id=job_id,
+        sampling=common_pb2.SamplingParams(max_tokens=8000, temperature=0, ignore_eos=True)), timeout=10)
+    await eventually(lambda: any("delta" in e.get("event", {}) for e in events), 30, "the job is generating")
+    cancelled = await router_stub.CancelJob(router_pb2.JobRequest(job_id=job_id), timeout=10)
+    assert cancelled.state == router_pb2.JOB_STATE_CANCELLED
+    final = await asyncio.wait_for(done, 10)
+    await sub.unsubscribe()
+    assert final["state"] == "JOB_STATE_CANCELLED"
+    await assert_quiescent(router, js, [chat_worker])
+    after = await chat_worker.status()
+    assert after.aborted == before.aborted + 1 and after.completed == before.completed
+
+
+async def test_a_job_survives_a_router_restart(tmp_path, models_yaml, models, router_stub, chat_worker):
+    """Own nats-server: router A takes the job while no worker serves the model, stops; router B
+    runs it again once a worker is up; the job ends SUCCEEDED on its second attempt."""
+    want = await _grpc_text(router_stub, "survive the restart", 8)
+    server = natsd.start(tmp_path / "js")
+    config = RouterConfig(catalogue=models, nats_url=server.url, port=0, http_port=-1, job_ack_wait_s=TEST_ACK_WAIT_S)
+    a, b, worker, conn = Router(config), Router(config), None, None
+    try:
+        await a.start()
+        conn = await nats.connect(server.url)
+        body = {"job_id": "survivor", "model": "chat", "prompt": "survive the restart", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
+        reply = json.loads((await conn.request(subjects.JOBS_SUBMIT, json.dumps(body).encode(), timeout=10)).data)
+        assert reply["job_id"] == "survivor"
+        kv = await conn.jetstream().key_value(subjects.JOBS_BUCKET)
+
+        async def state() -> dict:
+            return json.loads((await kv.get("survivor")).value)
+
+        async def running_on_a() -> bool:
+            return (await state())["state"] == "JOB_STATE_RUNNING" and len(a.tracker) == 1
+
+        await eventually(running_on_a, 10, "router A runs the job (it waits in the model's queue)")
+        await a.stop(grace=1)
+        await b.start()
+        worker = await stack.start_worker(models_yaml, "tiny-0", server.url, tmp_path / "run", "--ack-wait", str(TEST_ACK_WAIT_S))
+        await worker.load()
+
+        async def succeeded() -> bool:
+            return (await state())["state"] == "JOB_STATE_SUCCEEDED"
+
+        await eventually(succeeded, 60, "router B ran the job to the end")
+        final = await state()
+        assert final["text"] == want
+        assert final["attempts"] == 2, "A handed the job back at once; B ran it once"
+    finally:
+        await b.stop(grace=1)
+        await a.stop(grace=1)
+        if conn is not None:
+            await conn.close()
+        if worker is not None:
+            worker.stop(timeout=15)
+        server.stop()
