@@ -4,6 +4,7 @@
                                           # tiny chat / code / reasoning models, CPU vLLM):
                                           # gRPC 127.0.0.1:50051, OpenAI HTTP 127.0.0.1:8000
     roundhouse classify --config FILE < requests.jsonl   # which model each request would get
+    roundhouse workers --config FILE --manager HOST:PORT  # one worker per model of a GPU (containers)
     roundhouse make-models DIR --count 3  # deterministic tiny Llama models + DIR/models.yaml
     roundhouse generate --model chat "Hello"   # stream one generation from a router
     roundhouse models                     # the router's models and their queues
@@ -103,6 +104,53 @@ def _model_progress(clock):
             print(f"roundhouse: {ev.model}: {state}{': ' + ev.error if ev.error else ''}", flush=True)
 
     return on_event
+
+
+async def _workers(a: argparse.Namespace) -> None:
+    """One worker process per model of one GPU, in one container: how a pod or a compose service
+    that holds a GPU serves many models (a GPU cannot be split between containers)."""
+    from roundhouse import logs, stack
+    from roundhouse.catalogue import load
+
+    logs.configure("roundhouse", a.log_level)
+    cat = load(a.config)
+    models = [m for m in cat.models if a.gpu in ("", m.gpu)]
+    if not models:
+        raise SystemExit(f"error: no model in {a.config} is on gpu {a.gpu!r}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    extra = ["--manager", a.manager, "--host", a.host, *(["--advertise-host", a.advertise_host] if a.advertise_host else [])]
+    workers: list[stack.WorkerProcess] = []
+    try:
+        for m in models:
+            workers.append(await stack.start_worker(pathlib.Path(a.config).resolve(), m.name, a.nats_url,
+                                                    pathlib.Path(a.run_dir), *extra, timeout=300))
+            print(f"roundhouse: worker for {m.name} on {workers[-1].address}", flush=True)
+        waits = [asyncio.create_task(asyncio.to_thread(w.process.wait)) for w in workers]
+        gone = asyncio.create_task(stop.wait())
+        await asyncio.wait([gone, *waits], return_when=asyncio.FIRST_COMPLETED)
+        dead = [w.model for w in workers if w.process.poll() is not None]
+        if dead:  # let the orchestrator restart the container rather than serve with a model missing
+            raise SystemExit(f"error: worker for {', '.join(dead)} exited")
+    finally:
+        for w in workers:
+            w.stop()
+
+
+async def _health(a: argparse.Namespace) -> int:
+    """Exit 0 when the gRPC server at a.address reports SERVING (container health checks)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(a.address) as ch:
+        try:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
+        except grpc.aio.AioRpcError as e:
+            print(f"{a.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{a.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _cmd_classify(a: argparse.Namespace) -> int:
@@ -205,7 +253,7 @@ async def _admin(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roundhouse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="run the whole stack on embedded defaults")
@@ -217,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nats-port", type=int, default=0)
     up.add_argument("--manager-port", type=int, default=50052)
     up.add_argument("--log-level", default="info")
+    hl = sub.add_parser("health", help="exit 0 when a Roundhouse gRPC server is SERVING")
+    hl.add_argument("address")
+    hl.add_argument("--service", default="")
+    hl.add_argument("--timeout", type=float, default=3)
+    wk = sub.add_parser("workers", help="run one worker per model of a GPU (a container's entry point)")
+    wk.add_argument("--config", required=True)
+    wk.add_argument("--gpu", default="", help="only the models on this gpu id (default: all)")
+    wk.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    wk.add_argument("--manager", required=True, help="host:port of the manager")
+    wk.add_argument("--host", default="0.0.0.0")
+    wk.add_argument("--advertise-host", default="", help="address the manager calls (e.g. the pod IP)")
+    wk.add_argument("--run-dir", default="/tmp/roundhouse-run")
+    wk.add_argument("--log-level", default="info")
     cl = sub.add_parser("classify", help="route JSON-lines requests from stdin offline: prints model and reason")
     cl.add_argument("--config", help="models YAML with a routing section (default: the embedded one)")
     mm = sub.add_parser("make-models", help="write deterministic tiny models and a catalogue")
@@ -239,9 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("model")
         cmd.add_argument("--manager", default="127.0.0.1:50052")
         cmd.add_argument("--timeout", type=float, default=600)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.cmd == "up":
         return _cmd_up(a)
+    if a.cmd == "health":
+        return asyncio.run(_health(a))
+    if a.cmd == "workers":
+        asyncio.run(_workers(a))
+        return 0
     if a.cmd == "classify":
         return _cmd_classify(a)
     if a.cmd == "make-models":

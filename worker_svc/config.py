@@ -15,6 +15,7 @@ class WorkerConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 0                      # 0: any free port (logged in `worker.serving`)
+    advertise_host: str = ""           # how the manager reaches this worker (default: host)
     worker_id: str = ""
     load_on_start: bool = True
     ack_wait_s: float = 30.0           # JetStream redelivers a request this long after a worker went silent
@@ -36,6 +37,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--nats-url", default=_env("NATS_URL", WorkerConfig.nats_url))
     p.add_argument("--host", default=_env("HOST", WorkerConfig.host))
     p.add_argument("--port", type=int, default=int(_env("PORT", "0")))
+    p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""), help="address the manager calls (default: --host)")
     p.add_argument("--worker-id", default=_env("ID", ""))
     p.add_argument("--no-load", action="store_true", help="start UNLOADED and wait for a Load call")
     p.add_argument("--manager", default=_env("MANAGER", ""), help="Manager address; implies --no-load")
@@ -59,6 +61,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         nats_url=a.nats_url,
         host=a.host,
         port=a.port,
+        advertise_host=a.advertise_host,
         worker_id=a.worker_id or f"{socket.gethostname()}-{spec.name}-{uuid.uuid4().hex[:6]}",
         load_on_start=not (a.no_load or a.manager),
         manager=a.manager,

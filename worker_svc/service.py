@@ -52,7 +52,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         asyncio.create_task(heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
     ]
     if config.manager:
-        tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.host}:{port}"), name="report"))
+        tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.advertise_host or config.host}:{port}"), name="report"))
     if config.load_on_start:
         tasks.append(asyncio.create_task(_load_quietly(worker), name="initial-load"))
     try:
