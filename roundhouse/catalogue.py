@@ -16,6 +16,10 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         min_resident_s: 30         # not evicted sooner after its load (stops thrashing)
         gpu: cpu                   # which budget it counts against
         max_queued: 1024           # waiting requests a router admits; more get RESOURCE_EXHAUSTED / 429
+        adapters:                  # LoRA adapters served by this model's engine, requested by name
+          - {name: support-tone, path: adapters/support-tone}
+        max_loras: 4               # adapters in one engine batch
+        max_lora_rank: 16
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -53,6 +57,13 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter: requests name it like a model; the base model's engine serves it."""
+    name: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
     path: str
@@ -67,6 +78,9 @@ class ModelSpec:
     min_resident_s: float = 30.0
     gpu: str = "cpu"
     max_queued: int = 1024
+    adapters: tuple[AdapterSpec, ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     @property
     def token_limit(self) -> int:
@@ -102,12 +116,19 @@ class Catalogue:
 
     def __post_init__(self):
         index: dict[str, ModelSpec] = {}
+        adapters: dict[str, AdapterSpec] = {}
         for m in self.models:
-            for key in (m.name, *m.aliases):
+            for key in (m.name, *m.aliases, *(a.name for a in m.adapters)):
                 if key in index:
-                    raise ConfigError(f"models: name or alias {key!r} is used twice")
+                    raise ConfigError(f"models: name, alias or adapter {key!r} is used twice")
                 index[key] = m
+            adapters.update((a.name, a) for a in m.adapters)
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_adapters", adapters)
+
+    def adapter(self, name: str) -> AdapterSpec | None:
+        """The LoRA adapter `name` names, or None (then it is a model name, an alias or unknown)."""
+        return self._adapters.get(name)  # type: ignore[attr-defined]
 
     def resolve(self, name: str) -> ModelSpec | None:
         """The model a request's `model` field names (a name or an alias), or None."""
@@ -147,13 +168,18 @@ _REQUIRED = {"name", "path", "max_model_len"}
 
 def _model(raw: Any, where: str, base: pathlib.Path) -> ModelSpec:
     spec = _build(ModelSpec, raw, where, _REQUIRED)
-    path = pathlib.Path(spec.path)
-    spec = dataclasses.replace(spec, path=str(path if path.is_absolute() else (base / path).resolve()))
+    spec = dataclasses.replace(spec, path=_absolute(spec.path, base),
+                               adapters=tuple(dataclasses.replace(a, path=_absolute(a.path, base)) for a in spec.adapters))
     _positive(spec, where, "max_model_len", "default_max_tokens", "max_num_seqs", "kv_cache_bytes", "max_tokens_limit",
-              "min_resident_s", "max_queued", allow_zero=("max_tokens_limit", "min_resident_s"))
+              "min_resident_s", "max_queued", "max_loras", "max_lora_rank", allow_zero=("max_tokens_limit", "min_resident_s"))
     if spec.default_max_tokens > spec.token_limit:
         raise ConfigError(f"{where}.default_max_tokens: above the model's token limit {spec.token_limit}")
     return spec
+
+
+def _absolute(path: str, base: pathlib.Path) -> str:
+    p = pathlib.Path(path)
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def _gpu(raw: Any, where: str) -> GpuSpec:
@@ -185,6 +211,10 @@ def _coerce(where: str, typ: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         return float(value)
+    if typ == "tuple[AdapterSpec, ...]":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list of {{name, path}}")
+        return tuple(_build(AdapterSpec, a, f"{where}[{i}]", {"name", "path"}) for i, a in enumerate(value))
     if typ == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: must be a list of non-empty strings")
@@ -233,7 +263,7 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     cat = Catalogue(specs, gpus, manager)
     if raw.get("routing") is not None:
         try:
-            rules = routing.parse(raw["routing"], lambda name: getattr(cat.resolve(name), "name", None))
+            rules = routing.parse(raw["routing"], lambda name: name if cat.adapter(name) else getattr(cat.resolve(name), "name", None))
         except routing.RoutingError as e:
             raise ConfigError(str(e)) from e
         if cat.resolve(routing.AUTO) is not None:
@@ -261,6 +291,8 @@ def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: Man
         d = {k: v for k, v in dataclasses.asdict(m).items() if v != _MODEL_DEFAULTS[k] or k in _REQUIRED}
         if "aliases" in d:
             d["aliases"] = list(d["aliases"])
+        if "adapters" in d:
+            d["adapters"] = [dict(a) for a in d["adapters"]]
         out.append(d)
     doc: dict[str, Any] = {"models": out}
     if gpus:

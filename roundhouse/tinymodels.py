@@ -110,3 +110,29 @@ def write_model(spec: TinySpec, out_dir: pathlib.Path) -> pathlib.Path:
 def write_models(out_dir: pathlib.Path, specs: list[TinySpec]) -> list[pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return [write_model(s, out_dir) for s in specs]
+
+
+def write_lora(base: TinySpec, out_dir: pathlib.Path, name: str, seed: int, rank: int = 8) -> pathlib.Path:
+    """A deterministic PEFT LoRA adapter for a tiny model (q_proj and v_proj of every layer),
+    strong enough that greedy outputs differ from the base model's."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = out_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    head_dim = base.hidden_size // base.num_attention_heads
+    outs = {"q_proj": base.num_attention_heads * head_dim, "v_proj": base.num_key_value_heads * head_dim}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(base.num_hidden_layers):
+        for module, out in outs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, base.hidden_size, generator=gen) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.3
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    (target / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": sorted(outs), "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "base_model_name_or_path": base.name,
+    }, indent=1))
+    return target

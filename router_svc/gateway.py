@@ -99,7 +99,7 @@ class Gateway:
                     return
                 kind = event.WhichOneof("event")
                 if kind == "started":
-                    event.started.model = q.model
+                    event.started.model = q.adapter or q.model
                     event.started.route_reason = admitted.route_reason
                 yield event
                 if kind in TERMINAL:

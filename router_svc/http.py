@@ -91,6 +91,9 @@ class HttpApi:
             for name in (m.name, *m.aliases):
                 data.append({"id": name, "object": "model", "created": self._created, "owned_by": "roundhouse",
                              "root": m.name, "max_model_len": m.max_model_len})
+            for a in m.adapters:
+                data.append({"id": a.name, "object": "model", "created": self._created, "owned_by": "roundhouse",
+                             "root": a.path, "parent": m.name, "max_model_len": m.max_model_len})
         if self._gw.catalogue.routing is not None:
             data.append({"id": routing.AUTO, "object": "model", "created": self._created, "owned_by": "roundhouse",
                          "root": routing.AUTO})
@@ -108,14 +111,15 @@ class HttpApi:
         except RoundhouseError as e:
             return _error(e)
         q = admitted.queued
-        headers = {"x-request-id": q.request_id, "x-roundhouse-model": q.model,
+        model = q.adapter or q.model  # what serves it: the model, or the LoRA adapter on it
+        headers = {"x-request-id": q.request_id, "x-roundhouse-model": model,
                    "x-roundhouse-route-reason": admitted.route_reason}
         rid, created = openai_api.response_id(endpoint, q.request_id), int(time.time())
         events = self._gw.stream(admitted)
         try:
             if opts.stream:
-                return await self._stream(request, events, opts, rid, created, q.model, headers)
-            return await self._whole(events, opts, rid, created, q.model, headers)
+                return await self._stream(request, events, opts, rid, created, model, headers)
+            return await self._whole(events, opts, rid, created, model, headers)
         except RoundhouseError as e:  # could not queue
             return _error(e, headers)
         finally:

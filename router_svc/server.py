@@ -59,7 +59,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             except (nats.errors.Error, asyncio.TimeoutError):
                 waiting = -1
             out.models.add(
-                name=m.name, aliases=m.aliases, max_model_len=m.max_model_len, max_tokens_limit=m.token_limit, queued=waiting
+                name=m.name, aliases=m.aliases, max_model_len=m.max_model_len, max_tokens_limit=m.token_limit, queued=waiting,
+                adapters=[a.name for a in m.adapters],
             )
         return out
 

@@ -110,6 +110,9 @@ def admit(
         reply_to=reply_to,
         enqueued_unix_ms=now_ms,
     )
+    adapter = catalogue.adapter(name)
+    if adapter is not None:
+        queued.adapter = adapter.name
     if kind == "prompt":
         queued.prompt = req.prompt
     else:

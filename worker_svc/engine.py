@@ -29,6 +29,9 @@ class EngineSpec:
     dtype: str = "auto"
     enforce_eager: bool = True
     seed: int = 0
+    adapters: tuple[tuple[str, str], ...] = ()   # LoRA (name, path); any enables LoRA in the engine
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
 
 @dataclasses.dataclass(slots=True)
@@ -50,6 +53,38 @@ _FINISH = {
 }
 
 
+_NULL_ADAPTER = "roundhouse-null-adapter"
+
+
+def _null_adapter(like: str) -> str:
+    """Writes a LoRA adapter shaped like the one at `like` with every weight zero; returns its path.
+
+    vLLM's CPU LoRA ops gather each token's adapter weights with its slot index, and a base-model
+    token's index is -1, which selects the last slot: a base request batched beside an adapter
+    request silently gets that adapter's delta (vllm-project/vllm#48421, open). On CPU every
+    base-model request therefore runs through this adapter: a real slot, a delta of exactly 0.
+    """
+    import pathlib
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = pathlib.Path(like), pathlib.Path(tempfile.mkdtemp(prefix="roundhouse-null-lora-"))
+    shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return str(out)
+
+
+def _remove(path: str) -> None:
+    if path:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -57,10 +92,16 @@ def _on_cpu() -> bool:
 
 
 class Engine:
-    def __init__(self, llm, spec: EngineSpec):
+    def __init__(self, llm, spec: EngineSpec, null_adapter: str = ""):
+        from vllm.lora.request import LoRARequest
+
         self._llm = llm
         self.spec = spec
         self._tokenizer = llm.get_tokenizer()
+        self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec.adapters)}
+        self._null_adapter = null_adapter
+        # Base-model requests: no adapter, or (CPU) the all-zero one, see _null_adapter.
+        self._base_lora = LoRARequest(_NULL_ADAPTER, len(spec.adapters) + 1, null_adapter) if null_adapter else None
 
     @classmethod
     async def start(cls, spec: EngineSpec) -> "Engine":
@@ -69,6 +110,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = await asyncio.to_thread(_on_cpu)
+        null_adapter = await asyncio.to_thread(_null_adapter, spec.adapters[0][1]) if on_cpu and spec.adapters else ""
         # The legacy CPU variable (whole GiB) would override the exact byte budget below.
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         args = AsyncEngineArgs(
@@ -82,9 +124,15 @@ class Engine:
             seed=spec.seed,
             kv_cache_memory_bytes=spec.kv_cache_bytes,
             disable_log_stats=True,
+            enable_lora=bool(spec.adapters),
+            **({"max_loras": spec.max_loras + bool(null_adapter), "max_lora_rank": spec.max_lora_rank} if spec.adapters else {}),
         )
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        engine = cls(llm, spec)
+        try:
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except BaseException:
+            _remove(null_adapter)
+            raise
+        engine = cls(llm, spec, null_adapter)
         try:
             async for _ in engine.generate("warmup", [], "roundhouse-warmup", {"max_tokens": 1, "temperature": 0.0}):
                 pass
@@ -98,9 +146,10 @@ class Engine:
         return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     async def generate(
-        self, prompt: str, chat: list[dict[str, str]], request_id: str, sampling: dict
+        self, prompt: str, chat: list[dict[str, str]], request_id: str, sampling: dict, adapter: str = ""
     ) -> AsyncIterator[Step]:
-        """Streams one request; `sampling` holds SamplingParams fields (max_tokens, temperature, ...)."""
+        """Streams one request; `sampling` holds SamplingParams fields (max_tokens, temperature, ...);
+        `adapter` names one of the engine's LoRA adapters ("" = the base model)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -108,13 +157,18 @@ class Engine:
         if self._llm is None:
             raise EngineDead("engine is shut down")
         text = self.render_chat(chat) if chat else prompt
+        lora = self._base_lora
+        if adapter:
+            lora = self._loras.get(adapter)
+            if lora is None:
+                raise InvalidRequest("model", f"adapter {adapter!r} is not configured on model {self.spec.served_name}")
         try:
             params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
         except (ValueError, TypeError) as e:
             raise InvalidRequest("sampling", str(e)) from e
         completion = 0
         try:
-            async for out in self._llm.generate(text, params, request_id):
+            async for out in self._llm.generate(text, params, request_id, lora_request=lora):
                 o = out.outputs[0]
                 completion += len(o.token_ids)
                 yield Step(
@@ -150,3 +204,4 @@ class Engine:
         if llm is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(llm.shutdown)
+            _remove(self._null_adapter)

@@ -104,6 +104,9 @@ class ModelWorker:
                     max_model_len=spec.max_model_len,
                     max_num_seqs=spec.max_num_seqs,
                     kv_cache_bytes=spec.kv_cache_bytes,
+                    adapters=tuple((a.name, a.path) for a in spec.adapters),
+                    max_loras=spec.max_loras,
+                    max_lora_rank=spec.max_lora_rank,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...
@@ -227,6 +230,7 @@ class ModelWorker:
                     [{"role": m.role, "content": m.content} for m in req.chat.messages],
                     active.engine_request_id,
                     _sampling(req.sampling),
+                    req.adapter,
                 ):
                     if step.token_ids or step.text:
                         link.push(

@@ -58,3 +58,22 @@ def test_dump_round_trips(tmp_path):
     spec = catalogue.ModelSpec(name="a/b", path=str(tmp_path / "x"), max_model_len=256, aliases=("x",), kv_cache_bytes=123)
     (tmp_path / "c.yaml").write_text(catalogue.dump([spec]))
     assert catalogue.load(tmp_path / "c.yaml").models == (spec,)
+
+
+def test_lora_adapters_resolve_to_their_base_model_and_round_trip(tmp_path):
+    raw = _one(adapters=[{"name": "tone", "path": "adapters/tone"}], max_loras=2)
+    cat = catalogue.from_mapping(raw, tmp_path)
+    assert cat.resolve("tone").name == "m" and cat.adapter("tone").path == str(tmp_path / "adapters" / "tone")
+    assert cat.adapter("m") is None
+    again = catalogue.from_mapping(__import__("yaml").safe_load(catalogue.dump(cat.models)), tmp_path)
+    assert again.models == cat.models
+
+
+@pytest.mark.parametrize("adapters, key", [
+    ([{"name": "m", "path": "x"}], "used twice"),
+    ([{"name": "a"}], r"models\[0\].adapters\[0\].path: required"),
+    ({"name": "a"}, r"models\[0\].adapters"),
+])
+def test_bad_adapters_are_refused(adapters, key):
+    with pytest.raises(ConfigError, match=key):
+        catalogue.from_mapping(_one(adapters=adapters))

@@ -58,6 +58,7 @@ def test_h100_example_is_the_seeds_line_up():
     assert chat.pinned and not code.pinned and not reasoning.pinned
     assert "7B" in chat.name and "32B" in code.name and "70B" in reasoning.name
     assert all(m.gpu == "cuda:0" for m in cat.models) and cat.gpus[0].id == "cuda:0"
+    assert len(chat.adapters) >= 2 and cat.resolve(chat.adapters[0].name) is chat, "a LoRA example on the chat model"
 
 
 def _nats_conf_ok(text: str) -> None:
