@@ -58,6 +58,9 @@ class Gateway:
             now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
         )
         q = admitted.queued
+        if request.model != q.model and request.model not in (q.adapter, *admitted.spec.aliases):
+            log.info("request.classified", request_id=q.request_id, asked=request.model or "(none)",
+                     model=q.adapter or q.model, reason=admitted.route_reason)
         if q.request_id in self._tracker:
             raise DuplicateRequest(f"request_id {q.request_id!r} is already in flight")
         if self._tracker.waiting(q.model) >= admitted.spec.max_queued:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import grpc
@@ -32,6 +33,7 @@ async def _follow(nc, job_id: str):
 
     async def on(msg):
         ev = json.loads(msg.data)
+        ev["_seen"] = time.monotonic()
         events.append(ev)
         if "job" in ev and not done.done():
             done.set_result(ev["job"])
@@ -100,12 +102,21 @@ async def test_cancel_job_aborts_its_generation(nc, router, router_stub, chat_wo
     await router_stub.SubmitJob(router_pb2.GenerateRequest(
         model="chat", prompt="a long job", request_id=job_id,
         sampling=common_pb2.SamplingParams(max_tokens=8000, temperature=0, ignore_eos=True)), timeout=10)
-    await eventually(lambda: any("delta" in e.get("event", {}) for e in events), 30, "the job is generating")
+    submitted = time.monotonic()
+
+    async def generating() -> bool:
+        return (await chat_worker.status()).engine_unfinished == 1
+
+    await eventually(generating, 30, "the engine is generating the job")
     cancelled = await router_stub.CancelJob(router_pb2.JobRequest(job_id=job_id), timeout=10)
+    # Printed with a failure: when the job's events reached a subscriber (a CI run once saw the
+    # first delta ~22 s late; not reproduced since).
+    print("job events (s after submit):", [(next(iter(e.get("event", {"job": 0}))), round(e["_seen"] - submitted, 3)) for e in events[:4]])
     assert cancelled.state == router_pb2.JOB_STATE_CANCELLED
     final = await asyncio.wait_for(done, 10)
     await sub.unsubscribe()
     assert final["state"] == "JOB_STATE_CANCELLED"
+    assert any("delta" in e.get("event", {}) for e in events), "its tokens were streamed before the cancel"
     await assert_quiescent(router, js, [chat_worker])
     after = await chat_worker.status()
     assert after.aborted == before.aborted + 1 and after.completed == before.completed
