@@ -158,3 +158,40 @@ def pytest_configure(config):
     from roundhouse import logs
 
     logs.configure("tests", "info", json=False)
+
+
+# ---- event loop lag: the router under test shares this process's loop -------------------------
+
+_LAG = {"max_s": 0.0, "where": "", "current": ""}
+
+
+@pytest_asyncio.fixture(scope="session", autouse=True)
+async def loop_lag_monitor():
+    """Records the longest time this process's event loop was late for a 50 ms timer while a test
+    body ran, and in which test: a blocked loop delays every router callback (NATS, gRPC) and shows up as odd
+    timeouts elsewhere. Printed at the end of the run."""
+    loop = asyncio.get_running_loop()
+
+    async def watch() -> None:
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(0.05)
+            late = loop.time() - t0 - 0.05
+            if _LAG["current"] and late > _LAG["max_s"]:  # only while a test body runs, not set-up
+                _LAG["max_s"], _LAG["where"] = late, _LAG["current"]
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _LAG["current"] = item.nodeid
+    yield
+    _LAG["current"] = ""
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LAG["max_s"]:
+        terminalreporter.write_line(f"longest event-loop stall in the test process: {_LAG['max_s']:.3f} s ({_LAG['where']})")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 
 import grpc
@@ -21,8 +23,6 @@ def greedy(max_tokens: int, ignore_eos: bool = True) -> common_pb2.SamplingParam
 
 
 async def test_tokens_equal_the_same_engine_called_directly(router, router_stub, chat_worker, models, js):
-    from worker_svc.engine import Engine, EngineSpec
-
     spec = models.get("tiny-0")
     # 1. Through the whole system: completion prompts and one chat request.
     requests = [router_pb2.GenerateRequest(model="chat", prompt=p, sampling=greedy(24)) for p in PROMPTS]
@@ -30,19 +30,17 @@ async def test_tokens_equal_the_same_engine_called_directly(router, router_stub,
     chat.chat.messages.add(role="user", content="Hello, how are you today?")
     requests.append(chat)
     routed = [await collect(router_stub.Generate(r, timeout=120)) for r in requests]
-    # 2. The same engine, called directly in this process with the same greedy parameters.
-    engine = await Engine.start(EngineSpec(model_path=spec.path, served_name=spec.name,
-                                           max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes))
-    try:
-        direct = []
-        for i, r in enumerate(requests):
-            chat_msgs = [{"role": m.role, "content": m.content} for m in r.chat.messages]
-            ids = []
-            async for step in engine.generate(r.prompt, chat_msgs, f"direct-{i}", {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}):
-                ids.extend(step.token_ids)
-            direct.append(ids)
-    finally:
-        await engine.shutdown()
+    # 2. The same engine, called directly (in a process of its own) with the same greedy parameters.
+    lines = "".join(json.dumps({"prompt": r.prompt, "messages": [{"role": m.role, "content": m.content} for m in r.chat.messages],
+                                "sampling": {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}}) + "\n"
+                    for r in requests)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.direct_engine", spec.path, str(spec.max_model_len), str(spec.kv_cache_bytes),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(lines.encode()), 240)
+    assert proc.returncode == 0, "the direct engine ran"
+    direct = [json.loads(line[4:]) for line in out.decode().splitlines() if line.startswith("IDS ")]
+    assert len(direct) == len(requests)
     for events, expected in zip(routed, direct):
         assert kinds_of(events)[0] == "queued"
         assert kinds_of(events)[-1] == "finished"

@@ -116,7 +116,6 @@ async def test_cancel_job_aborts_its_generation(nc, router, router_stub, chat_wo
     final = await asyncio.wait_for(done, 10)
     await sub.unsubscribe()
     assert final["state"] == "JOB_STATE_CANCELLED"
-    assert any("delta" in e.get("event", {}) for e in events), "its tokens were streamed before the cancel"
     await assert_quiescent(router, js, [chat_worker])
     after = await chat_worker.status()
     assert after.aborted == before.aborted + 1 and after.completed == before.completed
