@@ -50,7 +50,7 @@ class JobsConfig:
     ack_wait_s: float = 30.0         # a dead router's jobs go to another after this long
     concurrency: int = 64            # jobs one router runs at once
     ttl_s: float = 7 * 86400         # records are kept this long
-    max_deliver: int = 5             # runs of one job before it is marked FAILED
+    max_deliver: int = 5             # runs of one job; past that its record stays RUNNING (not handled yet)
 
 
 def to_json(job: router_pb2.Job) -> bytes:
