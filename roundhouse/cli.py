@@ -78,8 +78,7 @@ async def _up(a: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         print("roundhouse: stopping", flush=True)
-        for w in workers:
-            w.stop()
+        await stack.stop_all(workers)
         if progress is not None:
             await progress.close()
         await router.stop()
@@ -135,8 +134,7 @@ async def _workers(a: argparse.Namespace) -> None:
         if dead:  # let the orchestrator restart the container rather than serve with a model missing
             raise SystemExit(f"error: worker for {', '.join(dead)} exited")
     finally:
-        for w in workers:
-            w.stop()
+        await stack.stop_all(workers)
 
 
 async def _health(a: argparse.Namespace) -> int:

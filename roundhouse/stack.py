@@ -107,6 +107,17 @@ class WorkerProcess:
                 pass
 
 
+    async def astop(self, timeout: float = 30.0) -> None:
+        """stop() off the event loop: an engine's shutdown takes seconds, and a blocked loop
+        stalls every other coroutine in the process (a router's streams, NATS heartbeats)."""
+        await asyncio.to_thread(self.stop, timeout)
+
+
+async def stop_all(workers: list[WorkerProcess], timeout: float = 30.0) -> None:
+    """Stops workers at once rather than one after another."""
+    await asyncio.gather(*(w.astop(timeout) for w in workers))
+
+
 def spawn_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,
                  *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ async def test_requests_wait_in_the_queue_until_load_and_none_is_lost(router, ro
     st = await worker.status()
     assert st.completed == 6, "the expired request was never started"
     await assert_quiescent(router, js, [worker], models=(MODEL,))
-    worker.stop()
+    await worker.astop()
 
 
 async def _queued_is(js, n: int) -> bool:
@@ -82,4 +82,4 @@ async def test_worker_killed_mid_stream_the_caller_gets_one_whole_stream_or_a_re
     print(f"after SIGKILL: {'complete stream' if failure is None else 'retryable error'}, {len(got)} tokens")
     await replacement.load()
     await assert_quiescent(router, js, [replacement], models=(MODEL,))
-    replacement.stop()
+    await replacement.astop()

@@ -104,8 +104,7 @@ async def res(res_yaml, res_catalogue, nats_server, session_dir):
         await eventually(lambda: _all_reported(s), 60, "every worker registered with the manager")
         yield s
     finally:  # also when the set-up itself failed: no worker process outlives the module
-        for w in s.workers.values():
-            w.stop(timeout=15)
+        await stack.stop_all(list(s.workers.values()), timeout=15)
         if s.router is not None:
             await s.router.stop(grace=1)
         if s.manager is not None:
