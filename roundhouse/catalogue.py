@@ -20,6 +20,7 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
           - {name: support-tone, path: adapters/support-tone}
         max_loras: 4               # adapters in one engine batch
         max_lora_rank: 16
+        enforce_eager: false       # true skips torch.compile (CPU) / CUDA graphs: faster load, slower steps
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -81,6 +82,7 @@ class ModelSpec:
     adapters: tuple[AdapterSpec, ...] = ()
     max_loras: int = 4
     max_lora_rank: int = 16
+    enforce_eager: bool = False     # True: no torch.compile / CUDA graphs (faster start, slower steps)
 
     @property
     def token_limit(self) -> int:

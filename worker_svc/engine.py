@@ -27,7 +27,7 @@ class EngineSpec:
     kv_cache_bytes: int = 2**30
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
-    enforce_eager: bool = True
+    enforce_eager: bool = False        # False: torch.compile on CPU, CUDA graphs on GPU
     seed: int = 0
     adapters: tuple[tuple[str, str], ...] = ()   # LoRA (name, path); any enables LoRA in the engine
     max_loras: int = 4

@@ -107,6 +107,7 @@ class ModelWorker:
                     adapters=tuple((a.name, a.path) for a in spec.adapters),
                     max_loras=spec.max_loras,
                     max_lora_rank=spec.max_lora_rank,
+                    enforce_eager=spec.enforce_eager,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...

@@ -75,6 +75,34 @@ def bench(base: str, backend: str, model: str, tokenizer: str, a: argparse.Names
             "completed": result["completed"], "failed": a.num_prompts - result["completed"]}
 
 
+def cpu_by_process(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a server process and its descendants, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(root_pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = ("nats-server" if "nats-server" in cmd else "worker " + cmd.split("--model ")[1].split()[0] if "worker_svc" in cmd
+                else "api_server" if "api_server" in cmd else "roundhouse up (router+manager)" if "roundhouse.cli" in cmd
+                else p.name())
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def measured(proc: subprocess.Popen, base: str, backend: str, model: str, tokenizer: str, a) -> dict:
+    """bench() plus the CPU seconds each server process spent during it."""
+    before = cpu_by_process(proc.pid)
+    result = bench(base, backend, model, tokenizer, a)
+    after = cpu_by_process(proc.pid)
+    result["cpu"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0.05}
+    return result
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -97,7 +125,7 @@ def run_vllm(model_dir: pathlib.Path, a, work: pathlib.Path) -> dict:
     try:
         wait_http(f"{base}/health", 300, proc)
         warm(base, "tiny-0")
-        return {b: bench(base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
+        return {b: measured(proc, base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
     finally:
         stop(proc)
 
@@ -117,7 +145,7 @@ def run_roundhouse(config: pathlib.Path, model_dir: pathlib.Path, a, work: pathl
                 raise RuntimeError("roundhouse up did not start; see " + str(work / "roundhouse-up.log"))
             time.sleep(0.5)  # another process's stdout: nothing to await
         warm(base, "tiny-0")
-        return {b: bench(base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
+        return {b: measured(proc, base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
     finally:
         stop(proc)
 
@@ -142,6 +170,11 @@ def main() -> None:
             print(f"{b:12} {name:10} {x['tok_s']:>10.1f} {x['ttft_p50']:>12.2f} {x['ttft_p99']:>12.2f} {x['failed']:>6}")
         print(f"{b:12} {'ratio':10} {r['tok_s'] / v['tok_s']:>10.2%} {r['ttft_p50'] - v['ttft_p50']:>+12.2f} "
               f"{r['ttft_p99'] - v['ttft_p99']:>+12.2f}")
+    print("\nserver CPU seconds during each run, by process")
+    for b in BACKENDS:
+        for name, x in (("vllm serve", vllm_res[b]), ("roundhouse", rh_res[b])):
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(x["cpu"].items(), key=lambda kv: -kv[1]))
+            print(f"{b:12} {name:10} total {sum(x['cpu'].values()):.2f}: {parts}")
 
 
 if __name__ == "__main__":
