@@ -162,27 +162,44 @@ def pytest_configure(config):
 
 # ---- event loop lag: the router under test shares this process's loop -------------------------
 
-_LAG = {"max_s": 0.0, "where": "", "current": ""}
+_LAG = {"max_s": 0.0, "where": "", "current": "", "stack": ""}
 
 
 @pytest_asyncio.fixture(scope="session", autouse=True)
 async def loop_lag_monitor():
     """Records the longest time this process's event loop was late for a 50 ms timer while a test
-    body ran, and in which test: a blocked loop delays every router callback (NATS, gRPC) and shows up as odd
-    timeouts elsewhere. Printed at the end of the run."""
+    body ran, in which test, and what the loop's thread was running then (a watchdog thread
+    samples its stack once the loop is 1 s late): a stalled loop delays every router callback
+    (NATS, gRPC, HTTP) and shows up as odd timeouts elsewhere. Printed at the end of the run."""
+    import sys
+    import threading
+    import traceback
+
     loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    beat = {"t": time.monotonic(), "stack": ""}
+    done = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(0.25):
+            if time.monotonic() - beat["t"] > 1.0 and not beat["stack"]:
+                frame = sys._current_frames().get(loop_thread)
+                beat["stack"] = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
 
     async def watch() -> None:
         while True:
-            t0 = loop.time()
+            t0, where = loop.time(), _LAG["current"]
             await asyncio.sleep(0.05)
             late = loop.time() - t0 - 0.05
-            if _LAG["current"] and late > _LAG["max_s"]:  # only while a test body runs, not set-up
-                _LAG["max_s"], _LAG["where"] = late, _LAG["current"]
+            if where and late > _LAG["max_s"]:  # only stalls that began in a test body, not set-up
+                _LAG["max_s"], _LAG["where"], _LAG["stack"] = late, where, beat["stack"]
+            beat["t"], beat["stack"] = time.monotonic(), ""
 
+    threading.Thread(target=watchdog, daemon=True, name="loop-watchdog").start()
     task = asyncio.create_task(watch())
     yield
     task.cancel()
+    done.set()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -195,3 +212,5 @@ def pytest_runtest_call(item):
 def pytest_terminal_summary(terminalreporter):
     if _LAG["max_s"]:
         terminalreporter.write_line(f"longest event-loop stall in the test process: {_LAG['max_s']:.3f} s ({_LAG['where']})")
+        if _LAG["stack"]:
+            terminalreporter.write_line("the loop's thread during that stall:\n" + _LAG["stack"])
