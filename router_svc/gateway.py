@@ -9,6 +9,7 @@ sure no engine keeps working on the request and no worker starts it later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -92,15 +93,25 @@ class Gateway:
                 yield loading
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (q.deadline_unix_ms / 1000 - time.time())
-            get = flight.events.get
+            events = flight.events
+            ready: collections.deque = collections.deque()
             while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        event = await get()
-                except TimeoutError:
-                    yield error_event("DEADLINE_EXCEEDED", "roundhouse: deadline exceeded before the generation finished", False)
-                    return
+                if not ready:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            ready.append(await events.get())
+                    except TimeoutError:
+                        yield error_event("DEADLINE_EXCEEDED", "roundhouse: deadline exceeded before the generation finished", False)
+                        return
+                    while not events.empty():
+                        ready.append(events.get_nowait())
+                event = ready.popleft()
                 kind = event.WhichOneof("event")
+                if kind == "delta":  # deltas that queued up while the caller was slower: one message
+                    while ready and ready[0].WhichOneof("event") == "delta":
+                        more = ready.popleft().delta
+                        event.delta.token_ids.extend(more.token_ids)
+                        event.delta.text += more.text
                 if kind == "started":
                     event.started.model = q.adapter or q.model
                     event.started.route_reason = admitted.route_reason
