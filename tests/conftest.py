@@ -50,6 +50,7 @@ def models_yaml(session_dir) -> pathlib.Path:
     return stack.write_tiny_catalogue(
         session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, context=TEST_CONTEXT, routing=TEST_ROUTING,
         kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
+        enforce_eager=True,  # fast loads; compiled engines stream faster and stall this process's loop longer
     )
 
 
@@ -208,8 +209,11 @@ async def loop_lag_monitor():
     def watchdog() -> None:
         while not done.wait(0.25):
             if time.monotonic() - beat["t"] > 1.0 and not beat["stack"]:
-                frame = sys._current_frames().get(loop_thread)
-                beat["stack"] = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
+                names = {t.ident: t.name for t in threading.enumerate()}
+                beat["stack"] = "".join(
+                    f"--- thread {names.get(ident, ident)}{' (the loop)' if ident == loop_thread else ''}:\n"
+                    + "".join(traceback.format_stack(frame)[-6:])
+                    for ident, frame in sys._current_frames().items() if ident != threading.get_ident())
 
     async def watch() -> None:
         while True:
@@ -238,4 +242,4 @@ def pytest_terminal_summary(terminalreporter):
     if _LAG["max_s"]:
         terminalreporter.write_line(f"longest event-loop stall in the test process: {_LAG['max_s']:.3f} s ({_LAG['where']})")
         if _LAG["stack"]:
-            terminalreporter.write_line("the loop's thread during that stall:\n" + _LAG["stack"])
+            terminalreporter.write_line("the process's threads during that stall:\n" + _LAG["stack"])

@@ -36,6 +36,7 @@ async def test_tokens_equal_the_same_engine_called_directly(router, router_stub,
                     for r in requests)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.direct_engine", spec.path, str(spec.max_model_len), str(spec.kv_cache_bytes),
+        "1" if spec.enforce_eager else "0",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(lines.encode()), 240)
     assert proc.returncode == 0, "the direct engine ran"
