@@ -30,6 +30,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from protos.v1 import common_pb2, router_pb2
@@ -121,9 +122,8 @@ class Jobs:
         job_id = request.request_id or uuid.uuid4().hex
         if not _JOB_ID.match(job_id):
             raise InvalidRequest("job_id", "1-64 characters of letters, digits, _ and -")
-        request.request_id = f"{job_id}.check"
+        request.request_id = job_id  # never in flight itself: each run is `<job_id>.<attempt>`
         admitted = self._gw.admit(request)  # bad input fails here, nothing stored
-        request.request_id = job_id
         request.model = admitted.queued.model  # classified once: a rerun does not change its mind
         now = _now_ms()
         job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,
@@ -137,11 +137,15 @@ class Jobs:
         return job
 
     async def get(self, job_id: str) -> router_pb2.Job:
+        return (await self._read(job_id))[1]
+
+    async def _read(self, job_id: str):
+        """The stored record of `job_id` and its KV entry (for its revision)."""
         try:
             entry = await self._kv.get(job_id)
-        except (nats.js.errors.KeyNotFoundError, ValueError):
-            raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)")
-        return from_json(entry.value)
+        except (nats.js.errors.KeyNotFoundError, ValueError):  # ValueError: not a valid key
+            raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)") from None
+        return entry, from_json(entry.value)
 
     async def cancel(self, job_id: str) -> router_pb2.Job:
         job = await self._update(job_id, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
@@ -151,11 +155,7 @@ class Jobs:
     async def _update(self, job_id: str, change: Callable[[router_pb2.Job], bool]) -> router_pb2.Job:
         """Applies `change` to the stored record (compare-and-set); a finished job never changes."""
         for _ in range(20):
-            try:
-                entry = await self._kv.get(job_id)
-            except nats.js.errors.KeyNotFoundError:
-                raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)")
-            job = from_json(entry.value)
+            entry, job = await self._read(job_id)
             if job.state in _TERMINAL or not change(job):
                 return job
             job.updated_unix_ms = _now_ms()
@@ -172,20 +172,23 @@ class Jobs:
         proto = (msg.headers or {}).get("Content-Type") == PROTOBUF
         try:
             if proto:
-                request = router_pb2.GenerateRequest.FromString(msg.data)
+                try:
+                    request = router_pb2.GenerateRequest.FromString(msg.data)
+                except DecodeError as e:
+                    raise InvalidRequest("body", f"not a GenerateRequest: {e}") from None
             else:
-                body = json.loads(msg.data)
+                try:
+                    body = json.loads(msg.data)
+                except ValueError as e:
+                    raise InvalidRequest("body", f"not valid JSON: {e}") from None
                 endpoint = "chat" if isinstance(body, dict) and "messages" in body else "completions"
                 request, _ = openai_api.parse(body, endpoint, str(body.get("job_id", "")) if isinstance(body, dict) else "")
             job = await self.submit(request)
             reply = job.SerializeToString() if proto else to_json(job)
-        except RoundhouseError as e:
-            err = common_pb2.ErrorDetail(code=e.code.name, message=e.message, retryable=e.retryable)
+        except (RoundhouseError, nats.errors.Error, asyncio.TimeoutError) as e:
+            err = _error_detail(e)
             reply = router_pb2.Job(error=err).SerializeToString() if proto else json.dumps(
                 {"error": {"code": err.code, "message": err.message, "retryable": err.retryable}}).encode()
-        except ValueError as e:
-            reply = json.dumps({"error": {"code": "INVALID_ARGUMENT", "message": f"roundhouse: not valid JSON: {e}",
-                                          "retryable": False}}).encode()
         if msg.reply:
             await msg.respond(reply)
 
@@ -275,7 +278,7 @@ class Jobs:
                     out.error.CopyFrom(ev.error)
         except RoundhouseError as e:
             out.state = router_pb2.JOB_STATE_FAILED
-            out.error.CopyFrom(common_pb2.ErrorDetail(code=e.code.name, message=e.message, retryable=e.retryable))
+            out.error.CopyFrom(_error_detail(e))
         if out.state == router_pb2.JOB_STATE_UNSPECIFIED:
             out.state = router_pb2.JOB_STATE_FAILED
             out.error.CopyFrom(common_pb2.ErrorDetail(code="INTERNAL", message="roundhouse: the stream ended without a result"))
@@ -291,6 +294,13 @@ class Jobs:
             await asyncio.sleep(self._config.ack_wait_s / 3)
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
+
+
+def _error_detail(e: Exception) -> common_pb2.ErrorDetail:
+    if isinstance(e, RoundhouseError):
+        return common_pb2.ErrorDetail(code=e.code.name, message=e.message, retryable=e.retryable)
+    return common_pb2.ErrorDetail(code="UNAVAILABLE", message=f"roundhouse: the job store is unavailable ({e!r}); retry",
+                                  retryable=True)
 
 
 # ---- record transitions (pure) --------------------------------------------------------------------

@@ -89,7 +89,11 @@ async def test_a_bad_job_is_refused_at_once_and_nothing_is_stored(nc, router_stu
     body = {"job_id": "job-bad-1", "model": "chat", "prompt": "x", "max_tokens": 0}
     reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(body).encode(), timeout=60)).data)
     assert reply["error"]["code"] == "INVALID_ARGUMENT" and "max_tokens" in reply["error"]["message"]
-    assert "error" in json.loads((await nc.request(subjects.JOBS_SUBMIT, b"{not json", timeout=60)).data)
+    not_json = json.loads((await nc.request(subjects.JOBS_SUBMIT, b"{not json", timeout=60)).data)
+    assert not_json["error"]["code"] == "INVALID_ARGUMENT" and "JSON" in not_json["error"]["message"]
+    garbage = await nc.request(subjects.JOBS_SUBMIT, b"\xff\xff\xff", timeout=60, headers={"Content-Type": PROTOBUF})
+    refused = router_pb2.Job.FromString(garbage.data)
+    assert refused.error.code == "INVALID_ARGUMENT" and not refused.job_id
     with pytest.raises(grpc.aio.AioRpcError) as nf:
         await router_stub.GetJob(router_pb2.JobRequest(job_id="job-bad-1"), timeout=60)
     assert nf.value.code() == grpc.StatusCode.NOT_FOUND
