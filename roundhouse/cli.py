@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
-import signal
 import sys
 import time
 
@@ -33,17 +32,16 @@ def _cmd_make_models(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _up(a: argparse.Namespace) -> None:
+async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
     import nats as nats_client
 
     from manager_svc.config import ManagerConfig
     from manager_svc.service import ManagerService
-    from roundhouse import logs, natsd, stack, subjects
+    from roundhouse import natsd, stack, subjects
     from roundhouse.catalogue import load
     from router_svc.config import RouterConfig
     from router_svc.server import Router
 
-    logs.configure("roundhouse", a.log_level)
     var = pathlib.Path(a.var).resolve()
     if a.config:
         config_path = pathlib.Path(a.config).resolve()
@@ -51,10 +49,6 @@ async def _up(a: argparse.Namespace) -> None:
         print(f"roundhouse: making the tiny default models under {var / 'models'} (first run only)", flush=True)
         config_path = stack.write_default(var)
     cat = load(config_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
     router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.port, http_port=a.http_port))
     manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.manager_port))
@@ -105,21 +99,16 @@ def _model_progress(clock):
     return on_event
 
 
-async def _workers(a: argparse.Namespace) -> None:
+async def _workers(a: argparse.Namespace, stop: asyncio.Event) -> None:
     """One worker process per model of one GPU, in one container: how a pod or a compose service
     that holds a GPU serves many models (a GPU cannot be split between containers)."""
-    from roundhouse import logs, stack
+    from roundhouse import stack
     from roundhouse.catalogue import load
 
-    logs.configure("roundhouse", a.log_level)
     cat = load(a.config)
     models = [m for m in cat.models if a.gpu in ("", m.gpu)]
     if not models:
         raise SystemExit(f"error: no model in {a.config} is on gpu {a.gpu!r}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     extra = ["--manager", a.manager, "--host", a.host, *(["--advertise-host", a.advertise_host] if a.advertise_host else [])]
     workers: list[stack.WorkerProcess] = []
     try:
@@ -152,11 +141,16 @@ async def _health(a: argparse.Namespace) -> int:
 
 
 def _cmd_classify(a: argparse.Namespace) -> int:
-    """JSON lines in (endpoint, messages or prompt, metadata) → {"model", "reason"} lines out."""
+    """JSON lines in → {"model", "reason"} lines out. A line is an OpenAI chat or completions body
+    (`messages` or `prompt`, optional `metadata`), optionally with `endpoint` and `id`; it is read
+    by the router's own parser and classified by the router's own rules."""
     import json
 
     from roundhouse import routing, stack
     from roundhouse.catalogue import ConfigError, load
+    from roundhouse.errors import RoundhouseError
+    from router_svc import openai_api
+    from router_svc.validate import request_view
 
     try:
         cat = load(a.config or stack.DEFAULT_CONFIG)
@@ -171,20 +165,31 @@ def _cmd_classify(a: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            req = json.loads(line)
-            view = routing.view_of_json(req)
-        except (ValueError, TypeError) as e:
+            body = json.loads(line)
+            if not isinstance(body, dict):
+                raise ValueError("each line must be a JSON object")
+            endpoint = body.get("endpoint") or ("chat" if "messages" in body else "completions")
+            endpoint = _ENDPOINTS.get(endpoint, endpoint)
+            if endpoint not in routing.ENDPOINTS:
+                raise ValueError(f"endpoint: must be one of {', '.join(routing.ENDPOINTS)}")
+            request, _ = openai_api.parse(body, endpoint)
+        except (ValueError, RoundhouseError) as e:
             print(json.dumps({"line": n, "error": str(e)}), flush=True)
             status = 1
             continue
-        route = routing.classify(cat.routing, view)
-        print(json.dumps({"model": route.model, "reason": route.reason, **({"id": req["id"]} if "id" in req else {})}),
+        route = routing.classify(cat.routing, request_view(request))
+        print(json.dumps({"model": route.model, "reason": route.reason, **({"id": body["id"]} if "id" in body else {})}),
               flush=True)
     return status
 
 
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
 def _cmd_up(a: argparse.Namespace) -> int:
-    asyncio.run(_up(a))
+    from roundhouse import entry
+
+    entry.run("roundhouse", a.log_level, lambda stop: _up(a, stop))
     return 0
 
 
@@ -308,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "health":
         return asyncio.run(_health(a))
     if a.cmd == "workers":
-        asyncio.run(_workers(a))
+        from roundhouse import entry
+
+        entry.run("roundhouse", a.log_level, lambda stop: _workers(a, stop))
         return 0
     if a.cmd == "classify":
         return _cmd_classify(a)

@@ -214,31 +214,3 @@ def _patterns(where: str, value: Any) -> tuple[re.Pattern, ...]:
             raise RoutingError(f"{where}[{i}]: {v!r} is not a valid regular expression: {e}") from e
     return tuple(out)
 
-
-def view_of_json(req: Mapping[str, Any]) -> RequestView:
-    """A RequestView from a JSON request: `endpoint` (default: chat when `messages` is given),
-    `messages` (OpenAI form) or `prompt`, optional `metadata`. Raises ValueError when malformed."""
-    if not isinstance(req, Mapping):
-        raise ValueError("each line must be a JSON object")
-    messages, prompt = req.get("messages"), req.get("prompt")
-    endpoint = req.get("endpoint") or ("chat" if messages is not None else "completions")
-    endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(endpoint, endpoint)
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint: must be one of {', '.join(ENDPOINTS)}")
-    if messages is not None:
-        if not isinstance(messages, list):
-            raise ValueError("messages: must be a list")
-        texts = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, Mapping) else None
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-            texts.append(content if isinstance(content, str) else "")
-    elif isinstance(prompt, str):
-        texts = [prompt]
-    else:
-        raise ValueError("messages or prompt is required")
-    metadata = req.get("metadata") or {}
-    if not isinstance(metadata, Mapping):
-        raise ValueError("metadata: must be an object")
-    return RequestView(endpoint, tuple(texts), {str(k): str(v) for k, v in metadata.items()})
