@@ -106,7 +106,6 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
 
-
     async def astop(self, timeout: float = 30.0) -> None:
         """stop() off the event loop: an engine's shutdown takes seconds, and a blocked loop
         stalls every other coroutine in the process (a router's streams, NATS heartbeats)."""

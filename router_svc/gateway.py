@@ -27,7 +27,7 @@ from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
 from router_svc.tracker import Tracker, error_event
-from router_svc.validate import Admitted, admit
+from router_svc.validate import BY_NAME, Admitted, admit
 
 log = structlog.get_logger("router")
 
@@ -59,7 +59,7 @@ class Gateway:
             now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
         )
         q = admitted.queued
-        if request.model != q.model and request.model not in (q.adapter, *admitted.spec.aliases):
+        if admitted.route_reason != BY_NAME:
             log.info("request.classified", request_id=q.request_id, asked=request.model or "(none)",
                      model=q.adapter or q.model, reason=admitted.route_reason)
         if q.request_id in self._tracker:

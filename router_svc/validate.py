@@ -19,6 +19,8 @@ from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+BY_NAME = "requested by name"   # the route reason of a request that names its model
+
 Counter = Callable[[ModelSpec, router_pb2.GenerateRequest], "int | None"]
 
 
@@ -27,7 +29,7 @@ class Admitted:
     spec: ModelSpec
     queued: queue_pb2.QueuedRequest
     prompt_tokens: int          # 0 when the model has no tokenizer the router can use
-    route_reason: str = "requested by name"
+    route_reason: str = BY_NAME
 
 
 def admit(
@@ -129,7 +131,7 @@ def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:
 def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue) -> tuple[str, str]:
     """The model name the request asks for (classified when "auto") and why."""
     rules = catalogue.routing
-    name, reason = req.model, "requested by name"
+    name, reason = req.model, BY_NAME
     if not name and rules is not None and rules.default_model:
         name, reason = rules.default_model, "the configured default model"
     if not name:
