@@ -14,6 +14,7 @@ class ManagerConfig:
     host: str = "127.0.0.1"
     port: int = 50052
     log_level: str = "info"
+    ready_file: str = ""                 # written with the port as JSON once serving
 
 
 _env = entry.env_reader("manager")
@@ -26,6 +27,8 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     p.add_argument("--host", default=_env("HOST", ManagerConfig.host))
     p.add_argument("--port", type=int, default=int(_env("PORT", str(ManagerConfig.port))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    entry.ready_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
-    return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level)
+    return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
+                         ready_file=a.ready_file)

@@ -9,7 +9,7 @@ from manager_svc.config import ManagerConfig
 from manager_svc.manager import Manager
 from manager_svc.servicer import ManagerServicer
 from protos.v1 import manager_pb2, manager_pb2_grpc
-from roundhouse import grpcserver
+from roundhouse import entry, grpcserver
 
 log = structlog.get_logger("manager")
 
@@ -51,6 +51,8 @@ class ManagerService:
 async def serve(config: ManagerConfig, stop: asyncio.Event) -> None:
     service = ManagerService(config)
     await service.start()
+    entry.freeze_heap()
+    entry.write_ready(config.ready_file, port=service.port)
     try:
         await stop.wait()
     finally:

@@ -33,14 +33,12 @@ def _cmd_make_models(a: argparse.Namespace) -> int:
 
 
 async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
+    """The whole stack as it is deployed, one process per service: nats-server, the manager, the
+    router and one worker per model, each started here and stopped on SIGINT / SIGTERM."""
     import nats as nats_client
 
-    from manager_svc.config import ManagerConfig
-    from manager_svc.service import ManagerService
     from roundhouse import natsd, stack, subjects
     from roundhouse.catalogue import load
-    from router_svc.config import RouterConfig
-    from router_svc.server import Router
 
     var = pathlib.Path(a.var).resolve()
     if a.config:
@@ -49,36 +47,55 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         print(f"roundhouse: making the tiny default models under {var / 'models'} (first run only)", flush=True)
         config_path = stack.write_default(var)
     cat = load(config_path)
+    run_dir = var / "run"
     nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
-    router = Router(RouterConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.port, http_port=a.http_port))
-    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=nats.url, host=a.host, port=a.manager_port))
-    workers: list[stack.WorkerProcess] = []
+    common = ["--config", str(config_path), "--nats-url", nats.url, "--log-level", a.log_level]
+    services: list[stack.ServiceProcess] = []
     progress = None
     try:
-        await manager.start()
-        await router.start()
+        manager = await stack.start_service("manager_svc", "manager", run_dir, *common, "--host", a.host,
+                                            "--port", str(a.manager_port))
+        services.append(manager)
+        manager_address = f"{a.host}:{manager.info['port']}"
+        router = await stack.start_service("router_svc", "router", run_dir, *common, "--host", a.host,
+                                           "--port", str(a.port), "--http-port", str(a.http_port))
+        services.append(router)
         progress = await nats_client.connect(nats.url, name="roundhouse-up")
         await progress.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=_model_progress(time.monotonic))
         for m in cat.models:
             if stop.is_set():
                 return
-            workers.append(await stack.start_worker(config_path, m.name, nats.url, var / "run", "--manager", manager.address))
-            print(f"roundhouse: worker for {m.name} started (log {workers[-1].log_path})", flush=True)
+            services.append(await stack.start_worker(config_path, m.name, nats.url, run_dir, "--manager", manager_address,
+                                                     "--log-level", a.log_level))
+            print(f"roundhouse: worker for {m.name} started (log {services[-1].log_path})", flush=True)
         models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
-        print(f"roundhouse: ready. gRPC {router.address}  HTTP http://{a.host}:{router.http_port}/v1  "
-              f"manager {manager.address}  NATS {nats.url}", flush=True)
+        print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP http://{a.host}:{router.info['http_port']}/v1  "
+              f"manager {manager_address}  NATS {nats.url}", flush=True)
         print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
-              f"(or `roundhouse load MODEL`). Ctrl-C stops everything.", flush=True)
+              f"(or `roundhouse load MODEL`). Logs under {run_dir}. Ctrl-C stops everything.", flush=True)
+        for s in services:
+            asyncio.create_task(_watch(s, stop, essential=s in (manager, router)))
         await stop.wait()
     finally:
         print("roundhouse: stopping", flush=True)
-        await stack.stop_all(workers)
         if progress is not None:
             await progress.close()
-        await router.stop()
-        await manager.stop()
+        workers = [s for s in services if isinstance(s, stack.WorkerProcess)]
+        await stack.stop_all(workers)  # first: they hand their requests back while NATS is up
+        await stack.stop_all([s for s in services if s not in workers])
         nats.stop()
         print("roundhouse: stopped", flush=True)
+
+
+async def _watch(service, stop: asyncio.Event, essential: bool) -> None:
+    """Says when a service exits on its own; without the router or the manager the stack stops."""
+    code = await asyncio.to_thread(service.process.wait)
+    if stop.is_set():
+        return
+    print(f"roundhouse: {service.name} exited ({code}); see {service.log_path}"
+          f"{'; stopping' if essential else ''}", flush=True)
+    if essential:
+        stop.set()
 
 
 def _model_progress(clock):

@@ -1,11 +1,36 @@
-"""The request stream and the per-model consumers: declared in one place, created idempotently."""
+"""JetStream in one place: the request stream and per-model consumers (created idempotently), and
+the one pull loop that both a worker (its model's requests) and the job runners (RH_JOBS) use.
+
+nats-py's `fetch(batch=N)` returns only when all N messages came or its timeout passed, which
+adds up to the whole timeout to a lone message's wait. `pull_loop` keeps one pull request
+outstanding for as many messages as its owner can take now and hands each one over the moment
+it arrives; the request ends when its batch is filled or the server says it expired (status
+408), then the next one is sent.
+"""
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import nats.errors
 import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from roundhouse import subjects
+
+log = structlog.get_logger("jetstream")
+
+PULL_BATCH_MAX = 64
+# A pull request lingers this long when the stream is empty. Short, because messages it takes
+# while its owner stops taking (a worker being evicted) are handed back, and each hand-back
+# counts as a delivery against the consumer's max_deliver.
+PULL_EXPIRES_S = 1.0
+_HEARTBEAT = "100"
 
 
 async def ensure_stream(js: JetStreamContext) -> None:
@@ -49,3 +74,60 @@ async def queued(js: JetStreamContext, model: str) -> int:
     except nats.js.errors.NotFoundError:
         return 0
     return int(info.num_pending or 0)
+
+
+class Puller:
+    """Pull requests against one durable consumer, delivered to one inbox."""
+
+    def __init__(self, nc: Client, stream: str, consumer: str):
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, pending_msgs_limit=4 * PULL_BATCH_MAX)
+
+    async def request(self, batch: int) -> None:
+        body = json.dumps({"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
+        await self._nc.publish(self._api, body, reply=self._inbox)
+
+    async def next(self) -> Msg | None:
+        """The next delivery, or None once the current pull request is over."""
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=PULL_EXPIRES_S + 2)
+            except nats.errors.TimeoutError:
+                return None
+            status = (msg.headers or {}).get("Status") if not msg.data else None
+            if status == _HEARTBEAT:
+                continue
+            if status is not None or not msg.reply:
+                if status not in ("404", "408"):
+                    log.debug("jetstream.pull_status", status=status, description=(msg.headers or {}).get("Description"))
+                return None  # 408 expired, 404 no messages, 409 ...: this request is over
+            return msg
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+async def pull_loop(puller: Puller, room: Callable[[], Awaitable[int]], take: Callable[[Msg], Awaitable[None]]) -> None:
+    """Forever: waits for `room()` (how many messages the owner can take now, > 0 once it can
+    take any), pulls that many, and gives each to `take` as it arrives."""
+    while True:
+        batch = min(await room(), PULL_BATCH_MAX)
+        if batch <= 0:
+            continue
+        try:
+            await puller.request(batch)
+        except nats.errors.Error as e:
+            log.warning("jetstream.pull_failed", error=repr(e))
+            await asyncio.sleep(0.5)  # back off: the connection is reconnecting
+            continue
+        for _ in range(batch):
+            msg = await puller.next()
+            if msg is None:
+                break
+            await take(msg)

@@ -63,31 +63,16 @@ def write_default(var: pathlib.Path) -> pathlib.Path:
 
 
 @dataclasses.dataclass
-class WorkerProcess:
-    model: str
+class ServiceProcess:
+    """A Roundhouse service in its own process (and process group), started by `start_service`."""
+
+    name: str
     process: subprocess.Popen
-    port: int
+    info: dict            # what the service wrote to its ready file (its ports)
     log_path: pathlib.Path
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.address)
-
-    async def call(self, method: str, request, timeout: float = 120.0) -> worker_pb2.WorkerStatus:
-        async with self.channel() as ch:
-            return await getattr(worker_pb2_grpc.WorkerStub(ch), method)(request, timeout=timeout)
-
-    async def load(self, timeout: float = 180.0) -> worker_pb2.WorkerStatus:
-        return await self.call("Load", worker_pb2.LoadRequest(), timeout)
-
-    async def status(self) -> worker_pb2.WorkerStatus:
-        return await self.call("Status", worker_pb2.StatusRequest(), 10.0)
-
     def kill(self) -> None:
-        """SIGKILL the worker and its engine processes, as a crash would."""
+        """SIGKILL the service and its children (a worker's engine processes), as a crash would."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
@@ -112,18 +97,43 @@ class WorkerProcess:
         await asyncio.to_thread(self.stop, timeout)
 
 
-async def stop_all(workers: list[WorkerProcess], timeout: float = 30.0) -> None:
-    """Stops workers at once rather than one after another."""
-    await asyncio.gather(*(w.astop(timeout) for w in workers))
+@dataclasses.dataclass
+class WorkerProcess(ServiceProcess):
+    model: str = ""
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address)
+
+    async def call(self, method: str, request, timeout: float = 120.0) -> worker_pb2.WorkerStatus:
+        async with self.channel() as ch:
+            return await getattr(worker_pb2_grpc.WorkerStub(ch), method)(request, timeout=timeout)
+
+    async def load(self, timeout: float = 180.0) -> worker_pb2.WorkerStatus:
+        return await self.call("Load", worker_pb2.LoadRequest(), timeout)
+
+    async def status(self) -> worker_pb2.WorkerStatus:
+        return await self.call("Status", worker_pb2.StatusRequest(), 10.0)
 
 
-def spawn_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,
-                 *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+async def stop_all(services: list[ServiceProcess], timeout: float = 30.0) -> None:
+    """Stops services at once rather than one after another."""
+    await asyncio.gather(*(s.astop(timeout) for s in services))
+
+
+def spawn(module: str, name: str, run_dir: pathlib.Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts `python -m module --ready-file ... args` in its own session, logging to run_dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ready = run_dir / f"{model}-{time.monotonic_ns()}.ready"
+    ready = run_dir / f"{name}-{time.monotonic_ns()}.ready"
     log_path = ready.with_suffix(".log")
-    cmd = [sys.executable, "-m", "worker_svc", "--config", str(config_path), "--model", model,
-           "--nats-url", nats_url, "--ready-file", str(ready), *extra]
+    cmd = [sys.executable, "-m", module, "--ready-file", str(ready), *args]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
@@ -132,18 +142,37 @@ def spawn_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: 
     return proc
 
 
+async def wait_ready(proc: subprocess.Popen, name: str, timeout: float) -> dict:
+    """The service's ready-file contents once it listens; raises if it exits or takes too long."""
+    ready: pathlib.Path = proc.ready_file  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while not ready.exists():  # the service writes this file once; nothing to await across processes
+        if proc.poll() is not None:
+            raise RuntimeError(f"roundhouse: {name} exited ({proc.returncode}); log: {proc.log_path}")  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"roundhouse: {name} did not start in {timeout}s; log: {proc.log_path}")  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+    return json.loads(ready.read_text())
+
+
+async def start_service(module: str, name: str, run_dir: pathlib.Path, *args: str, timeout: float = 60.0,
+                        env: dict[str, str] | None = None) -> ServiceProcess:
+    """Starts a router or manager process (`router_svc`, `manager_svc`); returns once it listens."""
+    proc = spawn(module, name, run_dir, *args, env=env)
+    info = await wait_ready(proc, name, timeout)
+    return ServiceProcess(name, proc, info, proc.log_path)  # type: ignore[attr-defined]
+
+
+def spawn_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,
+                 *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return spawn("worker_svc", model, run_dir, "--config", str(config_path), "--model", model,
+                 "--nats-url", nats_url, *extra, env=env)
+
+
 async def start_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,
                        *extra: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> WorkerProcess:
     """Starts a worker process and returns once its gRPC server listens (not once loaded)."""
     proc = spawn_worker(config_path, model, nats_url, run_dir, *extra, env=env)
-    ready: pathlib.Path = proc.ready_file  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while not ready.exists():  # the worker writes this file once; nothing to await across processes
-        if proc.poll() is not None:
-            raise RuntimeError(f"roundhouse: worker {model} exited ({proc.returncode}); log: {proc.log_path}")  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"roundhouse: worker {model} did not start in {timeout}s; log: {proc.log_path}")  # type: ignore[attr-defined]
-        await asyncio.sleep(0.05)
-    port = json.loads(ready.read_text())["port"]
-    return WorkerProcess(model, proc, port, proc.log_path)  # type: ignore[attr-defined]
+    info = await wait_ready(proc, f"worker {model}", timeout)
+    return WorkerProcess(model, proc, info, proc.log_path, model=model)  # type: ignore[attr-defined]

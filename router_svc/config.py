@@ -14,12 +14,15 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051                    # 0: any free port
     http_port: int = 8000                # OpenAI-compatible HTTP API; 0: any free port, -1: off
+    delivery_port: int = 0               # internal: workers stream tokens here (0: any free port;
+                                         # workers learn it from each request's reply_to)
     advertise_host: str = ""             # how workers reach this router (default: host)
     default_timeout_s: float = 600.0     # deadline of a request whose caller set none
     publish_timeout_s: float = 5.0
     job_ack_wait_s: float = 30.0         # a lost router's running jobs are rerun after this long
     job_concurrency: int = 64
     log_level: str = "info"
+    ready_file: str = ""                 # written with the ports as JSON once serving
 
 
 _env = entry.env_reader("router")
@@ -33,11 +36,14 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--port", type=int, default=int(_env("PORT", str(RouterConfig.port))))
     p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", str(RouterConfig.http_port))),
                    help="OpenAI-compatible HTTP port (0: any free port, -1: off)")
+    p.add_argument("--delivery-port", type=int, default=int(_env("DELIVERY_PORT", str(RouterConfig.delivery_port))),
+                   help="internal port workers stream tokens back to (0: any free port)")
     p.add_argument("--job-ack-wait", type=float, default=float(_env("JOB_ACK_WAIT_S", str(RouterConfig.job_ack_wait_s))))
     p.add_argument("--job-concurrency", type=int, default=int(_env("JOB_CONCURRENCY", str(RouterConfig.job_concurrency))))
     p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""))
     p.add_argument("--default-timeout", type=float, default=float(_env("DEFAULT_TIMEOUT_S", str(RouterConfig.default_timeout_s))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    entry.ready_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
     if a.default_timeout <= 0:
@@ -50,9 +56,11 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         host=a.host,
         port=a.port,
         http_port=a.http_port,
+        delivery_port=a.delivery_port,
         job_ack_wait_s=a.job_ack_wait,
         job_concurrency=a.job_concurrency,
         advertise_host=a.advertise_host,
         default_timeout_s=a.default_timeout,
         log_level=a.log_level,
+        ready_file=a.ready_file,
     )

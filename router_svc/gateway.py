@@ -44,18 +44,18 @@ class Gateway:
         self._reply_to = reply_to
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
 
-    def _count(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> int | None:
+    def _tokenize(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> list[int] | None:
         counter = self._counters[spec.name]
         if req.WhichOneof("input") == "chat":
-            return counter.count_chat([{"role": m.role, "content": m.content} for m in req.chat.messages])
-        return counter.count(req.prompt)
+            return counter.chat_ids([{"role": m.role, "content": m.content} for m in req.chat.messages])
+        return counter.ids(req.prompt)
 
     def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None) -> Admitted:
         """Validates and resolves `request` (classifying model "auto"), or raises a RequestError."""
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
         now = time.time()
         admitted = admit(
-            request, self.catalogue, self._count,
+            request, self.catalogue, self._tokenize,
             now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
         )
         q = admitted.queued

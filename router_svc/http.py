@@ -140,20 +140,30 @@ class HttpApi:
         return _json(status, body, headers)
 
     async def _stream(self, request, events, opts, rid, created, model, headers) -> web.StreamResponse:
+        """Server-sent events. A `data:` chunk goes out only once the model has generated text
+        (for chat, the assistant role rides on that first chunk), so a client's time to first
+        token is the real one. While the request waits in its queue or for its model to load,
+        progress goes out as SSE comment lines (`: queued`, `: loading code, about 20 s`), which
+        OpenAI clients skip and proxies take as keep-alive."""
         first = await anext(events)  # raises before any byte is sent when the request cannot be queued
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await resp.prepare(request)
+        write = resp.write
+        opened = False  # has a data chunk gone out (for chat: the role)?
 
         async def send(obj) -> None:
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
-        await send(openai_api.chunk(opts, rid, created, model, first=True))
         ev = first
         while True:
             kind = ev.WhichOneof("event")
-            if kind == "delta" and ev.delta.text:
-                await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text))
+            if kind == "delta":
+                if ev.delta.text:
+                    await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text, first=not opened))
+                    opened = True
             elif kind == "finished":
+                if not opened and opts.endpoint == "chat":
+                    await send(openai_api.chunk(opts, rid, created, model, text="", first=True))
                 await send(openai_api.chunk(opts, rid, created, model, finish=ev.finished.finish_reason))
                 if opts.include_usage:
                     await send(openai_api.usage_chunk(opts, rid, created, model, ev.finished.usage))
@@ -161,10 +171,14 @@ class HttpApi:
             elif kind == "error":
                 await send(openai_api.error(ev.error.code, ev.error.message)[1])
                 break
+            else:
+                comment = openai_api.progress_comment(ev)
+                if comment:
+                    await write(comment)
             try:
                 ev = await anext(events)
             except StopAsyncIteration:
                 break
-        await resp.write(b"data: [DONE]\n\n")
+        await write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from protos.v1 import common_pb2, router_pb2
-from roundhouse import subjects
+from roundhouse import jetstream, subjects
 from roundhouse.errors import InvalidRequest, JobNotFound, RoundhouseError
 from router_svc import openai_api
 from router_svc.gateway import Gateway
@@ -74,7 +74,7 @@ class Jobs:
         self._config = config
         self._kv = None
         self._running: dict[str, asyncio.Task] = {}
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._subs: list = []
         self._stopping = False
@@ -95,7 +95,8 @@ class Jobs:
         await js.add_consumer(subjects.JOBS_STREAM, ConsumerConfig(
             durable_name=subjects.JOBS_RUNNERS, filter_subject=subjects.JOBS_RUN, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self._config.ack_wait_s, max_deliver=self._config.max_deliver, max_ack_pending=100_000))
-        self._psub = await js.pull_subscribe_bind(subjects.JOBS_RUNNERS, subjects.JOBS_STREAM)
+        self._puller = jetstream.Puller(self._nc, subjects.JOBS_STREAM, subjects.JOBS_RUNNERS)
+        await self._puller.start()
         self._subs.append(await self._nc.subscribe(subjects.JOBS_SUBMIT, queue="rh-routers", cb=self._on_submit))
         self._subs.append(await self._nc.subscribe(subjects.JOBS_CANCEL, cb=self._on_cancel))
         self._tasks.append(asyncio.create_task(self._pull_loop(), name="jobs-pull"))
@@ -107,10 +108,10 @@ class Jobs:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in [*self._subs, getattr(self, "_psub", None)]:
+        for sub in [*self._subs, getattr(self, "_puller", None)]:
             if sub is not None:
                 with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                    await (sub.close() if sub is self._puller else sub.unsubscribe())
         running = list(self._running.values())
         for t in running:
             t.cancel()
@@ -200,32 +201,29 @@ class Jobs:
     # ---- running jobs -----------------------------------------------------------------------------
 
     async def _pull_loop(self) -> None:
-        while not self._stopping:
-            await self._slots.acquire()
-            try:
-                msgs = await self._psub.fetch(1, timeout=5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                self._slots.release()
-                continue
-            except nats.errors.Error as e:
-                self._slots.release()
-                log.warning("jobs.fetch_failed", error=repr(e))
-                await asyncio.sleep(1)
-                continue
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            msg = msgs[0]
+        """Runs jobs from RH_JOBS (the shared pull loop), up to `concurrency` at once."""
+        async def room() -> int:
+            while len(self._running) >= self._config.concurrency:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            return self._config.concurrency - len(self._running)
+
+        async def take(msg) -> None:
             try:
                 request = router_pb2.GenerateRequest.FromString(msg.data)
             except Exception:
                 log.error("job.bad_message")
                 await msg.term()
-                self._slots.release()
-                continue
+                return
             task = asyncio.create_task(self._run(request, msg), name=f"job-{request.request_id}")
             self._running[request.request_id] = task
-            task.add_done_callback(lambda t, jid=request.request_id: (self._running.pop(jid, None), self._slots.release()))
+            task.add_done_callback(lambda t, jid=request.request_id: self._ended(jid))
+
+        await jetstream.pull_loop(self._puller, room, take)
+
+    def _ended(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._slot_freed.set()
 
     async def _run(self, request: router_pb2.GenerateRequest, msg) -> None:
         job_id = request.request_id

@@ -173,14 +173,29 @@ def usage(u: common_pb2.Usage) -> dict:
 
 def chunk(opts: Options, rid: str, created: int, model: str, text: str | None = None,
           finish: int | None = None, first: bool = False) -> dict:
-    """One streamed chunk (chat.completion.chunk or text_completion)."""
+    """One streamed chunk (chat.completion.chunk or text_completion); `first` puts the assistant
+    role on a chat chunk (the first one a caller gets)."""
     reason = FINISH.get(finish) if finish is not None else None
     if opts.endpoint == "chat":
-        delta: dict = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        delta: dict = {"content": text} if text is not None else {}
+        if first:
+            delta = {"role": "assistant", "content": text or ""}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
     choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def progress_comment(event: router_pb2.GenerateEvent) -> bytes:
+    """An SSE comment line for a request that waits (queued, its model loading), or b"".
+
+    Comment lines (`: ...`) are skipped by OpenAI clients and keep proxies from timing out."""
+    kind = event.WhichOneof("event")
+    if kind == "queued":
+        return b": queued\n\n"
+    if kind == "loading":
+        return f": loading {event.loading.model}, about {event.loading.estimate_s:.0f} s\n\n".encode()
+    return b""
 
 
 def usage_chunk(opts: Options, rid: str, created: int, model: str, u: common_pb2.Usage) -> dict:

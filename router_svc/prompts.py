@@ -1,8 +1,13 @@
-"""Prompt length in tokens, counted in the router so an over-long prompt never reaches NATS or a GPU.
+"""The prompt as the engine will see it, tokenized once, in the router.
 
+The router renders the chat template and tokenizes here, admits by that count (an over-long
+prompt never reaches NATS or a GPU), and queues the token ids: the worker hands them to vLLM as
+they are, so the count admitted is the count the engine sees and nothing is tokenized twice.
 Uses the model's own `tokenizer.json` (the `tokenizers` library) and its chat template (jinja2,
-sandboxed, as transformers renders it). A model directory without them gets no exact count;
-the engine then rejects an over-long prompt itself.
+sandboxed, as transformers renders it; a test checks both against transformers). As vLLM's
+OpenAI server does, a completion prompt gets the tokenizer's special tokens (BOS) and a rendered
+chat prompt does not (its template writes them). A model directory without a tokenizer gets no
+ids; the worker then renders and tokenizes, and the engine rejects an over-long prompt itself.
 """
 from __future__ import annotations
 
@@ -39,13 +44,21 @@ class PromptCounter:
         special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
         return cls(tokenizer, template, special)
 
-    def count(self, prompt: str) -> int | None:
+    def ids(self, prompt: str) -> list[int] | None:
+        """A completion prompt's token ids, or None without a tokenizer."""
         if self._tokenizer is None:
             return None
-        return len(self._tokenizer.encode(prompt, add_special_tokens=True).ids)
+        return self._tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int | None:
-        if self._tokenizer is None or self._template is None:
+    def render(self, messages: Sequence[dict[str, str]]) -> str | None:
+        """The chat template applied to `messages`, ready for generation; None without one."""
+        if self._template is None:
             return None
-        text = self._template.render(messages=list(messages), add_generation_prompt=True, **self._special)
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._template.render(messages=list(messages), add_generation_prompt=True, **self._special)
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int] | None:
+        """A chat's token ids (template rendered), or None without a tokenizer and template."""
+        text = self.render(messages)
+        if self._tokenizer is None or text is None:
+            return None
+        return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -10,11 +10,11 @@ import nats
 import nats.errors
 import structlog
 
-from protos.v1 import manager_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import grpcserver, jetstream, subjects
+from protos.v1 import manager_pb2, router_pb2, router_pb2_grpc
+from roundhouse import entry, grpcserver, jetstream, subjects
 from roundhouse.errors import RoundhouseError
 from router_svc.config import RouterConfig
-from router_svc.delivery import DeliveryServicer
+from router_svc.delivery import DeliveryServer
 from router_svc.gateway import Gateway
 from router_svc.http import HttpApi
 from router_svc.jobs import Jobs, JobsConfig
@@ -23,7 +23,6 @@ from router_svc.tracker import Tracker
 log = structlog.get_logger("router")
 
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
-DELIVERY_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Delivery"].full_name
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -92,6 +91,7 @@ class Router:
         self.http_port = 0
         self._nc: nats.NATS | None = None
         self._server: grpc.aio.Server | None = None
+        self._delivery = DeliveryServer(self.tracker)
         self._health = None
         self._http: HttpApi | None = None
         self._jobs: Jobs | None = None
@@ -100,6 +100,11 @@ class Router:
     def address(self) -> str:
         return f"{self.config.advertise_host or self.config.host}:{self.port}"
 
+    @property
+    def delivery_address(self) -> str:
+        """Where workers stream tokens back (internal; named in each queued request's reply_to)."""
+        return f"{self.config.advertise_host or self.config.host}:{self._delivery.port}"
+
     async def start(self) -> None:
         self._nc = await nats.connect(self.config.nats_url, name="roundhouse-router", max_reconnect_attempts=-1)
         js = self._nc.jetstream()
@@ -107,19 +112,19 @@ class Router:
         await self._nc.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=self._on_model_event)
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        gateway = Gateway(self.config, self._nc, self.tracker, self.address)
+        self._delivery.start(self.config.host, self.config.delivery_port)
+        gateway = Gateway(self.config, self._nc, self.tracker, self.delivery_address)
         self._jobs = Jobs(gateway, self._nc, JobsConfig(ack_wait_s=self.config.job_ack_wait_s,
                                                         concurrency=self.config.job_concurrency))
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(gateway, self._jobs, js), self._server)
-        worker_pb2_grpc.add_DeliveryServicer_to_server(DeliveryServicer(self.tracker), self._server)
-        self._health = await grpcserver.add_standard_services(self._server, [ROUTER_SERVICE, DELIVERY_SERVICE])
+        self._health = await grpcserver.add_standard_services(self._server, [ROUTER_SERVICE])
         await self._server.start()
         if self.config.http_port >= 0:
             nc = self._nc
             self._http = HttpApi(gateway, healthy=lambda: nc.is_connected)
             self.http_port = await self._http.start(self.config.host, self.config.http_port)
         await self._jobs.start()
-        log.info("router.serving", address=self.address, http_port=self.http_port or None,
+        log.info("router.serving", address=self.address, delivery=self.delivery_address, http_port=self.http_port or None,
                  models=[m.name for m in self.config.catalogue.models])
 
     async def _on_model_event(self, msg) -> None:
@@ -140,6 +145,7 @@ class Router:
             await self._http.stop()
         if self._server is not None:
             await self._server.stop(grace)
+        await self._delivery.stop(grace)
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -150,6 +156,8 @@ class Router:
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     router = Router(config)
     await router.start()
+    entry.freeze_heap()
+    entry.write_ready(config.ready_file, port=router.port, http_port=router.http_port, delivery=router.delivery_address)
     try:
         await stop.wait()
     finally:

@@ -21,7 +21,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 BY_NAME = "requested by name"   # the route reason of a request that names its model
 
-Counter = Callable[[ModelSpec, router_pb2.GenerateRequest], "int | None"]
+# The prompt's token ids as the engine will see them (router_svc.prompts), or None if unknown.
+Tokenize = Callable[[ModelSpec, router_pb2.GenerateRequest], "list[int] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Admitted:
 def admit(
     req: router_pb2.GenerateRequest,
     catalogue: Catalogue,
-    count_prompt: Counter,
+    tokenize: Tokenize,
     *,
     now_ms: int,
     deadline_ms: int,
@@ -79,7 +80,8 @@ def admit(
     if len(s.stop) > 16 or any(not x for x in s.stop):
         raise InvalidRequest("stop", "at most 16 non-empty stop strings")
     # 5. Length against the context.
-    prompt_tokens = count_prompt(spec, req)
+    prompt_ids = tokenize(spec, req)
+    prompt_tokens = len(prompt_ids) if prompt_ids is not None else None
     max_tokens = s.max_tokens if s.HasField("max_tokens") else spec.default_max_tokens
     if prompt_tokens is not None:
         room = spec.max_model_len - prompt_tokens
@@ -115,6 +117,8 @@ def admit(
     adapter = catalogue.adapter(name)
     if adapter is not None:
         queued.adapter = adapter.name
+    if prompt_ids is not None:
+        queued.prompt_token_ids.extend(prompt_ids)
     if kind == "prompt":
         queued.prompt = req.prompt
     else:

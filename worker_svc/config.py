@@ -44,7 +44,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--ack-wait", type=float, default=float(_env("ACK_WAIT_S", str(WorkerConfig.ack_wait_s))))
     p.add_argument("--max-deliver", type=int, default=int(_env("MAX_DELIVER", str(WorkerConfig.max_deliver))))
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", str(WorkerConfig.drain_timeout_s))))
-    p.add_argument("--ready-file", default=_env("READY_FILE", ""))
+    entry.ready_flag(p, _env)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
     if not a.model:

@@ -141,22 +141,32 @@ class Engine:
             raise
         return engine
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's chat template applied to `messages`, ready for generation."""
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The model's chat template applied to `messages` and tokenized (no special tokens added
+        beyond what the template writes, as vLLM's OpenAI server does)."""
+        return list(self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
     async def generate(
-        self, prompt: str, chat: list[dict[str, str]], request_id: str, sampling: dict, adapter: str = ""
+        self, prompt: str, chat: list[dict[str, str]], request_id: str, sampling: dict, adapter: str = "",
+        prompt_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[Step]:
         """Streams one request; `sampling` holds SamplingParams fields (max_tokens, temperature, ...);
-        `adapter` names one of the engine's LoRA adapters ("" = the base model)."""
+        `adapter` names one of the engine's LoRA adapters ("" = the base model). Given
+        `prompt_token_ids` (the router's rendering and tokenization), the engine takes them as they
+        are; else it renders `chat` with the model's template, or tokenizes `prompt`."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._llm is None:
             raise EngineDead("engine is shut down")
-        text = self.render_chat(chat) if chat else prompt
+        if prompt_token_ids:
+            engine_prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
+        elif chat:
+            engine_prompt = TokensPrompt(prompt_token_ids=self.chat_ids(chat))
+        else:
+            engine_prompt = prompt
         lora = self._base_lora
         if adapter:
             lora = self._loras.get(adapter)
@@ -168,7 +178,7 @@ class Engine:
             raise InvalidRequest("sampling", str(e)) from e
         completion = 0
         try:
-            async for out in self._llm.generate(text, params, request_id, lora_request=lora):
+            async for out in self._llm.generate(engine_prompt, params, request_id, lora_request=lora):
                 o = out.outputs[0]
                 completion += len(o.token_ids)
                 yield Step(

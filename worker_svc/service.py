@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import pathlib
 
 import grpc
 import nats
@@ -12,10 +10,9 @@ import structlog
 
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import grpcserver, jetstream, subjects
-from worker_svc import preflight
+from roundhouse import entry, grpcserver, jetstream, subjects
+from worker_svc import consume, preflight
 from worker_svc.config import WorkerConfig
-from worker_svc.consume import Puller, heartbeat_loop, pull_loop
 from worker_svc.servicer import WorkerServicer
 from worker_svc.worker import ModelWorker
 
@@ -31,7 +28,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await jetstream.ensure_stream(js)
     await jetstream.ensure_consumer(js, config.model.name, config.ack_wait_s, config.max_deliver)
-    puller = Puller(nc, config.model.name)
+    puller = consume.puller(nc, config.model.name)
     await puller.start()
 
     # 2. The worker and its control server.
@@ -42,14 +39,11 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name))
-    if config.ready_file:
-        tmp = pathlib.Path(config.ready_file + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "worker_id": config.worker_id}))
-        tmp.rename(config.ready_file)
+    entry.write_ready(config.ready_file, port=port, worker_id=config.worker_id)
 
     tasks = [
-        asyncio.create_task(pull_loop(worker, puller), name="pull"),
-        asyncio.create_task(heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
+        asyncio.create_task(consume.pull_loop(worker, puller), name="pull"),
+        asyncio.create_task(consume.heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
     ]
     if config.manager:
         tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.advertise_host or config.host}:{port}"), name="report"))

@@ -16,7 +16,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from protos.v1 import common_pb2, manager_pb2, queue_pb2, worker_pb2
-from roundhouse import catalogue
+from roundhouse import catalogue, entry
 from roundhouse.errors import EngineDead, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
@@ -114,6 +114,7 @@ class ModelWorker:
             log.error("engine.load_failed", model=self.model, error=repr(e))
             await self.residency.set(State.FAILED, error=f"{type(e).__name__}: {e}")
             return
+        entry.freeze_heap()  # the engine's objects live until it is evicted
         self.counters.load_seconds = time.monotonic() - started
         log.info("engine.loaded", model=self.model, seconds=round(self.counters.load_seconds, 2))
         await self.residency.set(State.READY)
@@ -142,6 +143,7 @@ class ModelWorker:
         engine, self.engine = self.engine, None
         if engine is not None:
             await engine.shutdown()
+            entry.thaw_heap()  # its objects may be collected now
 
     async def _drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -232,6 +234,7 @@ class ModelWorker:
                     active.engine_request_id,
                     _sampling(req.sampling),
                     req.adapter,
+                    req.prompt_token_ids,
                 ):
                     if step.token_ids or step.text:
                         link.push(

@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/queue.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\x80\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.roundhouse.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12\x18\n\x10\x65nqueued_unix_ms\x18\x08 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\tB\x07\n\x05input\":\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/queue.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\x9a\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.roundhouse.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12\x18\n\x10\x65nqueued_unix_ms\x18\x08 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x18\n\x10prompt_token_ids\x18\n \x03(\rB\x07\n\x05input\":\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.queue_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUEUEDREQUEST']._serialized_start=65
-  _globals['_QUEUEDREQUEST']._serialized_end=321
-  _globals['_CHATPROMPT']._serialized_start=323
-  _globals['_CHATPROMPT']._serialized_end=381
+  _globals['_QUEUEDREQUEST']._serialized_end=347
+  _globals['_CHATPROMPT']._serialized_start=349
+  _globals['_CHATPROMPT']._serialized_end=407
 # @@protoc_insertion_point(module_scope)

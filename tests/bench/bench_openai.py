@@ -1,13 +1,15 @@
 """vLLM's own serving benchmark against `vllm serve` and against Roundhouse, on the same tiny model.
 
-    .venv/bin/python -m tests.bench.bench_openai [--num-prompts 200] [--concurrency 32]
+    .venv/bin/python -m tests.bench.bench_openai [--num-prompts 200] [--concurrency 32] [--rounds 2]
 
-One run, one model, the same load for both: vLLM's OpenAI server (`vllm.entrypoints.openai.
-api_server`, what `vllm serve` runs) first, then Roundhouse (`roundhouse up --config` with that
-model: nats-server, manager, router, one worker), each driven by `vllm.benchmarks.serve` with
-`--backend openai` (/v1/completions) and `--backend openai-chat` (/v1/chat/completions), random
-prompts of --input-len tokens, --output-len tokens out (ignore_eos). Prints output tokens/s and
-TTFT p50 / p99 for both, Roundhouse / vLLM as a ratio and a difference. Asserts nothing.
+One model, the same load for both: vLLM's OpenAI server (`vllm.entrypoints.openai.api_server`,
+what `vllm serve` runs) and Roundhouse (`roundhouse up --config` with that model: nats-server,
+manager, router, one worker), alternated A B A B (--rounds pairs) so drift cancels, each driven
+by `vllm.benchmarks.serve` with `--backend openai` (/v1/completions) and `--backend openai-chat`
+(/v1/chat/completions), random prompts of --input-len tokens, --output-len tokens out
+(ignore_eos). Both servers start once and stay up; each round runs both endpoints on each.
+Prints output tokens/s and TTFT p50 / p99 per round and server, Roundhouse / vLLM as a ratio and
+a difference, and each server process's CPU seconds per 1,000 output tokens. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -87,8 +89,9 @@ def cpu_by_process(root_pid: int) -> dict[str, float]:
             t = p.cpu_times()
         except psutil.Error:
             continue
-        role = ("nats-server" if "nats-server" in cmd else "worker " + cmd.split("--model ")[1].split()[0] if "worker_svc" in cmd
-                else "api_server" if "api_server" in cmd else "roundhouse up (router+manager)" if "roundhouse.cli" in cmd
+        role = ("nats-server" if "nats-server" in cmd else "worker" if "worker_svc" in cmd
+                else "router" if "router_svc" in cmd else "manager" if "manager_svc" in cmd
+                else "api_server" if "api_server" in cmd else "roundhouse up" if "roundhouse.cli" in cmd
                 else p.name())
         out[role] = out.get(role, 0.0) + t.user + t.system
     return out
@@ -113,41 +116,44 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_vllm(model_dir: pathlib.Path, a, work: pathlib.Path) -> dict:
+def start_vllm(model_dir: pathlib.Path, work: pathlib.Path, context: int = 1024) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(work / "vllm-serve.log", "wb")
+    log = open(work / "vllm-serve.log", "ab")
     proc = subprocess.Popen([
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "tiny-0",
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "64",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(context), "--max-num-seqs", "64",
         "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20), "--seed", "0", "--disable-log-stats",
     ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", 300, proc)
         warm(base, "tiny-0")
-        return {b: measured(proc, base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
-    finally:
+    except BaseException:
         stop(proc)
+        raise
+    return proc, base
 
 
-def run_roundhouse(config: pathlib.Path, model_dir: pathlib.Path, a, work: pathlib.Path) -> dict:
+def start_roundhouse(config: pathlib.Path, work: pathlib.Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(work / "roundhouse-up.log", "wb")
+    log_path = work / "roundhouse-up.log"
+    log_path.write_bytes(b"")
     proc = subprocess.Popen([
         sys.executable, "-m", "roundhouse.cli", "up", "--config", str(config), "--var", str(work / "var"),
         "--port", "0", "--manager-port", "0", "--http-port", str(port), "--log-level", "warning",
-    ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
-        while b"ready. gRPC" not in (work / "roundhouse-up.log").read_bytes():
+        while b"ready. gRPC" not in log_path.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("roundhouse up did not start; see " + str(work / "roundhouse-up.log"))
+                raise RuntimeError(f"roundhouse up did not start; see {log_path}")
             time.sleep(0.5)  # another process's stdout: nothing to await
         warm(base, "tiny-0")
-        return {b: measured(proc, base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}
-    finally:
+    except BaseException:
         stop(proc)
+        raise
+    return proc, base
 
 
 def main() -> None:
@@ -156,25 +162,48 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="A B pairs")
     a = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="rh-bench-openai-"))
     config = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64, max_tokens_limit=1000)
     model_dir = work / "models" / "tiny-0"
-    vllm_res = run_vllm(model_dir, a, work)
-    rh_res = run_roundhouse(config, model_dir, a, work)
-    print(f"\n{a.num_prompts} prompts, {a.input_len} in / {a.output_len} out tokens, concurrency {a.concurrency}, tiny Llama on CPU")
-    print(f"{'backend':12} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
+    servers = {}
+    try:
+        servers["vllm serve"] = start_vllm(model_dir, work)
+        servers["roundhouse"] = start_roundhouse(config, work)
+        for name, (proc, base) in servers.items():  # one unmeasured pass each: compile and cache warm-up
+            for b in BACKENDS:
+                bench(base, b, "tiny-0", str(model_dir), argparse.Namespace(**{**vars(a), "num_prompts": a.concurrency}))
+        rows = []
+        for r in range(a.rounds):
+            for name, (proc, base) in servers.items():
+                rows.append((r + 1, name, {b: measured(proc, base, b, "tiny-0", str(model_dir), a) for b in BACKENDS}))
+    finally:
+        for proc, _ in servers.values():
+            stop(proc)
+    print(f"\n{a.num_prompts} prompts, {a.input_len} in / {a.output_len} out tokens, concurrency {a.concurrency}, "
+          f"tiny Llama on CPU, {a.rounds} rounds A B")
+    print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
     for b in BACKENDS:
-        v, r = vllm_res[b], rh_res[b]
-        for name, x in (("vllm serve", v), ("roundhouse", r)):
-            print(f"{b:12} {name:10} {x['tok_s']:>10.1f} {x['ttft_p50']:>12.2f} {x['ttft_p99']:>12.2f} {x['failed']:>6}")
-        print(f"{b:12} {'ratio':10} {r['tok_s'] / v['tok_s']:>10.2%} {r['ttft_p50'] - v['ttft_p50']:>+12.2f} "
-              f"{r['ttft_p99'] - v['ttft_p99']:>+12.2f}")
-    print("\nserver CPU seconds during each run, by process")
+        for r in range(a.rounds):
+            v = next(x[b] for rr, n, x in rows if rr == r + 1 and n == "vllm serve")
+            h = next(x[b] for rr, n, x in rows if rr == r + 1 and n == "roundhouse")
+            for name, x in (("vllm serve", v), ("roundhouse", h)):
+                print(f"{b:12} {r + 1:>5} {name:10} {x['tok_s']:>10.1f} {x['ttft_p50']:>12.2f} {x['ttft_p99']:>12.2f} {x['failed']:>6}")
+            print(f"{b:12} {r + 1:>5} {'ratio':10} {h['tok_s'] / v['tok_s']:>10.2%} {h['ttft_p50'] - v['ttft_p50']:>+12.2f} "
+                  f"{h['ttft_p99'] - v['ttft_p99']:>+12.2f}")
+    print("\nserver CPU seconds per 1,000 output tokens, by process (all rounds)")
+    out_tokens = a.num_prompts * a.output_len
     for b in BACKENDS:
-        for name, x in (("vllm serve", vllm_res[b]), ("roundhouse", rh_res[b])):
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(x["cpu"].items(), key=lambda kv: -kv[1]))
-            print(f"{b:12} {name:10} total {sum(x['cpu'].values()):.2f}: {parts}")
+        for name in ("vllm serve", "roundhouse"):
+            cpu: dict[str, float] = {}
+            runs = [x[b] for _, n, x in rows if n == name]
+            for x in runs:
+                for k, v in x["cpu"].items():
+                    cpu[k] = cpu.get(k, 0.0) + v
+            per = {k: v * 1000 / (out_tokens * len(runs)) for k, v in cpu.items()}
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+            print(f"{b:12} {name:10} total {sum(per.values()):.3f}: {parts}")
 
 
 if __name__ == "__main__":

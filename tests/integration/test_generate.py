@@ -45,6 +45,8 @@ async def test_tokens_equal_the_same_engine_called_directly(router, router_stub,
     for events, expected in zip(routed, direct):
         assert kinds_of(events)[0] == "queued"
         assert kinds_of(events)[-1] == "finished"
+        # One tokenization: the count the router admitted by is the count the engine saw.
+        assert events[0].queued.prompt_tokens == events[-1].finished.usage.prompt_tokens > 0
         assert tokens_of(events) == expected
         assert len(expected) == 24
     assert len({tuple(d) for d in direct}) == len(direct), "different prompts should give different tokens"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 
 import aiohttp
@@ -160,3 +161,65 @@ async def test_queue_full_is_429_and_a_model_that_cannot_load_is_503(ghost_route
         async with s.post(url, json=body, headers={"x-request-timeout": "0.5"}) as late:
             assert late.status == 504
     assert len(ghost_router.tracker) == 0
+
+
+async def _sse_lines(resp) -> list[bytes]:
+    """The raw SSE lines of a response (blank separators dropped), up to and including [DONE]."""
+    lines = []
+    async for raw in resp.content:
+        line = raw.rstrip(b"\n")
+        if line:
+            lines.append(line)
+        if line == b"data: [DONE]":
+            break
+    return lines
+
+
+async def test_streams_send_no_data_chunk_before_the_first_generated_token(router, chat_worker, js):
+    """TTFT as a client measures it is the real one: comments while waiting, then generated text."""
+    cases = [
+        ("chat/completions", {"messages": [{"role": "user", "content": "Hello there"}]}, lambda c: c["choices"][0]["delta"].get("content")),
+        ("completions", {"prompt": "Hello there"}, lambda c: c["choices"][0]["text"]),
+    ]
+    async with aiohttp.ClientSession() as s:
+        for path, body, text_of in cases:
+            body = {**body, "model": "chat", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+            async with s.post(f"http://127.0.0.1:{router.http_port}/v1/{path}", json=body) as resp:
+                assert resp.status == 200
+                lines = await _sse_lines(resp)
+            first_data = next(i for i, line in enumerate(lines) if line.startswith(b"data: "))
+            assert lines[:first_data] and all(line.startswith(b":") for line in lines[:first_data]), lines[:first_data]
+            assert lines[0] == b": queued"
+            first = json.loads(lines[first_data][6:])
+            assert text_of(first), f"{path}: the first data chunk carries generated text: {first}"
+            if path.startswith("chat"):
+                assert first["choices"][0]["delta"]["role"] == "assistant"
+            chunks = [json.loads(line[6:]) for line in lines[first_data:-1]]
+            assert all(text_of(c) for c in chunks[:-1]), "no empty chunks before the last (finish) chunk"
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    await assert_quiescent(router, js, [chat_worker])
+
+
+async def test_a_stream_waiting_for_its_model_gets_comments_then_the_outcome(ghost_router, nats_server):
+    url = f"http://127.0.0.1:{ghost_router.http_port}/v1/completions"
+    body = {"model": "ghost", "prompt": "hello", "max_tokens": 4, "stream": True}
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body) as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+                assert (await resp.content.readline()).rstrip() == b": queued"
+                loading = manager_pb2.ModelEvent(model="ghost", state=worker_pb2.ENGINE_STATE_LOADING, estimate_s=19.6)
+                await nc.publish(subjects.model_event_subject("ghost"), loading.SerializeToString())
+                line = b""
+                while not line.strip():
+                    line = await asyncio.wait_for(resp.content.readline(), 10)
+                assert line.rstrip() == b": loading ghost, about 20 s"
+                failed = manager_pb2.ModelEvent(model="ghost", state=worker_pb2.ENGINE_STATE_FAILED, error="does not fit")
+                await nc.publish(subjects.model_event_subject("ghost"), failed.SerializeToString())
+                rest = await asyncio.wait_for(_sse_lines(resp), 10)
+    finally:
+        await nc.close()
+    data = [json.loads(line[6:]) for line in rest if line.startswith(b"data: ") and line != b"data: [DONE]"]
+    assert len(data) == 1 and "does not fit" in data[0]["error"]["message"], "the only data chunk is the error"
+    assert rest[-1] == b"data: [DONE]"

@@ -64,8 +64,9 @@ def test_whole_response_and_chunks_have_openai_shapes():
     assert whole["object"] == "chat.completion" and whole["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert whole["choices"][0]["finish_reason"] == "length"
     assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    first = openai_api.chunk(chat, "id", 1, "chat", first=True)
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    first = openai_api.chunk(chat, "id", 1, "chat", text="Hel", first=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}, "the role rides on the first token"
+    assert openai_api.chunk(chat, "id", 1, "chat", text="lo")["choices"][0]["delta"] == {"content": "lo"}
     last = openai_api.chunk(chat, "id", 1, "chat", finish=common_pb2.FINISH_REASON_STOP)
     assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     text = openai_api.chunk(openai_api.Options("completions"), "id", 1, "m", text="ab")
@@ -87,3 +88,11 @@ def test_errors_map_to_http_status_and_openai_error_json(error, status):
     if status == 400:
         assert body["error"]["param"] == "max_tokens"
     assert openai_api.error("NOT_FOUND", "x")[0] == 404 and openai_api.error("DEADLINE_EXCEEDED", "x")[0] == 504
+
+
+def test_waiting_is_reported_as_sse_comments_not_data():
+    queued = router_pb2.GenerateEvent(queued=router_pb2.Queued(request_id="r", model="code"))
+    loading = router_pb2.GenerateEvent(loading=router_pb2.Loading(model="code", estimate_s=19.6))
+    assert openai_api.progress_comment(queued) == b": queued\n\n"
+    assert openai_api.progress_comment(loading) == b": loading code, about 20 s\n\n"
+    assert openai_api.progress_comment(router_pb2.GenerateEvent(started=router_pb2.Started())) == b""

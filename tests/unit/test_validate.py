@@ -15,10 +15,10 @@ CAT = catalogue.from_mapping(
 )
 
 
-def words(spec, req):  # a stand-in tokenizer: one token per word
+def words(spec, req):  # a stand-in tokenizer: one token per word (its length as the id)
     if req.WhichOneof("input") == "chat":
-        return sum(len(m.content.split()) + 2 for m in req.chat.messages)
-    return len(req.prompt.split())
+        return [len(w) for m in req.chat.messages for w in ["<r>", *m.content.split(), "</r>"]]
+    return [len(w) for w in req.prompt.split()]
 
 
 def run(req, now=1_000, deadline=61_000, counter=words):
@@ -35,6 +35,7 @@ def test_resolves_alias_applies_defaults_and_seeds_sampled_requests():
     assert q.model == "m" and q.reply_to == "r:1" and q.deadline_unix_ms == 61_000 and q.request_id
     assert q.sampling.max_tokens == 30 and q.sampling.temperature == 1.0 and q.sampling.HasField("seed")
     assert a.prompt_tokens == 3
+    assert list(q.prompt_token_ids) == [3, 3, 5], "the ids counted are the ids queued for the engine"
     greedy = run(req(temperature=0.0)).queued.sampling
     assert not greedy.HasField("seed")
 
@@ -79,3 +80,4 @@ def test_expired_deadline_is_refused_first():
 def test_model_without_a_tokenizer_skips_the_length_check():
     a = run(router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 500)), counter=lambda s, r: None)
     assert a.prompt_tokens == 0 and a.queued.sampling.max_tokens == 30
+    assert not a.queued.prompt_token_ids and a.queued.prompt, "no tokenizer: the worker gets the text"
