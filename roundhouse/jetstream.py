@@ -77,16 +77,24 @@ async def queued(js: JetStreamContext, model: str) -> int:
 
 
 class Puller:
-    """Pull requests against one durable consumer, delivered to one inbox."""
+    """Pull requests against one durable consumer, delivered to one inbox.
+
+    The inbox feeds a queue of our own rather than nats-py's `next_msg`: that one waits with
+    `asyncio.wait_for`, which on Python 3.11 swallows a cancellation that lands as a message
+    arrives, so a loop built on it could outlive its `cancel()` (a router's stop hung on it)."""
 
     def __init__(self, nc: Client, stream: str, consumer: str):
         self._nc = nc
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._sub = None
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, pending_msgs_limit=4 * PULL_BATCH_MAX)
+        async def arrived(msg: Msg) -> None:
+            self._queue.put_nowait(msg)
+
+        self._sub = await self._nc.subscribe(self._inbox, cb=arrived, pending_msgs_limit=4 * PULL_BATCH_MAX)
 
     async def request(self, batch: int) -> None:
         body = json.dumps({"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
@@ -96,8 +104,9 @@ class Puller:
         """The next delivery, or None once the current pull request is over."""
         while True:
             try:
-                msg = await self._sub.next_msg(timeout=PULL_EXPIRES_S + 2)
-            except nats.errors.TimeoutError:
+                async with asyncio.timeout(PULL_EXPIRES_S + 2):
+                    msg = await self._queue.get()
+            except TimeoutError:
                 return None
             status = (msg.headers or {}).get("Status") if not msg.data else None
             if status == _HEARTBEAT:

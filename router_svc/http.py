@@ -149,6 +149,7 @@ class HttpApi:
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await resp.prepare(request)
         write = resp.write
+        frame = openai_api.text_framer(opts, rid, created, model)
         opened = False  # has a data chunk gone out (for chat: the role)?
 
         async def send(obj) -> None:
@@ -158,8 +159,10 @@ class HttpApi:
         while True:
             kind = ev.WhichOneof("event")
             if kind == "delta":
-                if ev.delta.text:
-                    await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text, first=not opened))
+                if ev.delta.text and opened:
+                    await write(frame(ev.delta.text))
+                elif ev.delta.text:
+                    await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text, first=True))
                     opened = True
             elif kind == "finished":
                 if not opened and opts.endpoint == "chat":

@@ -13,7 +13,8 @@ with 400 naming the field instead of being silently ignored; other unknown field
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from protos.v1 import common_pb2, router_pb2
@@ -184,6 +185,19 @@ def chunk(opts: Options, rid: str, created: int, model: str, text: str | None = 
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
     choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def text_framer(opts: Options, rid: str, created: int, model: str) -> Callable[[str], bytes]:
+    """A function from a token delta's text to its whole SSE event (`data: {...}\n\n`), equal to
+    `chunk(opts, rid, created, model, text=...)` serialised: the parts around the text are
+    encoded once per stream, so each token costs one string encode rather than a dict and a
+    whole document (the relay's per-token CPU)."""
+    marker = "\x00roundhouse-text\x00"
+    doc = json.dumps(chunk(opts, rid, created, model, text=marker))
+    head, tail = doc.split(json.dumps(marker))
+    head_b, tail_b = b"data: " + head.encode(), tail.encode() + b"\n\n"
+    dumps = json.dumps
+    return lambda text: head_b + dumps(text).encode() + tail_b
 
 
 def progress_comment(event: router_pb2.GenerateEvent) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from protos.v1 import router_pb2, router_pb2_grpc
-from roundhouse import catalogue, jetstream, natsd, stack, subjects
+from roundhouse import catalogue, entry, jetstream, natsd, stack, subjects
 from router_svc.config import RouterConfig
 from router_svc.server import Router
 
@@ -63,6 +63,7 @@ def models(models_yaml) -> catalogue.Catalogue:
 async def router(nats_server, models) -> Router:
     r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0, http_port=0, job_ack_wait_s=TEST_ACK_WAIT_S))
     await r.start()
+    entry.freeze_heap()  # as a router process does once it serves (router_svc.server.serve)
     yield r
     await r.stop(grace=1)
 

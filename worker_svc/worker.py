@@ -65,6 +65,9 @@ class ModelWorker:
         self.engine: Engine | None = None
         self.weight_bytes = catalogue.weight_bytes(config.model.path)
         self.active: dict[str, Active] = {}
+        # Finished requests waiting for their router to confirm the last chunk: still ours, so
+        # still heartbeated (else JetStream redelivers a finished request after ack_wait).
+        self.settling: dict[str, Msg] = {}
         self.links = Links(config.worker_id, self.cancel, self._router_lost)
         self._slot_freed = asyncio.Event()
         self._load_task: asyncio.Task | None = None
@@ -215,7 +218,7 @@ class ModelWorker:
             await msg.term()
             return
         engine = self.engine
-        if engine is None or rid in self.active:
+        if engine is None or rid in self.active or rid in self.settling:
             await msg.nak(delay=0.5)
             return
         # 3. Register, announce, generate.
@@ -251,10 +254,11 @@ class ModelWorker:
             if not active.stop:
                 raise  # not ours: the whole worker is going down
             asyncio.current_task().uncancel()
-            self.counters.aborted += 1
-            await engine.abort([active.engine_request_id])
-            outcome = "nak" if active.stop == Stop.REQUEUE else "term"
-            bound.info("request.stopped", reason=active.stop)
+            if receipt is None:  # still generating: abort it (else it finished just before the stop)
+                self.counters.aborted += 1
+                await engine.abort([active.engine_request_id])
+                outcome = "nak" if active.stop == Stop.REQUEUE else "term"
+                bound.info("request.stopped", reason=active.stop)
         except TimeoutError:
             self.counters.aborted += 1
             await engine.abort([active.engine_request_id])
@@ -273,10 +277,14 @@ class ModelWorker:
         # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
         #    that dies before that leaves the request queued for another delivery.
         if receipt is not None:
+            self.settling[rid] = msg
             try:
-                delivered = await asyncio.wait_for(receipt, RECEIPT_TIMEOUT_S)
+                async with asyncio.timeout(RECEIPT_TIMEOUT_S):
+                    delivered = await receipt
             except TimeoutError:
                 delivered = False
+            finally:
+                del self.settling[rid]
             if not delivered:  # the router (and so the caller) is gone: nobody waits for it
                 bound.warning("request.unconfirmed")
                 outcome = "term"
@@ -299,7 +307,7 @@ class ModelWorker:
 
     async def heartbeat(self) -> None:
         """Tells JetStream that every request in flight is still being worked on."""
-        msgs = [a.msg for a in self.active.values()]
+        msgs = [a.msg for a in self.active.values()] + list(self.settling.values())
         await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
 
     def report(self, address: str, preflight_error: str) -> manager_pb2.WorkerReport:

@@ -168,14 +168,17 @@ async def test_list_models_names_aliases_and_limits(router_stub, models):
 
 
 async def test_health_and_reflection_are_served(router):
+    """On the public port and on the internal delivery port; Delivery is only on the internal one,
+    so a caller of the public API cannot write into another caller's stream."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
-        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="roundhouse.v1.Router"), timeout=5)
-        assert resp.status == health_pb2.HealthCheckResponse.SERVING
-        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
-        names = [s.name async for r in responses for s in r.list_services_response.service]
-        assert "roundhouse.v1.Router" in names and "roundhouse.v1.Delivery" in names
+    for address, service, absent in ((f"127.0.0.1:{router.port}", "roundhouse.v1.Router", "roundhouse.v1.Delivery"),
+                                     (router.delivery_address, "roundhouse.v1.Delivery", "roundhouse.v1.Router")):
+        async with grpc.aio.insecure_channel(address) as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = [s.name async for r in responses for s in r.list_services_response.service]
+            assert service in names and absent not in names, (address, names)

@@ -96,3 +96,15 @@ def test_waiting_is_reported_as_sse_comments_not_data():
     assert openai_api.progress_comment(queued) == b": queued\n\n"
     assert openai_api.progress_comment(loading) == b": loading code, about 20 s\n\n"
     assert openai_api.progress_comment(router_pb2.GenerateEvent(started=router_pb2.Started())) == b""
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("text", ["lo", "", 'quote " back\\slash', "ünï 🚂\n\t\x00", "\x00roundhouse-text\x00"])
+def test_the_per_token_framer_writes_exactly_the_chunk(endpoint, text):
+    import json
+
+    opts = openai_api.Options(endpoint)
+    frame = openai_api.text_framer(opts, "id-1", 7, "m/odel")
+    raw = frame(text)
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
+    assert json.loads(raw[6:]) == openai_api.chunk(opts, "id-1", 7, "m/odel", text=text)
