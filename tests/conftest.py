@@ -61,7 +61,11 @@ def models(models_yaml) -> catalogue.Catalogue:
 
 @pytest_asyncio.fixture(scope="session")
 async def router(nats_server, models) -> Router:
-    r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0, http_port=0, job_ack_wait_s=TEST_ACK_WAIT_S))
+    # publish_timeout_s: this machine stalls whole processes for seconds at times (a probe that
+    # only sleeps oversleeps by up to 4 s in bench_loop_lag), and a PubAck that arrives during a
+    # stall is seen only after its timer fired: 30 s keeps such stalls from failing requests.
+    r = Router(RouterConfig(catalogue=models, nats_url=nats_server.url, port=0, http_port=0, job_ack_wait_s=TEST_ACK_WAIT_S,
+                            publish_timeout_s=30.0))
     await r.start()
     entry.freeze_heap()  # as a router process does once it serves (router_svc.server.serve)
     yield r
