@@ -10,6 +10,7 @@ back in the `x-roundhouse-model` / `x-roundhouse-route-reason` headers; header `
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -48,6 +49,23 @@ def _timeout(request: web.Request) -> float | None:
     if value <= 0 or value != value:
         raise InvalidRequest("x-request-timeout", f"must be > 0 seconds, got {raw!r}")
     return value
+
+
+QUEUED_COMMENT_AFTER_S = 1.0   # a stream that waits this long for its first token says so
+
+
+async def _next_or_comment(events, write):
+    """The next event; if none comes within QUEUED_COMMENT_AFTER_S, writes `: queued` first.
+    Only used before the first token: it costs a task per event."""
+    nxt = asyncio.ensure_future(anext(events))
+    try:
+        done, _ = await asyncio.wait({nxt}, timeout=QUEUED_COMMENT_AFTER_S)
+        if not done:
+            await write(b": queued\n\n")
+        return await nxt
+    except BaseException:
+        nxt.cancel()  # the caller is gone: the generator must not run on in a task of its own
+        raise
 
 
 class HttpApi:
@@ -142,9 +160,12 @@ class HttpApi:
     async def _stream(self, request, events, opts, rid, created, model, headers) -> web.StreamResponse:
         """Server-sent events. A `data:` chunk goes out only once the model has generated text
         (for chat, the assistant role rides on that first chunk), so a client's time to first
-        token is the real one. While the request waits in its queue or for its model to load,
-        progress goes out as SSE comment lines (`: queued`, `: loading code, about 20 s`), which
-        OpenAI clients skip and proxies take as keep-alive."""
+        token is the real one. While the request waits in its queue (past QUEUED_COMMENT_AFTER_S)
+        or for its model to load, progress goes out as SSE comment lines (`: queued`,
+        `: loading code, about 20 s`), which OpenAI clients skip and proxies take as keep-alive.
+        A request served at once gets no comment at all: some clients mishandle them (vLLM's
+        bench strips each network read, so a comment read on its own glues itself to the data
+        after it and the whole stream is lost)."""
         first = await anext(events)  # raises before any byte is sent when the request cannot be queued
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await resp.prepare(request)
@@ -174,12 +195,10 @@ class HttpApi:
             elif kind == "error":
                 await send(openai_api.error(ev.error.code, ev.error.message)[1])
                 break
-            else:
-                comment = openai_api.progress_comment(ev)
-                if comment:
-                    await write(comment)
+            elif kind == "loading":
+                await write(openai_api.progress_comment(ev))
             try:
-                ev = await anext(events)
+                ev = await (anext(events) if opened else _next_or_comment(events, write))
             except StopAsyncIteration:
                 break
         await write(b"data: [DONE]\n\n")

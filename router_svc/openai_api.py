@@ -201,7 +201,8 @@ def text_framer(opts: Options, rid: str, created: int, model: str) -> Callable[[
 
 
 def progress_comment(event: router_pb2.GenerateEvent) -> bytes:
-    """An SSE comment line for a request that waits (queued, its model loading), or b"".
+    """An SSE comment line for a request that waits (queued, its model loading), or b"" (the
+    HTTP layer says `queued` only once a request has waited a while).
 
     Comment lines (`: ...`) are skipped by OpenAI clients and keep proxies from timing out."""
     kind = event.WhichOneof("event")

@@ -176,7 +176,7 @@ async def _sse_lines(resp) -> list[bytes]:
 
 
 async def test_streams_send_no_data_chunk_before_the_first_generated_token(router, chat_worker, js):
-    """TTFT as a client measures it is the real one: comments while waiting, then generated text."""
+    """TTFT as a client measures it is the real one: at most comments while waiting, then generated text."""
     cases = [
         ("chat/completions", {"messages": [{"role": "user", "content": "Hello there"}]}, lambda c: c["choices"][0]["delta"].get("content")),
         ("completions", {"prompt": "Hello there"}, lambda c: c["choices"][0]["text"]),
@@ -188,8 +188,7 @@ async def test_streams_send_no_data_chunk_before_the_first_generated_token(route
                 assert resp.status == 200
                 lines = await _sse_lines(resp)
             first_data = next(i for i, line in enumerate(lines) if line.startswith(b"data: "))
-            assert lines[:first_data] and all(line.startswith(b":") for line in lines[:first_data]), lines[:first_data]
-            assert lines[0] == b": queued"
+            assert all(line.startswith(b":") for line in lines[:first_data]), f"only comments before: {lines[:first_data]}"
             first = json.loads(lines[first_data][6:])
             assert text_of(first), f"{path}: the first data chunk carries generated text: {first}"
             if path.startswith("chat"):
@@ -208,7 +207,8 @@ async def test_a_stream_waiting_for_its_model_gets_comments_then_the_outcome(gho
         async with aiohttp.ClientSession() as s:
             async with s.post(url, json=body) as resp:
                 assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-                assert (await resp.content.readline()).rstrip() == b": queued"
+                # Said once the request has waited QUEUED_COMMENT_AFTER_S (no worker serves ghost).
+                assert (await asyncio.wait_for(resp.content.readline(), 10)).rstrip() == b": queued"
                 loading = manager_pb2.ModelEvent(model="ghost", state=worker_pb2.ENGINE_STATE_LOADING, estimate_s=19.6)
                 await nc.publish(subjects.model_event_subject("ghost"), loading.SerializeToString())
                 line = b""
