@@ -120,7 +120,7 @@ class WorkerProcess(ServiceProcess):
         return await self.call("Load", worker_pb2.LoadRequest(), timeout)
 
     async def status(self) -> worker_pb2.WorkerStatus:
-        return await self.call("Status", worker_pb2.StatusRequest(), 10.0)
+        return await self.call("Status", worker_pb2.StatusRequest(), 30.0)
 
 
 async def stop_all(services: list[ServiceProcess], timeout: float = 30.0) -> None:

@@ -53,10 +53,10 @@ class Gateway:
     def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None) -> Admitted:
         """Validates and resolves `request` (classifying model "auto"), or raises a RequestError."""
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
-        now = time.time()
-        admitted = admit(
+        now_ms = int(time.time() * 1000)
+        admitted = admit(  # a deadline less than a whole millisecond away is already past
             request, self.catalogue, self._tokenize,
-            now_ms=int(now * 1000), deadline_ms=int((now + timeout) * 1000), reply_to=self._reply_to,
+            now_ms=now_ms, deadline_ms=now_ms + int(timeout * 1000), reply_to=self._reply_to,
         )
         q = admitted.queued
         if admitted.route_reason != BY_NAME:
