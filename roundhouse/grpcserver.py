@@ -29,6 +29,16 @@ async def add_standard_services(server: grpc.aio.Server, service_names: list[str
     return health_servicer
 
 
+def add_standard_services_sync(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
+    """add_standard_services for a synchronous grpc.server (the router's delivery port)."""
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return health_servicer
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: RoundhouseError):
     """Ends the call with the status that `error` maps to (never a traceback to the client)."""
     await context.abort(error.code, error.message)

@@ -22,8 +22,6 @@ from concurrent import futures
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver
@@ -147,12 +145,7 @@ class DeliveryServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_LINKS, thread_name_prefix="delivery"),
                                    options=grpcserver.SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_LINKS)
         worker_pb2_grpc.add_DeliveryServicer_to_server(DeliveryServicer(self._tracker, loop), self._server)
-        name = worker_pb2.DESCRIPTOR.services_by_name["Delivery"].full_name
-        self._health = health.HealthServicer()  # the synchronous twin of grpcserver.add_standard_services
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        for service in ("", name):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection([name, reflection.SERVICE_NAME, health.SERVICE_NAME], self._server)
+        grpcserver.add_standard_services_sync(self._server, [worker_pb2.DESCRIPTOR.services_by_name["Delivery"].full_name])
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         self._server.start()
         return self.port

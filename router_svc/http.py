@@ -61,7 +61,7 @@ async def _next_or_comment(events, write):
     try:
         done, _ = await asyncio.wait({nxt}, timeout=QUEUED_COMMENT_AFTER_S)
         if not done:
-            await write(b": queued\n\n")
+            await write(openai_api.QUEUED_COMMENT)
         return await nxt
     except BaseException:
         nxt.cancel()  # the caller is gone: the generator must not run on in a task of its own

@@ -200,6 +200,9 @@ def text_framer(opts: Options, rid: str, created: int, model: str) -> Callable[[
     return lambda text: head_b + dumps(text).encode() + tail_b
 
 
+QUEUED_COMMENT = b": queued\n\n"
+
+
 def progress_comment(event: router_pb2.GenerateEvent) -> bytes:
     """An SSE comment line for a request that waits (queued, its model loading), or b"" (the
     HTTP layer says `queued` only once a request has waited a while).
@@ -207,7 +210,7 @@ def progress_comment(event: router_pb2.GenerateEvent) -> bytes:
     Comment lines (`: ...`) are skipped by OpenAI clients and keep proxies from timing out."""
     kind = event.WhichOneof("event")
     if kind == "queued":
-        return b": queued\n\n"
+        return QUEUED_COMMENT
     if kind == "loading":
         return f": loading {event.loading.model}, about {event.loading.estimate_s:.0f} s\n\n".encode()
     return b""

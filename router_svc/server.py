@@ -141,15 +141,15 @@ class Router:
             await self._health.enter_graceful_shutdown()
         if self._jobs is not None:
             await self._jobs.stop()
-        log.info("router.stopping", step="jobs stopped")
+        log.debug("router.stopping", step="jobs stopped")
         if self._http is not None:
             await self._http.stop()
-        log.info("router.stopping", step="http stopped")
+        log.debug("router.stopping", step="http stopped")
         if self._server is not None:
             await self._server.stop(grace)
-        log.info("router.stopping", step="grpc stopped")
+        log.debug("router.stopping", step="grpc stopped")
         await self._delivery.stop(grace)
-        log.info("router.stopping", step="delivery stopped")
+        log.debug("router.stopping", step="delivery stopped")
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
