@@ -50,6 +50,7 @@ class Manager:
         self._tasks: list[asyncio.Task] = []
         self._nc: nats.NATS | None = None
         self._js = None
+        self._last_decide = self._awake_since = clock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class Manager:
         e = self.entries.get(r.model)
         if e is None:
             raise RoundhouseError(f"model {r.model!r} is not in the manager's catalogue")
-        e.worker_id, e.address = r.worker_id, r.address
+        e.worker_id, e.address, e.reported_at = r.worker_id, r.address, self._clock()
         if r.weight_bytes:
             e.weight_bytes = r.weight_bytes
         e.reported_in_flight = r.in_flight
@@ -133,12 +134,34 @@ class Manager:
         while True:
             self._wake.clear()
             now = self._clock()
+            if now - self._last_decide > self.settings.report_interval_s:
+                self._awake_since = now  # this process itself was stalled: reports may be waiting unread
+            self._last_decide = now
+            self._expire_silent(now)
             actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s)
             for action in actions:
                 self._apply(action)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.queue_poll_s):
                     await self._wake.wait()
+
+    def _expire_silent(self, now: float) -> None:
+        """A worker that stopped reporting (killed, frozen, host gone) is lost: its model counts
+        as unloaded with no worker, so nothing waits on it and its bytes are free for others.
+        A worker that comes back (or its replacement) reports and is used again."""
+        limit = self.settings.worker_timeout_s
+        for e in self.entries.values():
+            # Silent since its last report, or since this manager was last able to hear it. While
+            # a Load / Evict to it is under way, that call is the proof of life (a loading worker
+            # can be too busy to report: measured 10 s silent during a CPU engine's compile) and
+            # a dead worker fails it at once.
+            if not e.address or e.op is not None or now - max(e.reported_at, self._awake_since) <= limit:
+                continue
+            log.error("residency.worker_lost", model=e.spec.name, worker_id=e.worker_id, silent_s=round(now - e.reported_at, 1))
+            e.address = e.worker_id = ""
+            e.reported_in_flight = 0
+            e.phase, e.error = Phase.UNLOADED, f"its worker stopped reporting {now - e.reported_at:.0f} s ago (lost)"
+            self._set_changed(e)
 
     def _apply(self, action) -> None:
         e = self.entries[action.model]
@@ -164,7 +187,7 @@ class Manager:
             log.error("residency.load_failed", model=e.spec.name, error=e.error, retry_in_s=round(e.backoff_until - self._clock(), 1))
         else:
             e.phase, e.failures, e.requested = Phase.READY, 0, False
-            e.resident_since = self._clock()
+            e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
             e.last_load_s = e.resident_since - started
         finally:
             e.op = None
@@ -177,7 +200,7 @@ class Manager:
         try:
             await self._worker(e).Evict(worker_pb2.EvictRequest(drain_timeout_s=self.settings.drain_timeout_s),
                                         timeout=self.settings.drain_timeout_s + 120)
-            e.phase = Phase.UNLOADED
+            e.phase, e.reported_at = Phase.UNLOADED, self._clock()
         except grpc.aio.AioRpcError as err:
             log.error("residency.evict_failed", model=e.spec.name, error=err.details())
             e.phase = Phase.FAILED

@@ -28,6 +28,7 @@ class Entry:
     weight_bytes: int = 0
     worker_id: str = ""
     address: str = ""
+    reported_at: float = 0.0          # when its worker last reported (a heartbeat every report_interval_s)
     phase: Phase = Phase.UNLOADED
     error: str = ""
     broken: str = ""
@@ -62,6 +63,16 @@ class Entry:
         return self.frequency * 0.5 ** (max(0.0, now - self.frequency_at) / FREQUENCY_HALF_LIFE_S)
 
     def set_queue(self, depth: int, acked_pending: int, now: float) -> bool:
+        """`depth`: the consumer's num_pending; `acked_pending`: its num_ack_pending.
+
+        A worker pulls only while its engine is READY, so a message handed out and not acked
+        while the model is not resident belongs to nobody: one a dead worker took (redelivered
+        after ack_wait) or one handed back while it was being evicted (redelivered after a delay).
+        JetStream counts those in num_ack_pending, not num_pending, yet they are demand: without
+        them a request that met a dying or evicting worker never got its model loaded again and
+        waited for its deadline."""
+        if self.phase in (Phase.UNLOADED, Phase.FAILED):
+            depth += acked_pending
         changed = depth != self.queue_depth
         self.queue_depth = depth
         self.in_flight = max(acked_pending, self.reported_in_flight)

@@ -34,6 +34,7 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
       report_interval_s: 2         # workers refresh their report this often
       queue_poll_s: 0.5
       starvation_s: 30             # a waiting model may drain busy ones after waiting this long
+      worker_timeout_s: 10         # a worker that has not reported this long is lost (its models: unloaded)
 
     routing:                       # optional; model "auto" (see roundhouse/routing.py)
       default_model: auto
@@ -104,6 +105,7 @@ class ManagerSpec:
     report_interval_s: float = 2.0
     queue_poll_s: float = 0.5
     starvation_s: float = 30.0        # a waiting model may drain busy ones after this long
+    worker_timeout_s: float = 10.0    # a worker silent this long is lost: its models count as unloaded
 
 
 DEFAULT_GPUS = (GpuSpec(id="cpu", budget_bytes=8 * 2**30),)
@@ -257,7 +259,10 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
             raise ConfigError("gpus: an id is used twice")
     manager = _build(ManagerSpec, raw.get("manager") or {}, "manager", set())
     _positive(manager, "manager", "drain_timeout_s", "load_backoff_s", "report_interval_s", "queue_poll_s", "starvation_s",
-              allow_zero=("drain_timeout_s",))
+              "worker_timeout_s", allow_zero=("drain_timeout_s",))
+    if manager.worker_timeout_s <= 2 * manager.report_interval_s:
+        raise ConfigError(f"manager.worker_timeout_s ({manager.worker_timeout_s}) must exceed twice report_interval_s "
+                          f"({manager.report_interval_s}): one late report must not count as a lost worker")
     known = {g.id for g in gpus}
     for i, m in enumerate(specs):
         if m.gpu not in known:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import pathlib
 import sys
 import time
@@ -48,9 +49,11 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         config_path = stack.write_default(var)
     cat = load(config_path)
     run_dir = var / "run"
-    nats = await natsd.start_async(var / "jetstream", a.nats_port or None)
+    nats = await natsd.start_async(var / "jetstream", a.nats_port or None, durable=True)
     common = ["--config", str(config_path), "--nats-url", nats.url, "--log-level", a.log_level]
     services: list[stack.ServiceProcess] = []
+    supervisors: list[stack.Supervisor] = []
+    restarting: list[asyncio.Task] = []
     progress = None
     try:
         manager = await stack.start_service("manager_svc", "manager", run_dir, *common, "--host", a.host,
@@ -65,37 +68,45 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         for m in cat.models:
             if stop.is_set():
                 return
-            services.append(await stack.start_worker(config_path, m.name, nats.url, run_dir, "--manager", manager_address,
-                                                     "--log-level", a.log_level))
-            print(f"roundhouse: worker for {m.name} started (log {services[-1].log_path})", flush=True)
+            start = functools.partial(stack.start_worker, config_path, m.name, nats.url, run_dir, "--manager",
+                                      manager_address, "--log-level", a.log_level)
+            first = await start()
+            supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
+            restarting.append(asyncio.create_task(supervisors[-1].run(first, stop)))
+            print(f"roundhouse: worker for {m.name} started (log {first.log_path})", flush=True)
         models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
         print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP http://{a.host}:{router.info['http_port']}/v1  "
               f"manager {manager_address}  NATS {nats.url}", flush=True)
         print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
               f"(or `roundhouse load MODEL`). Logs under {run_dir}. Ctrl-C stops everything.", flush=True)
         for s in services:
-            asyncio.create_task(_watch(s, stop, essential=s in (manager, router)))
+            asyncio.create_task(_watch(s, stop))
         await stop.wait()
     finally:
         print("roundhouse: stopping", flush=True)
+        stop.set()
         if progress is not None:
             await progress.close()
-        workers = [s for s in services if isinstance(s, stack.WorkerProcess)]
-        await stack.stop_all(workers)  # first: they hand their requests back while NATS is up
-        await stack.stop_all([s for s in services if s not in workers])
+        if restarting:  # a supervisor in the middle of a restart finishes it (bounded by its start timeout)
+            await asyncio.wait(restarting, timeout=90)
+        # Workers first: they hand their requests back while NATS is up.
+        await stack.stop_all([sup.current for sup in supervisors if sup.current is not None])
+        await stack.stop_all(services)
         nats.stop()
         print("roundhouse: stopped", flush=True)
 
 
-async def _watch(service, stop: asyncio.Event, essential: bool) -> None:
-    """Says when a service exits on its own; without the router or the manager the stack stops."""
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _watch(service, stop: asyncio.Event) -> None:
+    """Without the router or the manager the stack stops (workers have a Supervisor instead)."""
     code = await asyncio.to_thread(service.process.wait)
     if stop.is_set():
         return
-    print(f"roundhouse: {service.name} exited ({code}); see {service.log_path}"
-          f"{'; stopping' if essential else ''}", flush=True)
-    if essential:
-        stop.set()
+    print(f"roundhouse: {service.name} exited ({code}); see {service.log_path}; stopping", flush=True)
+    stop.set()
 
 
 def _model_progress(clock):
@@ -127,20 +138,22 @@ async def _workers(a: argparse.Namespace, stop: asyncio.Event) -> None:
     if not models:
         raise SystemExit(f"error: no model in {a.config} is on gpu {a.gpu!r}")
     extra = ["--manager", a.manager, "--host", a.host, *(["--advertise-host", a.advertise_host] if a.advertise_host else [])]
-    workers: list[stack.WorkerProcess] = []
+    supervisors: list[stack.Supervisor] = []
+    running: list[asyncio.Task] = []
     try:
         for m in models:
-            workers.append(await stack.start_worker(pathlib.Path(a.config).resolve(), m.name, a.nats_url,
-                                                    pathlib.Path(a.run_dir), *extra, timeout=300))
-            print(f"roundhouse: worker for {m.name} on {workers[-1].address}", flush=True)
-        waits = [asyncio.create_task(asyncio.to_thread(w.process.wait)) for w in workers]
-        gone = asyncio.create_task(stop.wait())
-        await asyncio.wait([gone, *waits], return_when=asyncio.FIRST_COMPLETED)
-        dead = [w.model for w in workers if w.process.poll() is not None]
-        if dead:  # let the orchestrator restart the container rather than serve with a model missing
-            raise SystemExit(f"error: worker for {', '.join(dead)} exited")
+            start = functools.partial(stack.start_worker, pathlib.Path(a.config).resolve(), m.name, a.nats_url,
+                                      pathlib.Path(a.run_dir), *extra, timeout=300)
+            first = await start()
+            supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
+            running.append(asyncio.create_task(supervisors[-1].run(first, stop)))
+            print(f"roundhouse: worker for {m.name} on {first.address}", flush=True)
+        await stop.wait()  # a worker that exits is restarted by its supervisor, the others untouched
     finally:
-        await stack.stop_all(workers)
+        stop.set()
+        if running:
+            await asyncio.wait(running, timeout=330)
+        await stack.stop_all([sup.current for sup in supervisors if sup.current is not None])
 
 
 async def _health(a: argparse.Namespace) -> int:

@@ -53,11 +53,28 @@ class NatsServer:
                 self.process.wait()
 
 
-def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.0) -> NatsServer:
-    """Starts nats-server with JetStream on `port` (a free one if None) and waits until it is ready."""
+# As deploy/nats/nats.conf: fsync on every write, so a request the router was told is accepted
+# (its PubAck) survives a crash of the server or of the machine, and room for long prompts.
+DURABLE_CONFIG = """jetstream {{
+  store_dir: "{store_dir}"
+  sync_interval: always
+}}
+max_payload: 8MB
+"""
+
+
+def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.0, durable: bool = False) -> NatsServer:
+    """Starts nats-server with JetStream on `port` (a free one if None) and waits until it is ready.
+    `durable`: fsync every write (`roundhouse up`); the tests leave it off to spare the disk."""
     port = port or free_port()
     store_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
+    cmd = [server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js"]
+    if durable:  # the store directory is in the file (nats-server refuses it twice)
+        conf = store_dir / "nats.conf"
+        conf.write_text(DURABLE_CONFIG.format(store_dir=store_dir))
+        cmd += ["-c", str(conf)]
+    else:
+        cmd += ["-sd", str(store_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     lines: list[str] = []
@@ -89,5 +106,5 @@ def _drain_in_background(proc: subprocess.Popen) -> None:
     threading.Thread(target=drain, daemon=True, name="nats-server-stderr").start()
 
 
-async def start_async(store_dir: pathlib.Path, port: int | None = None) -> NatsServer:
-    return await asyncio.to_thread(start, store_dir, port)
+async def start_async(store_dir: pathlib.Path, port: int | None = None, durable: bool = False) -> NatsServer:
+    return await asyncio.to_thread(start, store_dir, port, 20.0, durable)

@@ -6,6 +6,7 @@ that a test can SIGKILL a worker together with its EngineCore the way a crash wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -90,6 +92,14 @@ class ServiceProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def reap(self) -> None:
+        """After the service exited on its own: SIGKILL what is left of its process group (a
+        worker killed with SIGKILL leaves its vLLM EngineCore running, holding its memory)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     async def astop(self, timeout: float = 30.0) -> None:
         """stop() off the event loop: an engine's shutdown takes seconds, and a blocked loop
@@ -176,3 +186,57 @@ async def start_worker(config_path: pathlib.Path, model: str, nats_url: str, run
     proc = spawn_worker(config_path, model, nats_url, run_dir, *extra, env=env)
     info = await wait_ready(proc, f"worker {model}", timeout)
     return WorkerProcess(model, proc, info, proc.log_path, model=model)  # type: ignore[attr-defined]
+
+
+class Supervisor:
+    """Keeps one worker running: when it exits on its own (crash, OOM kill, SIGKILL), what is left
+    of its process group is killed and it is started again after a backoff that doubles on each
+    quick exit (no crash loop) and starts over once a worker has run `stable_s`. Only this
+    worker is touched; the others go on serving. `current` is the running process (None while
+    waiting to restart)."""
+
+    def __init__(self, name: str, start: Callable[[], Awaitable[WorkerProcess]], say: Callable[[str], None] = print,
+                 backoff_s: tuple[float, float] = (1.0, 60.0), stable_s: float = 60.0):
+        self.name = name
+        self._start = start
+        self._say = say
+        self._first, self._cap = backoff_s
+        self._stable_s = stable_s
+        self.current: WorkerProcess | None = None
+        self.restarts = 0
+
+    async def run(self, first: WorkerProcess, stop: asyncio.Event) -> None:
+        self.current = first
+        delay = self._first
+        while not stop.is_set():
+            started = time.monotonic()
+            proc = self.current
+            exited = asyncio.ensure_future(asyncio.to_thread(proc.process.wait))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                return  # whoever set `stop` stops `current`; the wait's thread ends with the process
+            code = exited.result()
+            proc.reap()
+            if time.monotonic() - started >= self._stable_s:
+                delay = self._first
+            self._say(f"roundhouse: {self.name} exited ({code}); restarting it in {delay:.0f} s (log {proc.log_path})")
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()  # a backoff that ends early when the stack stops
+                if stop.is_set():
+                    return
+                delay = min(2 * delay, self._cap)
+                try:
+                    self.current = await self._start()
+                except RuntimeError as e:  # it did not come up: try again after a longer wait
+                    self._say(f"roundhouse: {self.name} did not restart: {e}; again in {delay:.0f} s")
+                    continue
+                if stop.is_set():  # the stack stopped while this one was starting
+                    await self.current.astop()
+                    return
+                self.restarts += 1
+                self._say(f"roundhouse: {self.name} restarted (log {self.current.log_path})")
+                break

@@ -119,9 +119,9 @@ class DeliveryServicer(worker_pb2_grpc.DeliveryServicer):
         received: list[str] = []
         for batch in items:
             if batch is None:  # the stream is over
-                waiting = self._tracker.lost_link(link)
-                if waiting:
-                    log.warning("delivery.worker_lost", worker_id=link.worker_id, waiting_for_redelivery=len(waiting))
+                requeued, failed = self._tracker.lost_link(link)
+                if requeued or failed:
+                    log.warning("delivery.worker_lost", worker_id=link.worker_id, requeued=len(requeued), failed=len(failed))
                 continue
             link.worker_id = batch.worker_id
             for chunk in batch.chunks:

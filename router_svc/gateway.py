@@ -26,7 +26,7 @@ from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
-from router_svc.tracker import Tracker, error_event
+from router_svc.tracker import REQUEUE, Tracker, error_event
 from router_svc.validate import BY_NAME, Admitted, admit
 
 log = structlog.get_logger("router")
@@ -106,9 +106,15 @@ class Gateway:
                     while not events.empty():
                         ready.append(events.get_nowait())
                 event = ready.popleft()
+                if event is REQUEUE:  # its worker was lost before sending anything: queue it again
+                    failed = await self._requeue(flight, q)
+                    if failed is not None:
+                        yield failed
+                        return
+                    continue
                 kind = event.WhichOneof("event")
                 if kind == "delta":  # deltas that queued up while the caller was slower: one message
-                    while ready and ready[0].WhichOneof("event") == "delta":
+                    while ready and ready[0] is not REQUEUE and ready[0].WhichOneof("event") == "delta":
                         more = ready.popleft().delta
                         event.delta.token_ids.extend(more.token_ids)
                         event.delta.text += more.text
@@ -139,6 +145,19 @@ class Gateway:
                 return await self._js.publish(subject, payload, timeout=self._config.publish_timeout_s, headers=headers)
             except (nats.errors.Error, asyncio.TimeoutError) as e:
                 log.error("request.publish_failed", attempt=attempt, error=repr(e))
+        return None
+
+    async def _requeue(self, flight, q) -> router_pb2.GenerateEvent | None:
+        """Replaces the lost worker's message with a new one; an error event if NATS refuses."""
+        with contextlib.suppress(Exception):  # gone already is fine: it must not run again
+            await self._js.delete_msg(subjects.STREAM, flight.seq)
+        ack = await self._publish(q)
+        if ack is None:
+            flight.done = True
+            return error_event("UNAVAILABLE", f"roundhouse: the worker serving model {q.model} was lost and the request "
+                                              "could not be queued again (NATS unavailable); send it again", True)
+        self._tracker.requeued(flight, ack.seq)
+        log.warning("request.requeued", seq=ack.seq, requeues=flight.requeues)
         return None
 
     async def _forget(self, flight) -> None:

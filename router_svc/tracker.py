@@ -6,6 +6,11 @@ it. After a worker is lost, the request is delivered again and generated again f
 the tracker then replays: the new generation's tokens must repeat what the caller already has
 (seeded sampling makes them), and only tokens past that point go out. If they differ, the caller
 gets a retryable UNAVAILABLE instead of a stream spliced from two generations.
+
+A worker stream that breaks (the worker died, or the link between us did) is known at once, so
+its flights do not wait for JetStream's redelivery timer: one that has sent the caller nothing is
+queued again at once (`REQUEUE` in its events: the gateway republishes it), one that has sent
+tokens fails with a retryable UNAVAILABLE that says how far it got.
 """
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ import dataclasses
 import enum
 
 from protos.v1 import common_pb2, router_pb2, worker_pb2
+
+
+MAX_REQUEUES = 2   # a request re-queued after this many lost workers fails instead (it may be what kills them)
+
+# In a flight's events: "your worker was lost before sending anything; queue the request again".
+REQUEUE = object()
 
 
 class Action(enum.Enum):
@@ -33,6 +44,8 @@ class Flight:
     out_text: list[str] = dataclasses.field(default_factory=list)
     replay: "_Replay | None" = None
     done: bool = False
+    requeues: int = 0                 # times a lost worker's flight was queued again
+    started: bool = False             # the caller was told a worker started it
 
 
 @dataclasses.dataclass
@@ -109,7 +122,8 @@ class Tracker:
             f.replay = _Replay() if f.out_tokens else None
         kind = chunk.WhichOneof("kind")
         if kind == "started":
-            if f.delivery == chunk.delivery and not f.out_tokens and f.replay is None:
+            if not f.started:  # once per caller, whichever generation starts first
+                f.started = True
                 f.events.put_nowait(_event(started=router_pb2.Started()))
             return Action.OK
         if kind == "delta":
@@ -167,6 +181,31 @@ class Tracker:
         f.done = True
         return Action.CANCEL
 
-    def lost_link(self, link: object) -> list[Flight]:
-        """Flights whose current generation ran on `link` (they wait for redelivery)."""
-        return [f for f in self._flights.values() if f.link is link]
+    def lost_link(self, link: object) -> tuple[list[Flight], list[Flight]]:
+        """The worker stream `link` broke: returns (requeued, failed) among the flights it served.
+
+        A flight the caller has seen nothing of goes back to waiting (the gateway republishes it on
+        `REQUEUE`), at most MAX_REQUEUES times; one that streamed tokens cannot be continued
+        without a new generation that may differ, so it fails now rather than at its deadline.
+        Either way its link is dropped: the gateway's cleanup then deletes the old message from
+        the stream, so JetStream does not run it again when the dead worker's ack wait ends."""
+        requeued, failed = [], []
+        for f in self._flights.values():
+            if f.link is not link or f.done:
+                continue
+            f.link, f.replay = None, None
+            if not f.out_tokens and f.requeues < MAX_REQUEUES:
+                f.requeues += 1
+                f.events.put_nowait(REQUEUE)
+                requeued.append(f)
+                continue
+            sent = f"after {len(f.out_tokens)} tokens" if f.out_tokens else f"{f.requeues + 1} times"
+            f.events.put_nowait(error_event(
+                "UNAVAILABLE", f"roundhouse: the worker serving model {f.model} was lost {sent}; send the request again", True))
+            f.done = True
+            failed.append(f)
+        return requeued, failed
+
+    def requeued(self, f: Flight, seq: int) -> None:
+        """The gateway queued `f` again as message `seq`: deliveries count from 1 again."""
+        f.seq, f.delivery = seq, 0

@@ -25,3 +25,43 @@ async def test_evicting_a_pinned_model_is_refused_by_name_or_alias():
 async def test_unknown_model_is_not_found():
     with pytest.raises(ModelNotFound):
         Manager(CAT, "nats://unused").entry("other")
+
+
+async def test_a_worker_that_stops_reporting_is_lost_and_its_replacement_is_used():
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+
+    now = [1000.0]
+    manager = Manager(CAT, "nats://unused", clock=lambda: now[0])
+    limit = CAT.manager.worker_timeout_s
+
+    def report(address: str, state=worker_pb2.ENGINE_STATE_READY) -> None:
+        manager.on_report(manager_pb2.WorkerReport(worker_id=address, model="m", address=address, state=state, in_flight=3))
+
+    report("10.0.0.1:7000")
+    e = manager.entry("m")
+    now[0] += limit - 0.5
+    manager._expire_silent(now[0])
+    assert e.phase is Phase.READY and e.address, "silent for less than worker_timeout_s: still there"
+    now[0] += 1.0
+    manager._expire_silent(now[0])
+    assert e.phase is Phase.UNLOADED and not e.address and e.reported_in_flight == 0
+    assert "stopped reporting" in e.residency().error
+    assert not e.view(now[0]).has_worker, "nothing is loaded on a worker that is gone"
+    report("10.0.0.2:7001", worker_pb2.ENGINE_STATE_UNLOADED)  # the restarted worker, on a new port
+    assert e.address == "10.0.0.2:7001" and e.view(now[0]).has_worker and not e.residency().error
+
+
+def test_requests_handed_to_no_engine_are_demand():
+    """A message taken by a worker that died (or handed back during an eviction) is ack-pending,
+    not pending, in JetStream: while the model has no engine it still asks for a load."""
+    from manager_svc.policy import Phase, wants_load
+
+    e = Manager(CAT, "nats://unused").entry("m")
+    e.address = "10.0.0.1:7000"
+    e.phase = Phase.UNLOADED
+    e.set_queue(0, 1, now=5.0)
+    assert e.queue_depth == 1 and e.waiting_since == 5.0 and wants_load(e.view(6.0), 6.0)
+    e.phase = Phase.READY  # resident: ack-pending messages are the engine's own work
+    e.set_queue(0, 1, now=7.0)
+    assert e.queue_depth == 0 and e.in_flight == 1

@@ -111,3 +111,43 @@ def test_text_that_lags_its_tokens_is_not_duplicated():
     t.on_chunk(delta(2, [3], "bc"), "w2")
     ev = drain(f)
     assert streamed(ev) == [1, 2, 3] and text(ev) == "abc"
+
+
+def test_a_lost_link_requeues_what_sent_nothing_and_fails_what_streamed():
+    from router_svc.tracker import MAX_REQUEUES, REQUEUE
+
+    t = Tracker()
+    quiet, talking, elsewhere = t.open("q", "m"), t.open("t", "m"), t.open("e", "m")
+    t.on_chunk(worker_pb2.RequestChunk(request_id="q", delivery=1, started=True), "w1")
+    t.on_chunk(worker_pb2.RequestChunk(request_id="t", delivery=1, delta=worker_pb2.RequestDelta(token_ids=[7], text="x")), "w1")
+    t.on_chunk(worker_pb2.RequestChunk(request_id="e", delivery=1, started=True), "w2")
+    drain(quiet), drain(talking), drain(elsewhere)
+
+    requeued, failed = t.lost_link("w1")
+    assert requeued == [quiet] and failed == [talking]
+    assert drain(quiet) == [REQUEUE] and not quiet.done and quiet.link is None
+    [err] = drain(talking)
+    assert err.error.code == "UNAVAILABLE" and err.error.retryable and "after 1 tokens" in err.error.message
+    assert talking.done and talking.link is None, "no link: the gateway deletes its message from the stream"
+    assert drain(elsewhere) == [] and elsewhere.link == "w2", "another worker's flights are untouched"
+
+    # The republished message counts deliveries from 1 again; a second `started` is not repeated.
+    t.requeued(quiet, seq=99)
+    assert t.on_chunk(worker_pb2.RequestChunk(request_id="q", delivery=1, started=True), "w3") is Action.OK
+    assert t.on_chunk(worker_pb2.RequestChunk(request_id="q", delivery=1, delta=worker_pb2.RequestDelta(token_ids=[5], text="y")),
+                      "w3") is Action.OK
+    assert quiet.seq == 99 and quiet.link == "w3"
+    assert [e.WhichOneof("event") for e in drain(quiet)] == ["delta"], "no second `started`; the new generation streams"
+
+    # Lost again and again: after MAX_REQUEUES it fails instead of looping.
+    q2 = t.open("q2", "m")
+    for i in range(MAX_REQUEUES):
+        link = object()
+        t.on_chunk(worker_pb2.RequestChunk(request_id="q2", delivery=1, started=True), link)
+        assert t.lost_link(link) == ([q2], [])
+        t.requeued(q2, seq=100 + i)
+    last = object()
+    t.on_chunk(worker_pb2.RequestChunk(request_id="q2", delivery=1, started=True), last)
+    assert t.lost_link(last) == ([], [q2])
+    events = drain(q2)
+    assert events[-1].error.code == "UNAVAILABLE" and f"{MAX_REQUEUES + 1} times" in events[-1].error.message
