@@ -38,9 +38,10 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
     router and one worker per model, each started here and stopped on SIGINT / SIGTERM."""
     import nats as nats_client
 
-    from roundhouse import natsd, stack, subjects
+    from roundhouse import natsd, reaper, stack, subjects
     from roundhouse.catalogue import load
 
+    reaper.guard()  # killed outright, it takes nats-server, the services and their engines with it
     var = pathlib.Path(a.var).resolve()
     if a.config:
         config_path = pathlib.Path(a.config).resolve()

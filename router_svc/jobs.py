@@ -35,7 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPoli
 
 from protos.v1 import common_pb2, router_pb2
 from roundhouse import jetstream, subjects
-from roundhouse.errors import InvalidRequest, JobNotFound, RoundhouseError
+from roundhouse.errors import InvalidRequest, JobNotFound, QueueFull, RoundhouseError, Unavailable
 from router_svc import openai_api
 from router_svc.gateway import Gateway
 
@@ -51,7 +51,9 @@ class JobsConfig:
     ack_wait_s: float = 30.0         # a dead router's jobs go to another after this long
     concurrency: int = 64            # jobs one router runs at once
     ttl_s: float = 7 * 86400         # records are kept this long
-    max_deliver: int = 5             # runs of one job; past that its record stays RUNNING (not handled yet)
+    max_deliver: int = 5             # runs of one job; one more delivery only records it FAILED
+    queue_full_backoff_s: float = 2.0   # a job that meets a full model queue waits this long, doubling
+    queue_full_backoff_max_s: float = 60.0
 
 
 def to_json(job: router_pb2.Job) -> bytes:
@@ -94,7 +96,9 @@ class Jobs:
                 bucket=subjects.JOBS_BUCKET, history=1, ttl=self._config.ttl_s, storage=StorageType.FILE))
         await js.add_consumer(subjects.JOBS_STREAM, ConsumerConfig(
             durable_name=subjects.JOBS_RUNNERS, filter_subject=subjects.JOBS_RUN, ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self._config.ack_wait_s, max_deliver=self._config.max_deliver, max_ack_pending=100_000))
+            # One delivery past max_deliver: it only records the job FAILED (else, past the limit,
+            # JetStream stops delivering and the record would stay RUNNING for ever).
+            ack_wait=self._config.ack_wait_s, max_deliver=self._config.max_deliver + 1, max_ack_pending=100_000))
         self._puller = jetstream.Puller(self._nc, subjects.JOBS_STREAM, subjects.JOBS_RUNNERS)
         await self._puller.start()
         self._subs.append(await self._nc.subscribe(subjects.JOBS_SUBMIT, queue="rh-routers", cb=self._on_submit))
@@ -130,12 +134,29 @@ class Jobs:
         job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,
                              route_reason=admitted.route_reason, created_unix_ms=now, updated_unix_ms=now, request=request)
         try:
-            await self._kv.create(job_id, to_json(job))
+            revision = await self._kv.create(job_id, to_json(job))
         except nats.js.errors.KeyWrongLastSequenceError:
-            return await self.get(job_id)  # idempotent resubmission
-        await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers={"Nats-Msg-Id": job_id})
+            # Idempotent resubmission. A record still QUEUED may be one whose run message never
+            # made it (see below): publish it again; within JetStream's duplicate window the
+            # same message id is stored once.
+            existing = await self.get(job_id)
+            if existing.state == router_pb2.JOB_STATE_QUEUED:
+                await self._publish_run(existing.request)
+            return existing
+        # A job is either queued and will run, or its submit fails and leaves nothing behind.
+        try:
+            await self._publish_run(request)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self._kv.delete(job_id, last=revision)
+            raise Unavailable(f"roundhouse: job {job_id} could not be queued ({type(e).__name__}); "
+                              "nothing was stored, submit it again") from None
         log.info("job.submitted", job_id=job_id, model=job.model, route=job.route_reason)
         return job
+
+    async def _publish_run(self, request: router_pb2.GenerateRequest) -> None:
+        await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers={"Nats-Msg-Id": request.request_id},
+                               timeout=10)
 
     async def get(self, job_id: str) -> router_pb2.Job:
         return (await self._read(job_id))[1]
@@ -231,6 +252,16 @@ class Jobs:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         job = None
         try:
+            if attempt > self._config.max_deliver:  # every run was lost (its router or worker died)
+                failed = router_pb2.Job(state=router_pb2.JOB_STATE_FAILED, error=common_pb2.ErrorDetail(
+                    code="UNAVAILABLE", retryable=True,
+                    message=f"roundhouse: job {job_id} was started {self._config.max_deliver} times and never finished "
+                            "(its router or worker was lost each time); submit it again"))
+                job = await self._update(job_id, lambda j: _result(j, failed))
+                await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
+                await msg.ack()
+                log.error("job.gave_up", job_id=job_id, attempts=self._config.max_deliver)
+                return
             job = await self._update(job_id, lambda j: _start(j, attempt))
             if job.state in _TERMINAL:  # cancelled while queued, or finished by an earlier run
                 await msg.ack()
@@ -238,7 +269,16 @@ class Jobs:
             run = router_pb2.GenerateRequest()
             run.CopyFrom(request)
             run.request_id = f"{job_id}.{attempt}"  # a rerun is a new request: never spliced with the last
-            result = await self._generate(job_id, attempt, run)
+            try:
+                result = await self._generate(job_id, attempt, run)
+            except QueueFull as e:
+                if attempt < self._config.max_deliver:  # transient: wait and run it again
+                    delay = min(self._config.queue_full_backoff_max_s, self._config.queue_full_backoff_s * 2 ** (attempt - 1))
+                    await self._update(job_id, _requeue)
+                    await msg.nak(delay=delay)
+                    log.warning("job.queue_full", job_id=job_id, attempt=attempt, retry_in_s=delay)
+                    return
+                result = router_pb2.Job(state=router_pb2.JOB_STATE_FAILED, error=_error_detail(e))
             job = await self._update(job_id, lambda j: _result(j, result))
             await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
             await msg.ack()
@@ -260,7 +300,7 @@ class Jobs:
         """Runs the request through the gateway; returns the result fields (state, text, ...)."""
         out = router_pb2.Job()
         try:
-            admitted = self._gw.admit(request)
+            admitted = self._gw.admit(request)  # QueueFull goes to the caller: it waits and retries
             async for ev in self._gw.stream(admitted):
                 await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)})
                 kind = ev.WhichOneof("event")
@@ -274,6 +314,8 @@ class Jobs:
                 elif kind == "error":
                     out.state = router_pb2.JOB_STATE_FAILED
                     out.error.CopyFrom(ev.error)
+        except QueueFull:
+            raise
         except RoundhouseError as e:
             out.state = router_pb2.JOB_STATE_FAILED
             out.error.CopyFrom(_error_detail(e))
@@ -307,6 +349,11 @@ def _error_detail(e: Exception) -> common_pb2.ErrorDetail:
 def _start(job: router_pb2.Job, attempt: int) -> bool:
     job.state = router_pb2.JOB_STATE_RUNNING
     job.attempts = attempt
+    return True
+
+
+def _requeue(job: router_pb2.Job) -> bool:
+    job.state = router_pb2.JOB_STATE_QUEUED
     return True
 
 

@@ -11,8 +11,6 @@ from roundhouse import jetstream, subjects
 from worker_svc.residency import State
 from worker_svc.worker import ModelWorker
 
-NOT_READY_NAK_DELAY_S = 1.0
-
 
 def puller(nc: Client, model: str) -> jetstream.Puller:
     return jetstream.Puller(nc, subjects.STREAM, subjects.consumer_name(model))
@@ -27,8 +25,8 @@ async def pull_loop(worker: ModelWorker, puller: jetstream.Puller) -> None:
     async def take(msg: Msg) -> None:
         if worker.residency.state is State.READY:
             worker.start(msg)
-        else:  # evicting since the pull began: hand it back, redelivered after the delay
-            await msg.nak(delay=NOT_READY_NAK_DELAY_S)
+        else:  # evicting since the pull began: hand it back (a copy; no delivery spent)
+            await worker.hand_back(msg)
 
     await jetstream.pull_loop(puller, room, take)
 

@@ -10,7 +10,7 @@ import structlog
 
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, subjects
+from roundhouse import entry, grpcserver, jetstream, reaper, subjects
 from worker_svc import consume, preflight
 from worker_svc.config import WorkerConfig
 from worker_svc.servicer import WorkerServicer
@@ -23,6 +23,7 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     structlog.contextvars.bind_contextvars(worker_id=config.worker_id, model=config.model.name)
+    reaper.guard()  # the engine processes it will start die with it, however it dies
     # 1. NATS: the stream, this model's consumer, a pull subscription bound to it.
     nc = await nats.connect(config.nats_url, name=config.worker_id, max_reconnect_attempts=-1)
     js = nc.jetstream()
@@ -32,7 +33,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     await puller.start()
 
     # 2. The worker and its control server.
-    worker = ModelWorker(config)
+    async def republish(subject: str, payload: bytes, headers: dict) -> None:
+        await js.publish(subject, payload, headers=headers, timeout=10)
+
+    worker = ModelWorker(config, republish)
     server = grpcserver.new_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health = await grpcserver.add_standard_services(server, [SERVICE_NAME])

@@ -1,16 +1,22 @@
 """One model's worker: the engine's lifecycle, the requests in flight, and what happens to each.
 
 The single owner of `active` (requests being generated) and of the engine. A request ends in
-exactly one of three ways for JetStream, decided in `_serve`:
-  ack   - its stream finished (or failed in a way a retry cannot fix: then `term`);
-  nak   - it must run again (engine died, worker evicting or shutting down): redelivered;
-  term  - nobody waits for it any more (caller cancelled, router gone, deadline passed).
+exactly one of four ways for JetStream, decided in `_serve`:
+  ack        - its stream finished (or failed in a way a retry cannot fix: then `term`);
+  nak        - its engine died while running it: a real attempt, redelivered (see redelivery);
+  hand back  - not its fault (engine not ready, worker evicting or shutting down): a copy is
+               queued and the original removed, so the hand-back spends none of its budget;
+  term       - nobody waits for it any more (caller cancelled, router gone, deadline passed,
+               too many real attempts).
+A redelivery of a request this worker is still running (it stalled past ack_wait) is adopted:
+the newest delivery's handle is the one acked, and nothing runs twice.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.aio.msg import Msg
@@ -20,13 +26,14 @@ from roundhouse import catalogue, entry
 from roundhouse.errors import EngineDead, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
-from worker_svc import preflight
+from worker_svc import preflight, redelivery
 from worker_svc.engine import Engine, EngineSpec
 from worker_svc.residency import Residency, State
 
 log = structlog.get_logger("worker")
 
 RECEIPT_TIMEOUT_S = 30.0   # how long a finished request waits for the router to confirm it
+HAND_BACK_NAK_DELAY_S = 1.0
 
 
 class Stop:
@@ -34,7 +41,7 @@ class Stop:
 
     CALLER_GONE = "caller_gone"      # router said cancel: abort, term
     ROUTER_LOST = "router_lost"      # the owning router's stream broke: abort, term
-    REQUEUE = "requeue"              # evict or shutdown: abort, nak (another delivery serves it)
+    REQUEUE = "requeue"              # evict or shutdown: abort, hand back (another delivery serves it)
 
 
 @dataclasses.dataclass
@@ -56,8 +63,11 @@ class Counters:
     load_seconds: float = 0.0
 
 
+Republish = Callable[[str, bytes, dict], Awaitable[object]]   # (subject, payload, headers)
+
+
 class ModelWorker:
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, republish: Republish | None = None):
         self.config = config
         self.model = config.model.name
         self.residency = Residency(self.model)
@@ -71,6 +81,7 @@ class ModelWorker:
         self.links = Links(config.worker_id, self.cancel, self._router_lost)
         self._slot_freed = asyncio.Event()
         self._load_task: asyncio.Task | None = None
+        self._republish = republish
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -207,7 +218,8 @@ class ModelWorker:
             log.error("request.undecodable", subject=msg.subject)
             await msg.term()
             return
-        delivery = msg.metadata.num_delivered or 1
+        d = redelivery.delivery(msg.headers, msg.metadata.num_delivered or 1)
+        delivery = d.number
         rid = req.request_id
         bound = log.bind(request_id=rid, model=self.model, delivery=delivery)
         # 2. Never start an expired request (its caller already got DEADLINE_EXCEEDED).
@@ -217,16 +229,56 @@ class ModelWorker:
             bound.info("request.expired_skipped")
             await msg.term()
             return
+        if rid in self.active:  # redelivered while we still run it (a stall past ack_wait)
+            self.active[rid].msg = msg
+            return
+        if rid in self.settling:
+            self.settling[rid] = msg
+            return
         engine = self.engine
-        if engine is None or rid in self.active or rid in self.settling:
-            await msg.nak(delay=0.5)
+        if engine is None:
+            await self.hand_back(msg)
             return
         # 3. Register, announce, generate.
         link = self.links.to(req.reply_to)
         active = Active(msg, link, delivery, f"{rid}@{delivery}", asyncio.current_task())
-        self.active[rid] = active
-        link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
-        bound.debug("request.started", reply_to=req.reply_to)
+        if d.exhausted:  # it was running each time its engine or worker died: do not try again
+            bound.error("request.attempts_exhausted", attempts=d.attempts)
+            receipt = link.push_last(_error(
+                rid, delivery, "INTERNAL",
+                f"roundhouse: this request was being generated each of the {d.attempts} times its engine or worker "
+                "died; it is not tried again (it may be what kills them)", False))
+            outcome = "term"
+        else:
+            self.active[rid] = active
+            link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
+            bound.debug("request.started", reply_to=req.reply_to)
+            outcome, receipt = await self._generate(engine, req, active, remaining, bound)
+        # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
+        #    that dies before that leaves the request queued for another delivery.
+        if receipt is not None:
+            self.settling[rid] = active.msg
+            try:
+                async with asyncio.timeout(RECEIPT_TIMEOUT_S):
+                    delivered = await receipt
+            except TimeoutError:
+                delivered = False
+            if not delivered:  # the router (and so the caller) is gone: nobody waits for it
+                bound.warning("request.unconfirmed")
+                outcome = "term"
+        msg = self.settling.pop(rid, None) or active.msg  # the newest delivery's handle
+        if outcome == "ack":
+            await msg.ack()
+        elif outcome == "nak":
+            await msg.nak()
+        elif outcome == "hand back":
+            await self.hand_back(msg)
+        else:
+            await msg.term()
+
+    async def _generate(self, engine: Engine, req, active: Active, remaining: float | None, bound):
+        """Runs the generation; returns (outcome, receipt of the last chunk or None)."""
+        rid, delivery, link = req.request_id, active.delivery, active.link
         outcome = "ack"
         receipt: asyncio.Future | None = None
         try:
@@ -257,7 +309,7 @@ class ModelWorker:
             if receipt is None:  # still generating: abort it (else it finished just before the stop)
                 self.counters.aborted += 1
                 await engine.abort([active.engine_request_id])
-                outcome = "nak" if active.stop == Stop.REQUEUE else "term"
+                outcome = "hand back" if active.stop == Stop.REQUEUE else "term"
                 bound.info("request.stopped", reason=active.stop)
         except TimeoutError:
             self.counters.aborted += 1
@@ -266,7 +318,7 @@ class ModelWorker:
             outcome = "term"
         except EngineDead as e:
             bound.error("engine.dead", error=str(e))
-            outcome = "nak"
+            outcome = "nak"  # a real attempt: it counts (see redelivery)
             self._background(self._engine_died(str(e)))
         except RequestError as e:
             receipt = link.push_last(_error(rid, delivery, e.code.name, e.message, e.retryable))
@@ -274,26 +326,22 @@ class ModelWorker:
         finally:
             del self.active[rid]
             self._slot_freed.set()
-        # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
-        #    that dies before that leaves the request queued for another delivery.
-        if receipt is not None:
-            self.settling[rid] = msg
+        return outcome, receipt
+
+    async def hand_back(self, msg: Msg) -> None:
+        """Queues a copy of `msg` that keeps its counts (see redelivery) and removes `msg`: a
+        hand-back that is not the request's fault spends none of its delivery budget. Without a
+        way to publish (or when NATS refuses) it falls back to a nak: counted, but nothing lost."""
+        d = redelivery.delivery(msg.headers, msg.metadata.num_delivered or 1)
+        if self._republish is not None:
             try:
-                async with asyncio.timeout(RECEIPT_TIMEOUT_S):
-                    delivered = await receipt
-            except TimeoutError:
-                delivered = False
-            finally:
-                del self.settling[rid]
-            if not delivered:  # the router (and so the caller) is gone: nobody waits for it
-                bound.warning("request.unconfirmed")
-                outcome = "term"
-        if outcome == "ack":
-            await msg.ack()
-        elif outcome == "nak":
-            await msg.nak()
-        else:
-            await msg.term()
+                await self._republish(msg.subject, msg.data, redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream))
+            except Exception as e:  # noqa: BLE001 - any failure: keep the original instead
+                log.warning("request.hand_back_failed", error=repr(e))
+            else:
+                await msg.term()
+                return
+        await msg.nak(delay=HAND_BACK_NAK_DELAY_S)
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)

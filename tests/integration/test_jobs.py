@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -10,7 +11,7 @@ import grpc
 import nats
 import pytest
 
-from protos.v1 import common_pb2, router_pb2
+from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
 from roundhouse import natsd, stack, subjects
 from router_svc.config import RouterConfig
 from router_svc.jobs import PROTOBUF
@@ -168,3 +169,50 @@ async def test_a_job_survives_a_router_restart(tmp_path, models_yaml, models, ro
         if worker is not None:
             worker.stop(timeout=15)
         server.stop()
+
+
+async def test_a_job_that_meets_a_full_queue_waits_and_runs_again(tmp_path, models):
+    """Own nats-server and a router whose model `ghost` has no worker and room for 1 waiter: the
+    first job waits in that queue, so the second meets a full queue when it runs. It goes back to
+    QUEUED and is retried with backoff instead of failing."""
+    server = natsd.start(tmp_path / "js")
+    spec = dataclasses.replace(models.get("tiny-0"), name="ghost", aliases=(), max_queued=1)
+    cat = dataclasses.replace(models, models=(spec,), routing=None)
+    r = Router(RouterConfig(catalogue=cat, nats_url=server.url, port=0, http_port=-1, job_ack_wait_s=TEST_ACK_WAIT_S))
+    conn = None
+    try:
+        await r.start()
+        conn = await nats.connect(server.url)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+
+            async def submit(job_id: str) -> None:
+                body = {"job_id": job_id, "model": "ghost", "prompt": "wait", "max_tokens": 2}
+                reply = json.loads((await conn.request(subjects.JOBS_SUBMIT, json.dumps(body).encode(), timeout=60)).data)
+                assert reply["job_id"] == job_id, reply
+
+            async def job(job_id: str) -> router_pb2.Job:
+                return await stub.GetJob(router_pb2.JobRequest(job_id=job_id), timeout=60)
+
+            await submit("holds-the-queue")
+            await eventually(lambda: _state_is(job("holds-the-queue"), router_pb2.JOB_STATE_RUNNING), 30, "the first job waits in the queue")
+            await submit("meets-a-full-queue")
+
+            async def retried() -> bool:
+                j = await job("meets-a-full-queue")
+                assert j.state != router_pb2.JOB_STATE_FAILED, j.error.message
+                return j.state == router_pb2.JOB_STATE_QUEUED and j.attempts >= 2
+
+            await eventually(retried, 60, "the second job ran, met the full queue, and went back to wait (twice)")
+            for job_id in ("holds-the-queue", "meets-a-full-queue"):
+                cancelled = await stub.CancelJob(router_pb2.JobRequest(job_id=job_id), timeout=60)
+                assert cancelled.state == router_pb2.JOB_STATE_CANCELLED
+    finally:
+        if conn is not None:
+            await conn.close()
+        await r.stop(grace=1)
+        server.stop()
+
+
+async def _state_is(record, state) -> bool:
+    return (await record).state == state

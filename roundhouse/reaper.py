@@ -1,0 +1,103 @@
+"""Children die with their parent, however the parent dies.
+
+vLLM 0.32's EngineCore and its model-runner process have no parent-death rule: a worker killed
+with SIGKILL (the OOM killer, `kill -9`, a crash in native code) left both running as orphans,
+holding their memory (on a GPU, the memory the next load needs), and they outlived even the
+stack's own shutdown. The same holds for everything `roundhouse up` starts if it is killed.
+
+`guard()` starts a small reaper process beside the caller. While the caller lives, the reaper
+notes its descendants once a second; when it exits, by any means, the reaper SIGKILLs every one
+it noted that is still the same process (psutil checks pid and start time, so a reused pid is
+never hit), then exits itself. A clean shutdown that already stopped its children leaves it
+nothing to do. Written here because no library offers a parent-death rule for processes we do
+not start ourselves (PR_SET_PDEATHSIG must be set by the child, and is tied to the parent
+*thread*, while vLLM starts its engine from whichever thread builds it).
+
+    python -m roundhouse.reaper PID      # what guard() runs
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import sys
+
+SNAPSHOT_S = 1.0   # how often the reaper refreshes its list of descendants
+
+
+def guard(pid: int | None = None) -> subprocess.Popen:
+    """Starts the reaper for `pid` (this process by default) and returns once it has noted the
+    descendants `pid` has now (a second or so: an interpreter start); it needs no further care."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roundhouse.reaper", str(pid or os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the guarded process group: a signal to that group spares it
+    )
+    proc.stdout.readline()  # "watching": its first look is taken (or it exited: nothing to guard)
+    proc.stdout.close()
+    return proc
+
+
+def _wait_exit(pid: int, timeout: float, pidfd: int | None) -> bool:
+    """True once `pid` has exited; waits up to `timeout`."""
+    if pidfd is not None:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(readable)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    select.select([], [], [], timeout)
+    return False
+
+
+def watch(pid: int, looked=lambda: None) -> list[int]:
+    """Blocks until `pid` exits, then kills what descended from it; returns the pids killed.
+    `looked()` is called once the first list of descendants is taken."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        looked()
+        return []
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
+        pidfd = None
+    known: dict[int, psutil.Process] = {}
+    while True:
+        try:  # the same Process objects for the same processes: they remember the start time
+            known = {c.pid: known.get(c.pid, c) for c in parent.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        looked()
+        if _wait_exit(pid, SNAPSHOT_S, pidfd):
+            break
+    killed = []
+    for proc in known.values():
+        try:
+            if proc.is_running():  # same pid and start time: not a reused pid
+                proc.kill()
+                killed.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return killed
+
+
+def main() -> None:
+    told = []
+
+    def looked() -> None:
+        if not told:
+            told.append(True)
+            with contextlib.suppress(OSError):  # the guarded process may be gone already
+                print("watching", flush=True)
+                sys.stdout.close()
+
+    watch(int(sys.argv[1]), looked)
+
+
+if __name__ == "__main__":
+    main()
