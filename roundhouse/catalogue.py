@@ -21,6 +21,8 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         max_loras: 4               # adapters in one engine batch
         max_lora_rank: 16
         enforce_eager: false       # true skips torch.compile (CPU) / CUDA graphs: faster load, slower steps
+        logits_processors: []      # vLLM logits processor classes ("package.module:Class"), as
+                                   # `vllm serve --logits-processors`; importable by the worker
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -84,6 +86,7 @@ class ModelSpec:
     max_loras: int = 4
     max_lora_rank: int = 16
     enforce_eager: bool = False     # True: no torch.compile / CUDA graphs (faster start, slower steps)
+    logits_processors: tuple[str, ...] = ()   # vLLM logits processor classes loaded into its engine
 
     @property
     def token_limit(self) -> int:
@@ -296,8 +299,9 @@ def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: Man
     out = []
     for m in models:
         d = {k: v for k, v in dataclasses.asdict(m).items() if v != _MODEL_DEFAULTS[k] or k in _REQUIRED}
-        if "aliases" in d:
-            d["aliases"] = list(d["aliases"])
+        for key in ("aliases", "logits_processors"):
+            if key in d:
+                d[key] = list(d[key])
         if "adapters" in d:
             d["adapters"] = [dict(a) for a in d["adapters"]]
         out.append(d)

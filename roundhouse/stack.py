@@ -79,7 +79,8 @@ class ServiceProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` (a worker's stop grace is 20 s, plus its engine's shutdown)."""
         if self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -101,7 +102,7 @@ class ServiceProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def astop(self, timeout: float = 30.0) -> None:
+    async def astop(self, timeout: float = 60.0) -> None:
         """stop() off the event loop: an engine's shutdown takes seconds, and a blocked loop
         stalls every other coroutine in the process (a router's streams, NATS heartbeats)."""
         await asyncio.to_thread(self.stop, timeout)
@@ -133,7 +134,7 @@ class WorkerProcess(ServiceProcess):
         return await self.call("Status", worker_pb2.StatusRequest(), 30.0)
 
 
-async def stop_all(services: list[ServiceProcess], timeout: float = 30.0) -> None:
+async def stop_all(services: list[ServiceProcess], timeout: float = 60.0) -> None:
     """Stops services at once rather than one after another."""
     await asyncio.gather(*(s.astop(timeout) for s in services))
 

@@ -21,6 +21,7 @@ class RouterConfig:
     publish_timeout_s: float = 5.0
     job_ack_wait_s: float = 30.0         # a lost router's running jobs are rerun after this long
     job_concurrency: int = 64
+    stop_grace_s: float = 20.0           # on SIGTERM, streams in flight get this long to finish
     log_level: str = "info"
     ready_file: str = ""                 # written with the ports as JSON once serving
 
@@ -42,6 +43,8 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--job-concurrency", type=int, default=int(_env("JOB_CONCURRENCY", str(RouterConfig.job_concurrency))))
     p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""))
     p.add_argument("--default-timeout", type=float, default=float(_env("DEFAULT_TIMEOUT_S", str(RouterConfig.default_timeout_s))))
+    p.add_argument("--stop-grace", type=float, default=float(_env("STOP_GRACE_S", str(RouterConfig.stop_grace_s))),
+                   help="on SIGTERM, streams in flight get this long to finish")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     entry.ready_flag(p, _env)
     a = p.parse_args(argv)
@@ -61,6 +64,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         job_concurrency=a.job_concurrency,
         advertise_host=a.advertise_host,
         default_timeout_s=a.default_timeout,
+        stop_grace_s=max(0.0, a.stop_grace),
         log_level=a.log_level,
         ready_file=a.ready_file,
     )

@@ -50,8 +50,9 @@ class Gateway:
             return counter.chat_ids([{"role": m.role, "content": m.content} for m in req.chat.messages])
         return counter.ids(req.prompt)
 
-    def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None) -> Admitted:
-        """Validates and resolves `request` (classifying model "auto"), or raises a RequestError."""
+    def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None, check_queue: bool = True) -> Admitted:
+        """Validates and resolves `request` (classifying model "auto"), or raises a RequestError.
+        `check_queue=False`: no QueueFull (a job's submit: jobs wait in their own stream)."""
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
         now_ms = int(time.time() * 1000)
         admitted = admit(  # a deadline less than a whole millisecond away is already past
@@ -64,7 +65,7 @@ class Gateway:
                      model=q.adapter or q.model, reason=admitted.route_reason)
         if q.request_id in self._tracker:
             raise DuplicateRequest(f"request_id {q.request_id!r} is already in flight")
-        if self._tracker.waiting(q.model) >= admitted.spec.max_queued:
+        if check_queue and self._tracker.waiting(q.model) >= admitted.spec.max_queued:
             estimate = self._tracker.loading_estimate(q.model)
             raise QueueFull(
                 f"model {q.model} already has {admitted.spec.max_queued} requests waiting; retry later",

@@ -69,8 +69,9 @@ async def _next_or_comment(events, write):
 
 
 class HttpApi:
-    def __init__(self, gateway: Gateway, healthy: Callable[[], bool]):
+    def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0):
         self._gw = gateway
+        self._stop_grace_s = stop_grace_s
         self._healthy = healthy
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
@@ -87,7 +88,8 @@ class HttpApi:
     async def start(self, host: str, port: int) -> int:
         # handler_cancellation: a client that disconnects cancels its handler, even one that is
         # not writing (a non-streamed request), so its generation is aborted at once.
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=self._stop_grace_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -95,6 +97,7 @@ class HttpApi:
         return self.port
 
     async def stop(self) -> None:
+        """Stops listening; handlers in flight (streams) get stop_grace_s to finish."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -128,7 +128,9 @@ class Jobs:
         if not _JOB_ID.match(job_id):
             raise InvalidRequest("job_id", "1-64 characters of letters, digits, _ and -")
         request.request_id = job_id  # never in flight itself: each run is `<job_id>.<attempt>`
-        admitted = self._gw.admit(request)  # bad input fails here, nothing stored
+        # Bad input fails here, nothing stored. A full model queue does not: a job waits in RH_JOBS,
+        # and meets the model's queue only when it runs (then it waits and retries).
+        admitted = self._gw.admit(request, check_queue=False)
         request.model = admitted.queued.model  # classified once: a rerun does not change its mind
         now = _now_ms()
         job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,

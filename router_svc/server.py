@@ -121,7 +121,7 @@ class Router:
         await self._server.start()
         if self.config.http_port >= 0:
             nc = self._nc
-            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected)
+            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected, stop_grace_s=self.config.stop_grace_s)
             self.http_port = await self._http.start(self.config.host, self.config.http_port)
         await self._jobs.start()
         log.info("router.serving", address=self.address, delivery=self.delivery_address, http_port=self.http_port or None,
@@ -135,19 +135,21 @@ class Router:
             return
         self.tracker.on_model_event(ev.model, ev.state, ev.estimate_s, ev.error)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        log.info("router.stopping")
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuses new calls at once; streams in flight get `grace` (default: stop_grace_s) to
+        finish on both front doors, while the delivery port still brings their tokens."""
+        grace = self.config.stop_grace_s if grace is None else grace
+        log.info("router.stopping", grace_s=grace)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._jobs is not None:
             await self._jobs.stop()
         log.debug("router.stopping", step="jobs stopped")
-        if self._http is not None:
-            await self._http.stop()
-        log.debug("router.stopping", step="http stopped")
-        if self._server is not None:
-            await self._server.stop(grace)
-        log.debug("router.stopping", step="grpc stopped")
+        await asyncio.gather(
+            *([self._http.stop()] if self._http is not None else []),
+            *([self._server.stop(grace)] if self._server is not None else []),
+        )
+        log.debug("router.stopping", step="http and grpc stopped")
         await self._delivery.stop(grace)
         log.debug("router.stopping", step="delivery stopped")
         nc, self._nc = self._nc, None

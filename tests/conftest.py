@@ -27,6 +27,10 @@ TEST_CONTEXT = 8192
 # model "auto": code fences go to tiny-0 (the model the shared chat_worker serves), the rest to tiny-1.
 TEST_ROUTING = {"default_model": "", "fallback": "tiny-1", "rules": [{"name": "code-fence", "model": "tiny-0", "patterns": ["```"]}]}
 TEST_MAX_TOKENS = 8000
+# The slow model (tests/slow_steps.py: every engine step takes >= 20 ms): long enough for a cancel
+# to land mid-generation, few enough tokens that relaying them costs the test process nothing.
+SLOW_MODEL = "tiny-2"
+SLOW_MAX_TOKENS = 1500   # ~30 s at its pace: a cancel lands long before the end, even after a stall
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +47,11 @@ def nats_server(session_dir):
 
 @pytest.fixture(scope="session")
 def models_yaml(session_dir) -> pathlib.Path:
-    """Two tiny models: tiny-0 (alias chat), tiny-1 (alias code); TEST_CONTEXT-token context.
-
-    The context is long so that a max-length generation takes seconds even on a fast machine:
-    the cancel test must be able to cancel a request the engine is still generating."""
+    """Three tiny models: tiny-0 (alias chat), tiny-1 (alias code), tiny-2 (alias slow, the
+    cancel tests' model: at least 20 ms per engine step); TEST_CONTEXT-token context."""
     return stack.write_tiny_catalogue(
-        session_dir, 2, aliases={"tiny-0": ["chat"], "tiny-1": ["code"]}, context=TEST_CONTEXT, routing=TEST_ROUTING,
+        session_dir, 3, aliases={"tiny-0": ["chat"], "tiny-1": ["code"], SLOW_MODEL: ["slow"]}, context=TEST_CONTEXT,
+        routing=TEST_ROUTING, per_model={SLOW_MODEL: {"logits_processors": ("tests.slow_steps:SlowSteps",)}},
         kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
         enforce_eager=True,  # fast loads; compiled engines stream faster and stall this process's loop longer
     )
@@ -105,6 +108,14 @@ def start_worker(models_yaml, nats_server, session_dir):
 async def chat_worker(start_worker, router) -> stack.WorkerProcess:
     """A READY worker for tiny-0, shared by the tests that only need one model serving."""
     w = await start_worker("tiny-0")
+    await w.load()
+    return w
+
+
+@pytest_asyncio.fixture(scope="session")
+async def slow_worker(start_worker, router) -> stack.WorkerProcess:
+    """A READY worker for the slow model (tiny-2, alias slow), for tests that cancel mid-generation."""
+    w = await start_worker(SLOW_MODEL)
     await w.load()
     return w
 

@@ -21,6 +21,7 @@ class WorkerConfig:
     ack_wait_s: float = 30.0           # JetStream redelivers a request this long after a worker went silent
     max_deliver: int = 10              # deliveries of one request before it is given up
     drain_timeout_s: float = 30.0      # Evict: how long in-flight requests may finish
+    stop_grace_s: float = 20.0         # SIGTERM: how long in-flight requests may finish (the rest go back)
     ready_file: str = ""               # written with {"port": N} once the gRPC server listens
     manager: str = ""                  # host:port of the Manager; then the manager decides loads
     report_interval_s: float = 2.0     # how often the worker refreshes its report to the manager
@@ -44,6 +45,8 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--ack-wait", type=float, default=float(_env("ACK_WAIT_S", str(WorkerConfig.ack_wait_s))))
     p.add_argument("--max-deliver", type=int, default=int(_env("MAX_DELIVER", str(WorkerConfig.max_deliver))))
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT_S", str(WorkerConfig.drain_timeout_s))))
+    p.add_argument("--stop-grace", type=float, default=float(_env("STOP_GRACE_S", str(WorkerConfig.stop_grace_s))),
+                   help="on SIGTERM, requests in flight get this long to finish; the rest are queued again")
     entry.ready_flag(p, _env)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
@@ -69,6 +72,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         ack_wait_s=a.ack_wait,
         max_deliver=a.max_deliver,
         drain_timeout_s=a.drain_timeout,
+        stop_grace_s=max(0.0, a.stop_grace),
         ready_file=a.ready_file,
         log_level=a.log_level,
     )

@@ -28,6 +28,7 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.85
     dtype: str = "auto"
     enforce_eager: bool = False        # False: torch.compile on CPU, CUDA graphs on GPU
+    logits_processors: tuple[str, ...] = ()   # qualified class names, imported by vLLM
     seed: int = 0
     adapters: tuple[tuple[str, str], ...] = ()   # LoRA (name, path); any enables LoRA in the engine
     max_loras: int = 4
@@ -120,6 +121,7 @@ class Engine:
             max_num_seqs=spec.max_num_seqs,
             dtype="float32" if on_cpu and spec.dtype == "auto" else spec.dtype,
             enforce_eager=spec.enforce_eager,
+            **({"logits_processors": list(spec.logits_processors)} if spec.logits_processors else {}),
             gpu_memory_utilization=spec.gpu_memory_utilization,
             seed=spec.seed,
             kv_cache_memory_bytes=spec.kv_cache_bytes,

@@ -122,6 +122,7 @@ class ModelWorker:
                     max_loras=spec.max_loras,
                     max_lora_rank=spec.max_lora_rank,
                     enforce_eager=spec.enforce_eager,
+                    logits_processors=spec.logits_processors,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...
@@ -148,7 +149,10 @@ class ModelWorker:
         await self.residency.set(State.UNLOADED)
 
     async def close(self) -> None:
-        """Process shutdown: requests in flight go back to the queue; the engine stops."""
+        """Process shutdown (no new requests are pulled by now): requests in flight get
+        `stop_grace_s` to finish, what is left goes back to the queue, the engine stops."""
+        if self.active and not await self._drained(self.config.stop_grace_s):
+            log.warning("worker.stop_grace_passed", requeued=len(self.active))
         await self._stop_all(Stop.REQUEUE)
         await self._shutdown_engine()
         await self.links.close()

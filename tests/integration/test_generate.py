@@ -11,7 +11,8 @@ import pytest
 
 from protos.v1 import common_pb2, router_pb2
 from roundhouse import subjects
-from tests.conftest import TEST_CONTEXT, TEST_MAX_TOKENS, abort_observed, assert_quiescent, collect, eventually, kinds_of, tokens_of
+from tests import slow_steps
+from tests.conftest import SLOW_MAX_TOKENS, SLOW_MODEL, TEST_CONTEXT, TEST_MAX_TOKENS, abort_observed, assert_quiescent, collect, eventually, kinds_of, tokens_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -73,18 +74,22 @@ async def test_32_concurrent_streams_each_get_exactly_max_tokens(router, router_
     await assert_quiescent(router, js, [chat_worker])
 
 
-async def test_cancelled_stream_leaves_nothing_in_the_engine_within_a_second(router, router_stub, chat_worker, js):
+async def test_cancelled_stream_leaves_nothing_in_the_engine_within_a_second(router, router_stub, slow_worker, js):
+    t = time.monotonic()
+    paced = await collect(router_stub.Generate(router_pb2.GenerateRequest(model="slow", prompt="pace", sampling=greedy(25)), timeout=60))
+    assert len(tokens_of(paced)) == 25 and time.monotonic() - t >= 25 * slow_steps.STEP_S, "the slow model is slow"
+
     async def attempt() -> float:
-        call = router_stub.Generate(router_pb2.GenerateRequest(model="chat", prompt="cancel me", sampling=greedy(TEST_MAX_TOKENS)), timeout=120)
+        call = router_stub.Generate(router_pb2.GenerateRequest(model="slow", prompt="cancel me", sampling=greedy(SLOW_MAX_TOKENS)), timeout=120)
         async for ev in call:
             if ev.WhichOneof("event") == "started":
                 break  # the engine has just begun a generation of seconds
         call.cancel()
         return time.monotonic()
 
-    ms = await abort_observed(chat_worker, attempt, within_s=1.0)
+    ms = await abort_observed(slow_worker, attempt, within_s=1.0)
     print(f"engine empty {ms:.0f} ms after the cancel")
-    await assert_quiescent(router, js, [chat_worker])
+    await assert_quiescent(router, js, [slow_worker], models=(SLOW_MODEL,))
 
 
 def _bad(**kw) -> router_pb2.GenerateRequest:
@@ -162,7 +167,7 @@ async def test_bad_input_gets_its_status_and_touches_nothing(router, router_stub
 async def test_list_models_names_aliases_and_limits(router_stub, models):
     resp = await router_stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)
     by_name = {m.name: m for m in resp.models}
-    assert set(by_name) == {"tiny-0", "tiny-1"}
+    assert set(by_name) == {"tiny-0", "tiny-1", "tiny-2"}
     assert list(by_name["tiny-0"].aliases) == ["chat"]
     assert by_name["tiny-0"].max_model_len == TEST_CONTEXT and by_name["tiny-0"].max_tokens_limit == TEST_MAX_TOKENS
 

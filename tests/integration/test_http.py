@@ -15,7 +15,7 @@ from protos.v1 import common_pb2, manager_pb2, router_pb2, worker_pb2
 from roundhouse import subjects
 from router_svc.config import RouterConfig
 from router_svc.server import Router
-from tests.conftest import abort_observed, assert_quiescent, collect, eventually, tokens_of
+from tests.conftest import SLOW_MAX_TOKENS, SLOW_MODEL, abort_observed, assert_quiescent, collect, eventually, tokens_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -111,8 +111,9 @@ async def test_bad_requests_get_openai_errors_and_the_right_status(client, route
     assert ok.choices[0].finish_reason in ("length", "stop"), "the router keeps serving"
 
 
-async def test_a_client_that_disconnects_aborts_its_generation(router, chat_worker, js):
-    body = {"model": "chat", "prompt": "go on and on", "max_tokens": 8000, "ignore_eos": True, "temperature": 0, "stream": True}
+async def test_a_client_that_disconnects_aborts_its_generation(router, slow_worker, js):
+    body = {"model": "slow", "prompt": "go on and on", "max_tokens": SLOW_MAX_TOKENS, "ignore_eos": True, "temperature": 0,
+            "stream": True}
 
     async def attempt() -> float:
         async with aiohttp.ClientSession() as s:
@@ -124,9 +125,9 @@ async def test_a_client_that_disconnects_aborts_its_generation(router, chat_work
             resp.close()  # the client goes away mid-stream
         return time.monotonic()
 
-    ms = await abort_observed(chat_worker, attempt, within_s=2.0)
+    ms = await abort_observed(slow_worker, attempt, within_s=2.0)
     print(f"engine empty {ms:.0f} ms after the disconnect")
-    await assert_quiescent(router, js, [chat_worker])
+    await assert_quiescent(router, js, [slow_worker], models=(SLOW_MODEL,))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from roundhouse import natsd, stack, subjects
 from router_svc.config import RouterConfig
 from router_svc.jobs import PROTOBUF
 from router_svc.server import Router
-from tests.conftest import TEST_ACK_WAIT_S, abort_observed, assert_quiescent, collect, eventually
+from tests.conftest import SLOW_MAX_TOKENS, SLOW_MODEL, TEST_ACK_WAIT_S, abort_observed, assert_quiescent, collect, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -100,15 +100,15 @@ async def test_a_bad_job_is_refused_at_once_and_nothing_is_stored(nc, router_stu
     assert nf.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_cancel_job_aborts_its_generation(nc, router, router_stub, chat_worker, js):
+async def test_cancel_job_aborts_its_generation(nc, router, router_stub, slow_worker, js):
     finals = []
 
     async def attempt() -> float:
         job_id = f"job-{uuid.uuid4().hex[:8]}"
         events, done, sub = await _follow(nc, job_id)
         await router_stub.SubmitJob(router_pb2.GenerateRequest(
-            model="chat", prompt="a long job", request_id=job_id,
-            sampling=common_pb2.SamplingParams(max_tokens=8000, temperature=0, ignore_eos=True)), timeout=60)
+            model="slow", prompt="a long job", request_id=job_id,
+            sampling=common_pb2.SamplingParams(max_tokens=SLOW_MAX_TOKENS, temperature=0, ignore_eos=True)), timeout=60)
 
         def flowing() -> bool:  # the job's own events, not a poll of the worker that a stall can outlast
             return done.done() or any("delta" in ev.get("event", {}) for ev in events)
@@ -120,10 +120,10 @@ async def test_cancel_job_aborts_its_generation(nc, router, router_stub, chat_wo
         await sub.unsubscribe()
         return cancelled_at
 
-    await abort_observed(chat_worker, attempt, within_s=2.0)
+    await abort_observed(slow_worker, attempt, within_s=2.0)
     assert finals[-1]["state"] == "JOB_STATE_CANCELLED", "the aborted run's job is recorded CANCELLED"
     assert all(f["state"] in ("JOB_STATE_CANCELLED", "JOB_STATE_SUCCEEDED") for f in finals)
-    await assert_quiescent(router, js, [chat_worker])
+    await assert_quiescent(router, js, [slow_worker], models=(SLOW_MODEL,))
 
 
 async def test_a_job_survives_a_router_restart(tmp_path, models_yaml, models, router_stub, chat_worker):

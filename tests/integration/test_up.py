@@ -132,9 +132,28 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
           f"was served {time.monotonic() - killed_at:.0f} s after the kill")
 
 
-async def test_up_stops_cleanly_on_sigterm(up):
+async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
+    """SIGTERM with streams in flight: they finish whole within the stop grace (20 s), then
+    every process of the stack exits."""
+    client = up.client()
+    flowing = [asyncio.Event() for _ in range(4)]
+
+    async def stream(i: int) -> int:
+        s = await client.completions.create(model="chat", prompt=f"finish me {i}", max_tokens=600, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True, "temperature": 0})
+        usage = None
+        async for chunk in s:
+            if chunk.choices and chunk.choices[0].text:
+                flowing[i].set()
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    streams = [asyncio.create_task(stream(i)) for i in range(len(flowing))]
+    await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 240)
     family = up.family()
     up.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [600] * len(flowing), "no stream was cut short"
     rest = await asyncio.wait_for(up.proc.stdout.read(), 90)
     code = await asyncio.wait_for(up.proc.wait(), 10)
     assert code == 0, "".join(up.seen) + rest.decode()
