@@ -21,7 +21,7 @@ from manager_svc import budget
 from manager_svc.policy import Evict, Fail, Load, Phase, plan
 from manager_svc.state import PHASE_OF, STATE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
-from roundhouse import jetstream, subjects
+from roundhouse import grpcserver, jetstream, subjects
 from roundhouse.catalogue import Catalogue
 from roundhouse.catalogue import weight_bytes as catalogue_weight_bytes
 from roundhouse.errors import ModelNotFound, ModelPinned, RoundhouseError, Unavailable
@@ -100,7 +100,11 @@ class Manager:
             phase = PHASE_OF.get(r.state, Phase.UNLOADED)
             if phase is Phase.READY and e.phase is not Phase.READY:
                 e.resident_since = self._clock()
+            changed = phase is not e.phase
             e.phase, e.error = phase, (r.error if phase is Phase.FAILED else "")
+            if changed:  # e.g. a worker counted lost that reports again: say so (log, routers)
+                self._set_changed(e)
+                return
         self._notify()
 
     async def _on_request_event(self, msg) -> None:
@@ -183,8 +187,15 @@ class Manager:
         try:
             await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
-            e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
-            log.error("residency.load_failed", model=e.spec.name, error=e.error, retry_in_s=round(e.backoff_until - self._clock(), 1))
+            if any(k == grpcserver.LOAD_FAILED_KEY for k, _ in (err.trailing_metadata() or ())):
+                e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
+                log.error("residency.load_failed", model=e.spec.name, error=e.error,
+                          retry_in_s=round(e.backoff_until - self._clock(), 1))
+            else:  # the worker went away mid-load (killed, restarted): not the model's fault, no
+                # FAILED for its waiters and no backoff; it loads again once a worker reports
+                log.warning("residency.load_interrupted", model=e.spec.name, error=err.details() or err.code().name)
+                e.phase, e.error = Phase.UNLOADED, ""
+                e.address = e.worker_id = ""
         else:
             e.phase, e.failures, e.requested = Phase.READY, 0, False
             e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too

@@ -39,6 +39,11 @@ def add_standard_services_sync(server: grpc.Server, service_names: list[str]) ->
     return health_servicer
 
 
+# Trailing metadata on a Worker.Load that failed because the model could not load (as opposed
+# to a call that broke because the worker died mid-load, which is not the model's fault).
+LOAD_FAILED_KEY = "roundhouse-load-failed"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: RoundhouseError):
     """Ends the call with the status that `error` maps to (never a traceback to the client)."""
     await context.abort(error.code, error.message)

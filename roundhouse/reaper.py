@@ -67,9 +67,10 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
     except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
         pidfd = None
     known: dict[int, psutil.Process] = {}
+    me = os.getpid()  # guard() makes the reaper a child of what it guards: never count itself
     while True:
         try:  # the same Process objects for the same processes: they remember the start time
-            known = {c.pid: known.get(c.pid, c) for c in parent.children(recursive=True)}
+            known = {c.pid: known.get(c.pid, c) for c in parent.children(recursive=True) if c.pid != me}
         except psutil.NoSuchProcess:
             break
         looked()

@@ -45,10 +45,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name))
     entry.write_ready(config.ready_file, port=port, worker_id=config.worker_id)
 
-    tasks = [
-        asyncio.create_task(consume.pull_loop(worker, puller), name="pull"),
-        asyncio.create_task(consume.heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat"),
-    ]
+    heartbeat = asyncio.create_task(consume.heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat")
+    tasks = [asyncio.create_task(consume.pull_loop(worker, puller), name="pull")]
     if config.manager:
         tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.advertise_host or config.host}:{port}"), name="report"))
     if config.load_on_start:
@@ -63,7 +61,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await worker.close()
+        await worker.close()  # requests in flight finish (still heartbeated) or are handed back
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
         await server.stop(grace=2)
         with contextlib.suppress(Exception):
             await puller.close()

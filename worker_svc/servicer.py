@@ -5,7 +5,7 @@ import grpc
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
 from roundhouse.errors import RoundhouseError
-from roundhouse.grpcserver import abort_with
+from roundhouse.grpcserver import LOAD_FAILED_KEY
 from worker_svc.worker import ModelWorker
 
 
@@ -17,7 +17,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             await self._worker.load()
         except RoundhouseError as e:
-            await abort_with(context, e)
+            # Marked, so the manager tells "the model failed to load" from "the worker went away".
+            await context.abort(e.code, e.message, trailing_metadata=((LOAD_FAILED_KEY, "1"),))
         return self._worker.status()
 
     async def Evict(self, request: worker_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:

@@ -4,10 +4,10 @@
 
 Starts its own stack on the embedded defaults, as `roundhouse up` does (nats-server on a fixed
 port with a durable store, the manager, the router, one supervised worker per model), under
---var (default: a new temporary directory; logs in <var>/run). Models `chat` and `code` are
-loaded first, then --clients loops send requests for --minutes: streamed and whole, to
-/v1/completions and /v1/chat/completions (aiohttp, raw SSE), max_tokens 8..400 with ignore_eos
-and temperature 0, and async jobs (NATS `rh.jobs.submit`, followed with the router's gRPC GetJob).
+--var (default: a new temporary directory; logs in <var>/run, request ids `chaos-...` in them).
+Models `chat` and `code` are loaded first, then --clients loops send requests for --minutes:
+streamed and whole, to /v1/completions and /v1/chat/completions (aiohttp, raw SSE), max_tokens
+8..400, ignore_eos, temperature 0, and async jobs (NATS `rh.jobs.submit`, then gRPC GetJob).
 
 After a warm-up of the first 20% (the baseline), faults come at seeded random intervals until
 80% of the run: SIGKILL of a worker (its supervisor restarts it), SIGSTOP of a worker for 3-15 s
@@ -94,7 +94,7 @@ class Timeline:
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
-        self.events: list[str] = []
+        self.events: list[tuple[float, str, str, str]] = []   # (monotonic, wall clock, kind, text)
         self.first_fault: float | None = None
         self.last_fault_end: float | None = None
 
@@ -102,10 +102,13 @@ class Timeline:
         return time.monotonic() - self.t0
 
     def log(self, kind: str, text: str) -> None:
-        t = self.now()
-        line = f"{t:+8.1f}s {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {kind:5} {text}"
-        self.events.append(line)
-        print(line, flush=True)
+        self.events.append((time.monotonic(), f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}", kind, text))
+        print(self.line(self.events[-1]), flush=True)
+
+    def line(self, event: tuple[float, str, str, str]) -> str:
+        """Seconds from the run's start (negative: while the stack started), wall clock, kind, text."""
+        t, wall, kind, text = event
+        return f"{t - self.t0:+8.1f}s {wall} {kind:5} {text}"
 
 
 # ---- the stack ------------------------------------------------------------------------------------
@@ -281,12 +284,12 @@ def http_body(kind: str, model: str, rng: random.Random) -> dict:
     return {**body, "prompt": prompt}
 
 
-async def http_request(session: aiohttp.ClientSession, base: str, kind: str, body: dict) -> tuple[str, str, float | None]:
+async def http_request(session: aiohttp.ClientSession, base: str, rid: str, kind: str, body: dict) -> tuple[str, str, float | None]:
     path = "/v1/chat/completions" if kind.startswith("chat") else "/v1/completions"
     sent = time.monotonic()
     try:
         async with asyncio.timeout(TIMEOUT_S):
-            async with session.post(base + path, json=body) as resp:
+            async with session.post(base + path, json=body, headers={"x-request-id": rid}) as resp:  # rid: in the logs
                 if resp.status != 200:
                     text = await resp.text()
                     with contextlib.suppress(ValueError, AttributeError, TypeError):
@@ -351,7 +354,7 @@ async def client_loop(i: int, st: Stack, tl: Timeline, ledger: Ledger, rng: rand
             outcome, error = await run_job(nc, router, rid, model, rng, ledger)
             ledger.end(rid, outcome, error)
         else:
-            ledger.end(rid, *await http_request(session, st.http, kind, http_body(kind, model, rng)))
+            ledger.end(rid, *await http_request(session, st.http, rid, kind, http_body(kind, model, rng)))
 
 
 async def progress(tl: Timeline, ledger: Ledger, every_s: float = 15.0) -> None:
@@ -411,8 +414,8 @@ def report(a: argparse.Namespace, st: Stack, tl: Timeline, ledger: Ledger, lefto
         xs = [e.ttft for e in es if e.ttft is not None and inside(e.started)]
         print(f"{name:14} {len(xs):>5} {pct(xs, 50):>7} {pct(xs, 99):>7}")
     print("\ntimeline:")
-    for line in tl.events:
-        print("  " + line)
+    for event in tl.events:
+        print("  " + tl.line(event))
     print(f"\nleft behind: {', '.join(leftover) or 'no process'}")
     if st.broken:
         print(f"STACK BROKE: {st.broken}")
@@ -439,7 +442,20 @@ def leftovers(st: Stack, keep: set[int]) -> list[str]:
 async def workload(a: argparse.Namespace, st: Stack, tl: Timeline, ledger: Ledger) -> None:
     """The clients and the faults, for a.minutes; then waits for every request still out."""
     duration, tag = a.minutes * 60, f"{int(time.time()):x}"  # the tag keeps job ids unique across runs
-    nc = await nats.connect(st.nats.url, name="chaos", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    closing = False
+
+    async def quiet(e: Exception) -> None:  # its reconnect attempts while NATS is down: expected here
+        pass
+
+    async def lost() -> None:
+        if not closing:
+            tl.log("client", "chaos's NATS connection lost")
+
+    async def back() -> None:
+        tl.log("client", "chaos's NATS connection back")
+
+    nc = await nats.connect(st.nats.url, name="chaos", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                            error_cb=quiet, disconnected_cb=lost, reconnected_cb=back)
     tasks: list[asyncio.Task] = []
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session, \
@@ -457,6 +473,7 @@ async def workload(a: argparse.Namespace, st: Stack, tl: Timeline, ledger: Ledge
         for t in tasks:
             t.cancel()  # ended already, unless interrupted (a paused worker gets its SIGCONT, NATS is restarted)
         await asyncio.gather(*tasks, return_exceptions=True)
+        closing = True
         await nc.close()
 
 

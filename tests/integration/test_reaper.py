@@ -2,6 +2,7 @@
 EngineCore must die with its worker), and a clean exit leaves the reaper nothing to do."""
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import time
@@ -9,42 +10,50 @@ import time
 import psutil
 import pytest
 
-from roundhouse import reaper
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-# A parent that starts a grandchild chain (child -> grandchild), like worker -> EngineCore -> runner.
+# A parent with a chain child -> grandchild (like worker -> EngineCore -> model runner) that
+# guards itself as a worker does, so the reaper is its own child. It guards once the chain is up:
+# guard() returns after the reaper's first look, so the test needs no wait for its next one.
 PARENT = """
 import subprocess, sys, time
+import psutil
+from roundhouse import reaper
 subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"])
+while len(psutil.Process().children(recursive=True)) < 2:
+    time.sleep(0.05)
+reaper.guard()
 print("started", flush=True)
 time.sleep(300)
 """
 
 
-def _start_parent() -> tuple[subprocess.Popen, list[psutil.Process]]:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout.readline().strip() == "started"
+def _family(pid: int, n: int) -> list[psutil.Process]:
     deadline = time.monotonic() + 20
-    while len(psutil.Process(parent.pid).children(recursive=True)) < 2:  # the grandchild is on its way
+    while len(family := psutil.Process(pid).children(recursive=True)) < n:  # the grandchild is on its way
         assert time.monotonic() < deadline, "the test's own process tree did not start"
         time.sleep(0.05)
-    return parent, psutil.Process(parent.pid).children(recursive=True)
+    return family
 
 
 def test_descendants_die_within_seconds_of_a_sigkilled_parent():
-    parent, family = _start_parent()
-    guard = reaper.guard(parent.pid)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    family = []
     try:
-        parent.kill()  # guard() returned: the reaper has noted the family
+        assert parent.stdout.readline().strip() == "started"
+        family = _family(parent.pid, 3)  # the child, the grandchild (`sleep`), the reaper
+        parent.kill()
         parent.wait()
         killed_at = time.monotonic()
         _, alive = psutil.wait_procs(family, timeout=10)
-        assert not alive, f"outlived their parent: {[(p.pid, p.name()) for p in alive]}"
-        print(f"descendants gone {time.monotonic() - killed_at:.2f} s after the parent's SIGKILL")
-        assert guard.wait(10) == 0, "the reaper exits once its work is done"
+        assert not alive, f"outlived their parent: {[(p.pid, p.name(), p.cmdline()) for p in alive]}"
+        print(f"descendants (and the reaper) gone {time.monotonic() - killed_at:.2f} s after the parent's SIGKILL")
     finally:
         for p in family:
             if p.is_running():
                 p.kill()
-        guard.kill()
+        if parent.poll() is None:
+            parent.kill()

@@ -65,3 +65,34 @@ def test_requests_handed_to_no_engine_are_demand():
     e.phase = Phase.READY  # resident: ack-pending messages are the engine's own work
     e.set_queue(0, 1, now=7.0)
     assert e.queue_depth == 0 and e.in_flight == 1
+
+
+@pytest.mark.parametrize("marked", [True, False])
+async def test_a_load_that_breaks_because_the_worker_died_is_not_a_model_failure(marked):
+    """Worker.Load failing with the worker's mark is the model's failure (FAILED, backoff); the
+    same call broken by a worker that died mid-load is not: unloaded, no worker, no backoff, so
+    the requests waiting for the model keep waiting for its replacement."""
+    import grpc
+    from grpc import aio
+
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+    from roundhouse import grpcserver
+
+    trailing = aio.Metadata((grpcserver.LOAD_FAILED_KEY, "1")) if marked else aio.Metadata()
+    details = "model m failed to load: bad weights" if marked else "Stream removed (Socket closed)"
+
+    class DyingWorker:
+        async def Load(self, request, timeout):
+            raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), trailing, details)
+
+    manager = Manager(CAT, "nats://unused")
+    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000",
+                                               state=worker_pb2.ENGINE_STATE_UNLOADED))
+    manager._worker = lambda e: DyingWorker()
+    e = manager.entry("m")
+    await manager._load(e)
+    if marked:
+        assert e.phase is Phase.FAILED and e.backoff_until > 0 and "bad weights" in e.error
+    else:
+        assert e.phase is Phase.UNLOADED and not e.address and e.backoff_until == 0 and not e.error
