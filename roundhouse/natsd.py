@@ -75,7 +75,9 @@ def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.
         cmd += ["-c", str(conf)]
     else:
         cmd += ["-sd", str(store_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its own session: a Ctrl-C in the terminal of `roundhouse up` must not stop NATS before the
+    # workers have handed their requests back through it (`up` stops it last).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     assert proc.stderr is not None

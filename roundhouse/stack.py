@@ -83,7 +83,10 @@ class ServiceProcess:
         """SIGTERM, then SIGKILL after `timeout` (a worker's stop grace is 20 s, plus its engine's shutdown)."""
         if self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        # The service alone: it stops its own children in order (a worker lets its requests
+        # finish, then shuts its engine down). SIGTERM to the whole group reached vLLM's
+        # EngineCore directly, which stopped at once and cut every stream short.
+        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -303,6 +303,11 @@ class ModelWorker:
                                 delta=worker_pb2.RequestDelta(token_ids=step.token_ids, text=step.text),
                             )
                         )
+                    if step.finished and step.finish_reason == common_pb2.FINISH_REASON_ABORTED:
+                        # Aborted by the engine itself (it is shutting down), not by us: that is
+                        # no end for the caller; another delivery continues it.
+                        bound.warning("request.aborted_by_engine")
+                        return "hand back", None
                     if step.finished:
                         self.counters.completed += 1
                         receipt = link.push_last(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))

@@ -133,13 +133,13 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
 
 
 async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
-    """SIGTERM with streams in flight: they finish whole within the stop grace (20 s), then
+    """SIGTERM with streams of 1,500 tokens in flight: they finish whole within the stop grace (20 s), then
     every process of the stack exits."""
     client = up.client()
     flowing = [asyncio.Event() for _ in range(4)]
 
     async def stream(i: int) -> int:
-        s = await client.completions.create(model="chat", prompt=f"finish me {i}", max_tokens=600, stream=True,
+        s = await client.completions.create(model="chat", prompt=f"finish me {i}", max_tokens=1500, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True, "temperature": 0})
         usage = None
@@ -153,7 +153,11 @@ async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
     await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 240)
     family = up.family()
     up.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [600] * len(flowing), "no stream was cut short"
+    term_at = time.monotonic()
+    in_flight = sum(not t.done() for t in streams)
+    assert in_flight, "the streams were still running when the stack was told to stop"
+    assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [1500] * len(flowing), "no stream was cut short"
+    print(f"SIGTERM with {in_flight} streams in flight: all whole, the last {time.monotonic() - term_at:.1f} s later")
     rest = await asyncio.wait_for(up.proc.stdout.read(), 90)
     code = await asyncio.wait_for(up.proc.wait(), 10)
     assert code == 0, "".join(up.seen) + rest.decode()
