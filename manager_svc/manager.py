@@ -162,9 +162,7 @@ class Manager:
             if not e.address or e.op is not None or now - max(e.reported_at, self._awake_since) <= limit:
                 continue
             log.error("residency.worker_lost", model=e.spec.name, worker_id=e.worker_id, silent_s=round(now - e.reported_at, 1))
-            e.address = e.worker_id = ""
-            e.reported_in_flight = 0
-            e.phase, e.error = Phase.UNLOADED, f"its worker stopped reporting {now - e.reported_at:.0f} s ago (lost)"
+            e.worker_gone(f"its worker stopped reporting {now - e.reported_at:.0f} s ago (lost)")
             self._set_changed(e)
 
     def _apply(self, action) -> None:
@@ -194,8 +192,7 @@ class Manager:
             else:  # the worker went away mid-load (killed, restarted): not the model's fault, no
                 # FAILED for its waiters and no backoff; it loads again once a worker reports
                 log.warning("residency.load_interrupted", model=e.spec.name, error=err.details() or err.code().name)
-                e.phase, e.error = Phase.UNLOADED, ""
-                e.address = e.worker_id = ""
+                e.worker_gone("")
         else:
             e.phase, e.failures, e.requested = Phase.READY, 0, False
             e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too

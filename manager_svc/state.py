@@ -82,6 +82,12 @@ class Entry:
             self.waiting_since = now
         return changed
 
+    def worker_gone(self, error: str) -> None:
+        """Its worker died or went silent: unloaded, with no worker until one reports again."""
+        self.address = self.worker_id = ""
+        self.reported_in_flight = 0
+        self.phase, self.error = Phase.UNLOADED, error
+
     def failed(self, reason: str, now: float, backoff_s: float) -> None:
         self.phase, self.error = Phase.FAILED, reason
         self.failures += 1

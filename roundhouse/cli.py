@@ -54,7 +54,6 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
     common = ["--config", str(config_path), "--nats-url", nats.url, "--log-level", a.log_level]
     services: list[stack.ServiceProcess] = []
     supervisors: list[stack.Supervisor] = []
-    restarting: list[asyncio.Task] = []
     progress = None
     try:
         manager = await stack.start_service("manager_svc", "manager", run_dir, *common, "--host", a.host,
@@ -71,9 +70,8 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
                 return
             start = functools.partial(stack.start_worker, config_path, m.name, nats.url, run_dir, "--manager",
                                       manager_address, "--log-level", a.log_level)
-            first = await start()
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
-            restarting.append(asyncio.create_task(supervisors[-1].run(first, stop)))
+            first = await supervisors[-1].begin(stop)
             print(f"roundhouse: worker for {m.name} started (log {first.log_path})", flush=True)
         models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
         print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP http://{a.host}:{router.info['http_port']}/v1  "
@@ -88,10 +86,7 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         stop.set()
         if progress is not None:
             await progress.close()
-        if restarting:  # a supervisor in the middle of a restart finishes it (bounded by its start timeout)
-            await asyncio.wait(restarting, timeout=90)
-        # Workers first: they hand their requests back while NATS is up.
-        await stack.stop_all([sup.current for sup in supervisors if sup.current is not None])
+        await stack.stop_supervised(supervisors)  # workers first: they hand requests back while NATS is up
         await stack.stop_all(services)
         nats.stop()
         print("roundhouse: stopped", flush=True)
@@ -140,21 +135,17 @@ async def _workers(a: argparse.Namespace, stop: asyncio.Event) -> None:
         raise SystemExit(f"error: no model in {a.config} is on gpu {a.gpu!r}")
     extra = ["--manager", a.manager, "--host", a.host, *(["--advertise-host", a.advertise_host] if a.advertise_host else [])]
     supervisors: list[stack.Supervisor] = []
-    running: list[asyncio.Task] = []
     try:
         for m in models:
             start = functools.partial(stack.start_worker, pathlib.Path(a.config).resolve(), m.name, a.nats_url,
                                       pathlib.Path(a.run_dir), *extra, timeout=300)
-            first = await start()
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
-            running.append(asyncio.create_task(supervisors[-1].run(first, stop)))
+            first = await supervisors[-1].begin(stop)
             print(f"roundhouse: worker for {m.name} on {first.address}", flush=True)
         await stop.wait()  # a worker that exits is restarted by its supervisor, the others untouched
     finally:
         stop.set()
-        if running:
-            await asyncio.wait(running, timeout=330)
-        await stack.stop_all([sup.current for sup in supervisors if sup.current is not None])
+        await stack.stop_supervised(supervisors, restart_wait_s=330)
 
 
 async def _health(a: argparse.Namespace) -> int:

@@ -92,14 +92,11 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.kill()
         else:  # EngineCore children may outlive a clean exit by a moment
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.reap()
 
     def reap(self) -> None:
-        """After the service exited on its own: SIGKILL what is left of its process group (a
-        worker killed with SIGKILL leaves its vLLM EngineCore running, holding its memory)."""
+        """After the service exited: SIGKILL what is left of its process group (a worker killed
+        with SIGKILL leaves its vLLM EngineCore running, holding its memory)."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -196,8 +193,8 @@ class Supervisor:
     """Keeps one worker running: when it exits on its own (crash, OOM kill, SIGKILL), what is left
     of its process group is killed and it is started again after a backoff that doubles on each
     quick exit (no crash loop) and starts over once a worker has run `stable_s`. Only this
-    worker is touched; the others go on serving. `current` is the running process (None while
-    waiting to restart)."""
+    worker is touched; the others go on serving. `current` is the running process (None until
+    `begin`). Stop a group of them with `stop_supervised`."""
 
     def __init__(self, name: str, start: Callable[[], Awaitable[WorkerProcess]], say: Callable[[str], None] = print,
                  backoff_s: tuple[float, float] = (1.0, 60.0), stable_s: float = 60.0):
@@ -207,7 +204,13 @@ class Supervisor:
         self._first, self._cap = backoff_s
         self._stable_s = stable_s
         self.current: WorkerProcess | None = None
-        self.restarts = 0
+        self._task: asyncio.Task | None = None
+
+    async def begin(self, stop: asyncio.Event) -> WorkerProcess:
+        """Starts the worker and keeps it running until `stop` is set."""
+        first = await self._start()
+        self._task = asyncio.create_task(self.run(first, stop), name=f"supervise {self.name}")
+        return first
 
     async def run(self, first: WorkerProcess, stop: asyncio.Event) -> None:
         self.current = first
@@ -241,6 +244,14 @@ class Supervisor:
                 if stop.is_set():  # the stack stopped while this one was starting
                     await self.current.astop()
                     return
-                self.restarts += 1
                 self._say(f"roundhouse: {self.name} restarted (log {self.current.log_path})")
                 break
+
+
+async def stop_supervised(supervisors: list[Supervisor], restart_wait_s: float = 90.0) -> None:
+    """Once their `stop` is set: lets a restart under way finish (bounded by `restart_wait_s`),
+    then stops every supervised worker at once."""
+    tasks = [s._task for s in supervisors if s._task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=restart_wait_s)
+    await stop_all([s.current for s in supervisors if s.current is not None])

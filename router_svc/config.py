@@ -51,6 +51,8 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     cat = entry.load_catalogue(p, a.config)
     if a.default_timeout <= 0:
         p.error("--default-timeout must be > 0")
+    if a.stop_grace < 0:
+        p.error("--stop-grace must be >= 0")
     if a.job_ack_wait <= 0 or a.job_concurrency <= 0:
         p.error("--job-ack-wait and --job-concurrency must be > 0")
     return RouterConfig(
@@ -64,7 +66,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         job_concurrency=a.job_concurrency,
         advertise_host=a.advertise_host,
         default_timeout_s=a.default_timeout,
-        stop_grace_s=max(0.0, a.stop_grace),
+        stop_grace_s=a.stop_grace,
         log_level=a.log_level,
         ready_file=a.ready_file,
     )

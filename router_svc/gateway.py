@@ -154,10 +154,10 @@ class Gateway:
             await self._js.delete_msg(subjects.STREAM, flight.seq)
         ack = await self._publish(q)
         if ack is None:
-            flight.done = True
             return error_event("UNAVAILABLE", f"roundhouse: the worker serving model {q.model} was lost and the request "
                                               "could not be queued again (NATS unavailable); send it again", True)
-        self._tracker.requeued(flight, ack.seq)
+        flight.seq = ack.seq
+        self._tracker.requeued(flight)
         log.warning("request.requeued", seq=ack.seq, requeues=flight.requeues)
         return None
 

@@ -259,9 +259,7 @@ class Jobs:
                     code="UNAVAILABLE", retryable=True,
                     message=f"roundhouse: job {job_id} was started {self._config.max_deliver} times and never finished "
                             "(its router or worker was lost each time); submit it again"))
-                job = await self._update(job_id, lambda j: _result(j, failed))
-                await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
-                await msg.ack()
+                await self._conclude(job_id, attempt, msg, lambda j: _result(j, failed))
                 log.error("job.gave_up", job_id=job_id, attempts=self._config.max_deliver)
                 return
             job = await self._update(job_id, lambda j: _start(j, attempt))
@@ -281,22 +279,25 @@ class Jobs:
                     log.warning("job.queue_full", job_id=job_id, attempt=attempt, retry_in_s=delay)
                     return
                 result = router_pb2.Job(state=router_pb2.JOB_STATE_FAILED, error=_error_detail(e))
-            job = await self._update(job_id, lambda j: _result(j, result))
-            await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
-            await msg.ack()
+            job = await self._conclude(job_id, attempt, msg, lambda j: _result(j, result))
             log.info("job.done", job_id=job_id, state=router_pb2.JobState.Name(job.state), attempt=attempt)
         except asyncio.CancelledError:
             if self._stopping:
                 with contextlib.suppress(Exception):
                     await msg.nak()  # another router runs it now
                 raise
-            job = await self._update(job_id, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
-            await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
-            await msg.ack()
+            await self._conclude(job_id, attempt, msg, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
         except JobNotFound:
             await msg.term()
         finally:
             heartbeat.cancel()
+
+    async def _conclude(self, job_id: str, attempt: int, msg, change: Callable[[router_pb2.Job], bool]) -> router_pb2.Job:
+        """Records the run's outcome, tells the job's followers, and only then acks its message."""
+        job = await self._update(job_id, change)
+        await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
+        await msg.ack()
+        return job
 
     async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest) -> router_pb2.Job:
         """Runs the request through the gateway; returns the result fields (state, text, ...)."""

@@ -206,6 +206,6 @@ class Tracker:
             failed.append(f)
         return requeued, failed
 
-    def requeued(self, f: Flight, seq: int) -> None:
-        """The gateway queued `f` again as message `seq`: deliveries count from 1 again."""
-        f.seq, f.delivery = seq, 0
+    def requeued(self, f: Flight) -> None:
+        """The gateway queued `f` again as a new message: its deliveries count from 1 again."""
+        f.delivery = 0

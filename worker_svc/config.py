@@ -57,6 +57,8 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         spec = cat.get(a.model)
     except catalogue.ConfigError as e:
         p.error(str(e))
+    if a.stop_grace < 0:
+        p.error("--stop-grace must be >= 0")
     if a.ack_wait <= 1:
         p.error("--ack-wait must be > 1 second")
     return WorkerConfig(
@@ -72,7 +74,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         ack_wait_s=a.ack_wait,
         max_deliver=a.max_deliver,
         drain_timeout_s=a.drain_timeout,
-        stop_grace_s=max(0.0, a.stop_grace),
+        stop_grace_s=a.stop_grace,
         ready_file=a.ready_file,
         log_level=a.log_level,
     )

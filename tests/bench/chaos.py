@@ -123,7 +123,6 @@ class Stack:
         self.nats: natsd.NatsServer | None = None
         self.services: list[stack.ServiceProcess] = []
         self.supervisors: dict[str, stack.Supervisor] = {}
-        self.tasks: list[asyncio.Task] = []      # the supervisors
         self.watchers: list[asyncio.Task] = []   # the router and the manager
         self.broken = ""         # set when the router or the manager exits on its own
         self.sessions: set[int] = set()   # each service and worker starts its own session (its engines join it)
@@ -143,7 +142,7 @@ class Stack:
         for m in catalogue.load(config).models:
             start = functools.partial(self._start_worker, config, m.name, f"127.0.0.1:{manager.info['port']}")
             sup = self.supervisors[m.name] = stack.Supervisor(f"worker for {m.name}", start, say=say)
-            self.tasks.append(asyncio.create_task(sup.run(await start(), self.stop)))
+            await sup.begin(self.stop)
         self.http = f"http://127.0.0.1:{router.info['http_port']}"
         self.grpc = f"127.0.0.1:{router.info['port']}"
 
@@ -168,9 +167,7 @@ class Stack:
         self.stop.set()
         for w in self.watchers:
             w.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=90)
-        await stack.stop_all([s.current for s in self.supervisors.values() if s.current is not None])
+        await stack.stop_supervised(list(self.supervisors.values()))
         await stack.stop_all(self.services)
         if self.nats is not None:
             self.nats.stop()

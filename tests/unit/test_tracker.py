@@ -132,11 +132,11 @@ def test_a_lost_link_requeues_what_sent_nothing_and_fails_what_streamed():
     assert drain(elsewhere) == [] and elsewhere.link == "w2", "another worker's flights are untouched"
 
     # The republished message counts deliveries from 1 again; a second `started` is not repeated.
-    t.requeued(quiet, seq=99)
+    t.requeued(quiet)
     assert t.on_chunk(worker_pb2.RequestChunk(request_id="q", delivery=1, started=True), "w3") is Action.OK
     assert t.on_chunk(worker_pb2.RequestChunk(request_id="q", delivery=1, delta=worker_pb2.RequestDelta(token_ids=[5], text="y")),
                       "w3") is Action.OK
-    assert quiet.seq == 99 and quiet.link == "w3"
+    assert quiet.delivery == 1 and quiet.link == "w3"
     assert [e.WhichOneof("event") for e in drain(quiet)] == ["delta"], "no second `started`; the new generation streams"
 
     # Lost again and again: after MAX_REQUEUES it fails instead of looping.
@@ -145,7 +145,7 @@ def test_a_lost_link_requeues_what_sent_nothing_and_fails_what_streamed():
         link = object()
         t.on_chunk(worker_pb2.RequestChunk(request_id="q2", delivery=1, started=True), link)
         assert t.lost_link(link) == ([q2], [])
-        t.requeued(q2, seq=100 + i)
+        t.requeued(q2)
     last = object()
     t.on_chunk(worker_pb2.RequestChunk(request_id="q2", delivery=1, started=True), last)
     assert t.lost_link(last) == ([], [q2])
