@@ -21,7 +21,7 @@ from manager_svc import budget
 from manager_svc.policy import Evict, Fail, Load, Phase, plan
 from manager_svc.state import PHASE_OF, STATE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
-from roundhouse import grpcserver, jetstream, subjects
+from roundhouse import grpcserver, jetstream, natsconn, subjects
 from roundhouse.catalogue import Catalogue
 from roundhouse.catalogue import weight_bytes as catalogue_weight_bytes
 from roundhouse.errors import ModelNotFound, ModelPinned, RoundhouseError, Unavailable
@@ -55,7 +55,7 @@ class Manager:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self._nats_url, name="roundhouse-manager", max_reconnect_attempts=-1)
+        self._nc = await natsconn.connect(self._nats_url, "roundhouse-manager")
         self._js = self._nc.jetstream()
         await jetstream.ensure_stream(self._js)
         await self._nc.subscribe(subjects.REQUEST_EVENTS, cb=self._on_request_event)
@@ -101,7 +101,11 @@ class Manager:
             if phase is Phase.READY and e.phase is not Phase.READY:
                 e.resident_since = self._clock()
             changed = phase is not e.phase
-            e.phase, e.error = phase, (r.error if phase is Phase.FAILED else "")
+            if e.phase is Phase.READY and phase is Phase.UNLOADED and r.error:  # its engine died
+                e.engine_died(r.error, self._clock(), self.settings.load_backoff_s)
+                log.error("residency.engine_died", model=e.spec.name, error=r.error,
+                          reload_in_s=round(e.backoff_until - self._clock(), 1))
+            e.phase, e.error = phase, (r.error if phase in (Phase.FAILED, Phase.UNLOADED) else "")
             if changed:  # e.g. a worker counted lost that reports again: say so (log, routers)
                 self._set_changed(e)
                 return

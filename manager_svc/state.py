@@ -10,6 +10,7 @@ from manager_svc.policy import ModelView, Phase
 
 FREQUENCY_HALF_LIFE_S = 60.0
 BACKOFF_MAX_S = 300.0
+DEATHS_FORGOTTEN_S = 600.0   # an engine that served this long before dying starts its backoff over
 
 PHASE_OF = {
     worker_pb2.ENGINE_STATE_UNLOADED: Phase.UNLOADED,
@@ -44,7 +45,8 @@ class Entry:
     pinned: bool = False
     draining: bool = False
     requested: bool = False           # an operator asked for it (LoadModel)
-    failures: int = 0
+    failures: int = 0                 # failed loads in a row
+    deaths: int = 0                   # engine deaths, each within DEATHS_FORGOTTEN_S of a load
     backoff_until: float = 0.0
     resident_since: float = 0.0
     last_load_s: float = 30.0         # the estimate given to waiting callers
@@ -87,6 +89,16 @@ class Entry:
         self.address = self.worker_id = ""
         self.reported_in_flight = 0
         self.phase, self.error = Phase.UNLOADED, error
+
+    def engine_died(self, error: str, now: float, backoff_s: float) -> None:
+        """Its engine died while READY (its worker lives and says why): unloaded, and loaded
+        again on demand after a backoff that doubles with each death close to the last one, so
+        an engine that keeps dying is not restarted in a loop."""
+        if now - self.resident_since > DEATHS_FORGOTTEN_S:
+            self.deaths = 0
+        self.deaths += 1
+        self.phase, self.error = Phase.UNLOADED, error
+        self.backoff_until = now + min(BACKOFF_MAX_S, backoff_s * 2 ** (self.deaths - 1))
 
     def failed(self, reason: str, now: float, backoff_s: float) -> None:
         self.phase, self.error = Phase.FAILED, reason

@@ -1,5 +1,6 @@
-"""JetStream in one place: the request stream and per-model consumers (created idempotently), and
-the one pull loop that both a worker (its model's requests) and the job runners (RH_JOBS) use.
+"""JetStream in one place: the request stream and per-model consumers (created idempotently), the
+one pull loop that both a worker (its model's requests) and the job runners (RH_JOBS) use, and the
+advisory in which JetStream gives up on a request.
 
 nats-py's `fetch(batch=N)` returns only when all N messages came or its timeout passed, which
 adds up to the whole timeout to a lone message's wait. `pull_loop` keeps one pull request
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -74,6 +76,41 @@ async def queued(js: JetStreamContext, model: str) -> int:
     except nats.js.errors.NotFoundError:
         return 0
     return int(info.num_pending or 0)
+
+
+# nats-server's JSConsumerDeliveryExceededAdvisory (server/jetstream_events.go), published on
+# subjects.max_deliveries_subject(stream, consumer) when a message that was delivered max_deliver
+# times comes due once more: {"type": MAX_DELIVER_TYPE, "id", "timestamp", "stream", "consumer",
+# "stream_seq", "deliveries", "domain" (only with a JetStream domain)}.
+MAX_DELIVER_TYPE = "io.nats.jetstream.advisory.v1.max_deliver"
+
+
+class GaveUp(NamedTuple):
+    model: str
+    stream_seq: int
+    deliveries: int
+
+
+def gave_up_on(data: bytes, models: Iterable[str]) -> GaveUp | None:
+    """The request JetStream gave up on, from a max_deliver advisory of the request stream for a
+    consumer of one of `models`; None for anything else (not JSON, another type or stream, another
+    consumer, a sequence or count that is no positive integer). Never raises: advisories are core
+    NATS, and one that is lost or garbled only leaves its request to its deadline."""
+    try:
+        body = json.loads(data)
+    except (ValueError, TypeError, RecursionError):  # bad JSON or UTF-8 (both ValueErrors), or nested too deep
+        return None
+    if not isinstance(body, dict) or body.get("type") != MAX_DELIVER_TYPE or body.get("stream") != subjects.STREAM:
+        return None
+    consumer, seq, deliveries = body.get("consumer"), body.get("stream_seq"), body.get("deliveries")
+    if not (isinstance(consumer, str) and _positive(seq) and _positive(deliveries)):
+        return None
+    model = subjects.model_of_consumer(consumer, models)
+    return None if model is None else GaveUp(model, seq, deliveries)
+
+
+def _positive(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
 class Puller:

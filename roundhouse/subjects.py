@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 STREAM = "RH_REQUESTS"
 SUBJECT_PREFIX = "rh.req"
@@ -32,6 +33,22 @@ def request_subject(model: str) -> str:
 def consumer_name(model: str) -> str:
     """The durable pull consumer shared by every worker of `model`."""
     return f"rh-worker-{model_token(model)}"
+
+
+def model_of_consumer(consumer: str, models: Iterable[str]) -> str | None:
+    """The model among `models` whose consumer is `consumer` (consumer names hash the model name,
+    so only a list of candidates turns one back); None for any other consumer."""
+    return next((m for m in models if consumer_name(m) == consumer), None)
+
+
+# JetStream's own advisory (core NATS): a message of `stream` was delivered max_deliver times to
+# `consumer` without an ack, and it is not delivered again.
+MAX_DELIVERIES_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+def max_deliveries_subject(stream: str = STREAM, consumer: str = "*") -> str:
+    """The advisory's subject; by default every consumer of the request stream."""
+    return f"{MAX_DELIVERIES_PREFIX}.{stream}.{consumer}"
 
 
 # Core NATS (not JetStream): events that may be lost without harm.

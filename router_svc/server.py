@@ -9,16 +9,17 @@ import grpc
 import nats
 import nats.errors
 import structlog
+from google.protobuf.message import DecodeError
 
-from protos.v1 import manager_pb2, router_pb2, router_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, subjects
+from protos.v1 import manager_pb2, queue_pb2, router_pb2, router_pb2_grpc
+from roundhouse import entry, grpcserver, jetstream, natsconn, subjects
 from roundhouse.errors import RoundhouseError
 from router_svc.config import RouterConfig
 from router_svc.delivery import DeliveryServer
 from router_svc.gateway import Gateway
 from router_svc.http import HttpApi
 from router_svc.jobs import Jobs, JobsConfig
-from router_svc.tracker import Tracker
+from router_svc.tracker import Flight, Tracker
 
 log = structlog.get_logger("router")
 
@@ -90,6 +91,7 @@ class Router:
         self.port = 0
         self.http_port = 0
         self._nc: nats.NATS | None = None
+        self._js = None
         self._server: grpc.aio.Server | None = None
         self._delivery = DeliveryServer(self.tracker)
         self._health = None
@@ -106,10 +108,11 @@ class Router:
         return f"{self.config.advertise_host or self.config.host}:{self._delivery.port}"
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.config.nats_url, name="roundhouse-router", max_reconnect_attempts=-1)
-        js = self._nc.jetstream()
+        self._nc = await natsconn.connect(self.config.nats_url, "roundhouse-router")
+        js = self._js = self._nc.jetstream()
         await jetstream.ensure_stream(js)
         await self._nc.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=self._on_model_event)
+        await self._nc.subscribe(subjects.max_deliveries_subject(), cb=self._on_max_deliveries)
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         self._delivery.start(self.config.host, self.config.delivery_port)
@@ -134,6 +137,35 @@ class Router:
             log.warning("router.bad_model_event", subject=msg.subject)
             return
         self.tracker.on_model_event(ev.model, ev.state, ev.estimate_s, ev.error)
+
+    async def _on_max_deliveries(self, msg) -> None:
+        """JetStream gave up on a queued request: its caller hears so now, not at its deadline.
+        Every router hears every such advisory; only the one whose flight it is acts."""
+        gave_up = jetstream.gave_up_on(msg.data, (m.name for m in self.config.catalogue.models))
+        if gave_up is None:
+            log.warning("router.advisory_ignored", subject=msg.subject, reason="malformed, or no model of this router's")
+            return
+        model, seq, deliveries = gave_up
+        flight = self.tracker.gave_up(model, seq, deliveries) or await self._gave_up_copy(gave_up)
+        if flight is None:
+            return  # another router's request, or one that is over already
+        log.warning("request.gave_up", request_id=flight.request_id, model=model, deliveries=deliveries, seq=seq)
+        # Work-queue retention keeps an unacked message for ever, and JetStream will not deliver
+        # it again: nobody else removes it.
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await self._js.delete_msg(subjects.STREAM, seq)
+
+    async def _gave_up_copy(self, gave_up: jetstream.GaveUp) -> Flight | None:
+        """The message may be a worker's hand-back copy, whose sequence its flight never learns:
+        read it back (the stream still holds it) to see whether it is one of ours."""
+        try:
+            raw = await self._js.get_msg(subjects.STREAM, gave_up.stream_seq)
+            queued = queue_pb2.QueuedRequest.FromString(raw.data or b"")
+        except (nats.errors.Error, asyncio.TimeoutError, DecodeError):
+            return None  # gone already, or NATS unavailable: the caller's deadline still ends it
+        if queued.reply_to != self.delivery_address:
+            return None  # its tokens go to another router
+        return self.tracker.gave_up(gave_up.model, gave_up.stream_seq, gave_up.deliveries, request_id=queued.request_id)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuses new calls at once; streams in flight get `grace` (default: stop_grace_s) to

@@ -11,6 +11,10 @@ A worker stream that breaks (the worker died, or the link between us did) is kno
 its flights do not wait for JetStream's redelivery timer: one that has sent the caller nothing is
 queued again at once (`REQUEUE` in its events: the gateway republishes it), one that has sent
 tokens fails with a retryable UNAVAILABLE that says how far it got.
+
+A request whose message JetStream gives up on (delivered max_deliver times, never acked: the
+router hears it from JetStream's MAX_DELIVERIES advisory) fails at once with a non-retryable
+INTERNAL error (`gave_up`), not at its deadline: no worker gets that message again.
 """
 from __future__ import annotations
 
@@ -91,6 +95,10 @@ class Tracker:
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._flights
+
+    def flights(self) -> list[Flight]:
+        """Every request in flight (a snapshot: for status and tests, not for changing them)."""
+        return list(self._flights.values())
 
     def waiting(self, model: str) -> int:
         """This router's requests for `model` that no worker has started yet."""
@@ -205,6 +213,27 @@ class Tracker:
             f.done = True
             failed.append(f)
         return requeued, failed
+
+    def gave_up(self, model: str, stream_seq: int, deliveries: int, request_id: str | None = None) -> Flight | None:
+        """JetStream delivered message `stream_seq` of `model` `deliveries` times without an ack and
+        stops there: fails the flight that queued it and returns it; None when no flight of this
+        router's waits for that message (another router's, or over already). `request_id`: the
+        message is a worker's hand-back copy (worker_svc/redelivery.py), whose sequence its flight
+        never learns, so the flight is found by the id the message carries."""
+        if request_id is None:
+            f = next((f for f in self._flights.values() if f.seq == stream_seq), None)
+        else:
+            f = self._flights.get(request_id)
+        if f is None or f.done or f.model != model:
+            return None
+        f.events.put_nowait(error_event(
+            "INTERNAL",
+            f"roundhouse: this request was delivered {deliveries} times without finishing (each worker of model "
+            f"{model} that took it died or stalled running it); it is not tried again (it may be what kills them)",
+            False,
+        ))
+        f.done = True
+        return f
 
     def requeued(self, f: Flight) -> None:
         """The gateway queued `f` again as a new message: its deliveries count from 1 again."""

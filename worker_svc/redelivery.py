@@ -16,6 +16,14 @@ JetStream count:
 
 A request is stopped after MAX_ATTEMPTS real attempts with an error that says why: it may be
 what kills the engine, and retrying it forever would take every other request down with it.
+
+An engine that dies running several requests does not say which one killed it, and counting the
+death against all of them would let one poison request use up the budget of every request that
+shared its batches. So such a death is no attempt: each request is handed back marked
+
+  Rh-Suspect            it was in an engine that died with others. A worker runs a suspect
+                        alone in its engine: if the engine dies then, the suspect killed it,
+                        and that is a real attempt.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from collections.abc import Mapping
 
 DELIVERIES_BEFORE = "Rh-Deliveries-Before"
 ATTEMPTS_BEFORE = "Rh-Attempts-Before"
+SUSPECT = "Rh-Suspect"
 MAX_ATTEMPTS = 3
 
 
@@ -31,6 +40,7 @@ MAX_ATTEMPTS = 3
 class Delivery:
     number: int      # this generation's number for the router, increasing across copies
     attempts: int    # real attempts before this one
+    suspect: bool = False   # it was in an engine that died with others: run it alone
 
     @property
     def exhausted(self) -> bool:
@@ -47,12 +57,17 @@ def _count(headers: Mapping[str, str] | None, name: str) -> int:
 def delivery(headers: Mapping[str, str] | None, num_delivered: int) -> Delivery:
     """The Delivery of a message with these headers, delivered `num_delivered` times (>= 1)."""
     n = max(1, num_delivered)
-    return Delivery(number=_count(headers, DELIVERIES_BEFORE) + n, attempts=_count(headers, ATTEMPTS_BEFORE) + n - 1)
+    return Delivery(number=_count(headers, DELIVERIES_BEFORE) + n, attempts=_count(headers, ATTEMPTS_BEFORE) + n - 1,
+                    suspect=(headers or {}).get(SUSPECT) == "1")
 
 
-def copy_headers(original: Mapping[str, str] | None, d: Delivery, stream_seq: int) -> dict[str, str]:
+def copy_headers(original: Mapping[str, str] | None, d: Delivery, stream_seq: int, suspect: bool = False) -> dict[str, str]:
     """Headers of the copy that replaces message `stream_seq`, handed back at delivery `d` (a
-    hand-back is no attempt). A message is handed back once (it is removed after), so its
-    sequence makes the copy's id: a retried publish of the same copy is stored once."""
-    return {**(original or {}), DELIVERIES_BEFORE: str(d.number), ATTEMPTS_BEFORE: str(d.attempts),
-            "Nats-Msg-Id": f"rh-copy-of-{stream_seq}"}
+    hand-back is no attempt); `suspect`: its engine died with others in it (a suspect stays one).
+    A message is handed back once (it is removed after), so its sequence makes the copy's id: a
+    retried publish of the same copy is stored once."""
+    headers = {**(original or {}), DELIVERIES_BEFORE: str(d.number), ATTEMPTS_BEFORE: str(d.attempts),
+               "Nats-Msg-Id": f"rh-copy-of-{stream_seq}"}
+    if suspect:
+        headers[SUSPECT] = "1"
+    return headers

@@ -2,6 +2,8 @@
 
     UNLOADED -> LOADING -> READY -> EVICTING -> UNLOADED
                        +-> FAILED -> LOADING (an explicit Load retries)
+    READY -> UNLOADED, with an error: its engine died (nothing wrong with the model's files: the
+             manager loads it again on demand, after a backoff)
 
 `Residency` is the only writer of the state; every change logs one `residency.changed` event.
 Callers await `ready()` instead of polling.
@@ -29,7 +31,7 @@ class State(enum.Enum):
 _ALLOWED: dict[State, frozenset[State]] = {
     State.UNLOADED: frozenset({State.LOADING}),
     State.LOADING: frozenset({State.READY, State.FAILED}),
-    State.READY: frozenset({State.EVICTING, State.FAILED}),
+    State.READY: frozenset({State.EVICTING, State.FAILED, State.UNLOADED}),
     State.EVICTING: frozenset({State.UNLOADED, State.FAILED}),
     State.FAILED: frozenset({State.LOADING, State.UNLOADED}),
 }

@@ -5,12 +5,11 @@ import asyncio
 import contextlib
 
 import grpc
-import nats
 import structlog
 
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, reaper, subjects
+from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects
 from worker_svc import consume, preflight
 from worker_svc.config import WorkerConfig
 from worker_svc.servicer import WorkerServicer
@@ -25,7 +24,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     structlog.contextvars.bind_contextvars(worker_id=config.worker_id, model=config.model.name)
     reaper.guard()  # the engine processes it will start die with it, however it dies
     # 1. NATS: the stream, this model's consumer, a pull subscription bound to it.
-    nc = await nats.connect(config.nats_url, name=config.worker_id, max_reconnect_attempts=-1)
+    nc = await natsconn.connect(config.nats_url, config.worker_id)
     js = nc.jetstream()
     await jetstream.ensure_stream(js)
     await jetstream.ensure_consumer(js, config.model.name, config.ack_wait_s, config.max_deliver)

@@ -3,8 +3,10 @@
 The single owner of `active` (requests being generated) and of the engine. A request ends in
 exactly one of four ways for JetStream, decided in `_serve`:
   ack        - its stream finished (or failed in a way a retry cannot fix: then `term`);
-  nak        - its engine died while running it: a real attempt, redelivered (see redelivery);
-  hand back  - not its fault (engine not ready, worker evicting or shutting down): a copy is
+  nak        - its engine died while running it alone: a real attempt, redelivered (see
+               redelivery), unless it was the last of MAX_ATTEMPTS: then it fails, saying why;
+  hand back  - not its fault (engine not ready, worker evicting or shutting down, or its engine
+               died running others too: then it goes back a suspect, to run alone): a copy is
                queued and the original removed, so the hand-back spends none of its budget;
   term       - nobody waits for it any more (caller cancelled, router gone, deadline passed,
                too many real attempts).
@@ -42,6 +44,7 @@ class Stop:
     CALLER_GONE = "caller_gone"      # router said cancel: abort, term
     ROUTER_LOST = "router_lost"      # the owning router's stream broke: abort, term
     REQUEUE = "requeue"              # evict or shutdown: abort, hand back (another delivery serves it)
+    ENGINE_DIED = "engine_died"      # its engine died with others in it: hand back as a suspect
 
 
 @dataclasses.dataclass
@@ -49,6 +52,7 @@ class Active:
     msg: Msg
     link: RouterLink
     delivery: int
+    attempt: int                      # this real attempt's number, from 1 (see redelivery)
     engine_request_id: str
     task: asyncio.Task | None = None
     stop: str = ""
@@ -80,6 +84,12 @@ class ModelWorker:
         self.settling: dict[str, Msg] = {}
         self.links = Links(config.worker_id, self.cancel, self._router_lost)
         self._slot_freed = asyncio.Event()
+        # Suspects (see redelivery) waiting to run alone, heartbeated meanwhile; one runs at a
+        # time, and while one waits for the engine to empty or runs, nothing new is pulled.
+        self.waiting: dict[str, Msg] = {}
+        self._alone = asyncio.Lock()
+        self._isolating = False
+        self._death: tuple[Engine, int] | None = None   # the dead engine, and how many it was running
         self._load_task: asyncio.Task | None = None
         self._republish = republish
 
@@ -188,7 +198,7 @@ class ModelWorker:
         return self.config.model.max_num_seqs - len(self.active)
 
     async def wait_for_slot(self) -> int:
-        while self.free_slots() <= 0:
+        while self.free_slots() <= 0 or self._isolating:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         return self.free_slots()
@@ -236,28 +246,37 @@ class ModelWorker:
         if rid in self.active:  # redelivered while we still run it (a stall past ack_wait)
             self.active[rid].msg = msg
             return
+        if rid in self.waiting:
+            self.waiting[rid] = msg
+            return
         if rid in self.settling:
             self.settling[rid] = msg
             return
-        engine = self.engine
-        if engine is None:
-            await self.hand_back(msg)
-            return
-        # 3. Register, announce, generate.
-        link = self.links.to(req.reply_to)
-        active = Active(msg, link, delivery, f"{rid}@{delivery}", asyncio.current_task())
-        if d.exhausted:  # it was running each time its engine or worker died: do not try again
-            bound.error("request.attempts_exhausted", attempts=d.attempts)
-            receipt = link.push_last(_error(
-                rid, delivery, "INTERNAL",
-                f"roundhouse: this request was being generated each of the {d.attempts} times its engine or worker "
-                "died; it is not tried again (it may be what kills them)", False))
-            outcome = "term"
-        else:
-            self.active[rid] = active
-            link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
-            bound.debug("request.started", reply_to=req.reply_to)
-            outcome, receipt = await self._generate(engine, req, active, remaining, bound)
+        isolated = d.suspect and not d.exhausted
+        if isolated:  # its engine died with others in it: it runs alone, so a death now is its own
+            msg = await self._wait_alone(rid, msg)
+        try:
+            engine = self.engine
+            if engine is None or engine.dead:  # not loaded, or died since: not its fault
+                await self.hand_back(msg)
+                return
+            # 3. Register, announce, generate.
+            link = self.links.to(req.reply_to)
+            active = Active(msg, link, delivery, d.attempts + 1, f"{rid}@{delivery}", asyncio.current_task())
+            if d.exhausted:  # it was running each time its engine or worker died: do not try again
+                bound.error("request.attempts_exhausted", attempts=d.attempts)
+                receipt = link.push_last(_attempts_exhausted(rid, delivery, d.attempts))
+                outcome = "term"
+            else:
+                self.active[rid] = active
+                link.push(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, started=True))
+                bound.debug("request.started", reply_to=req.reply_to, alone=isolated)
+                outcome, receipt = await self._generate(engine, req, active, remaining, bound)
+        finally:
+            if isolated:
+                self._isolating = False
+                self._alone.release()
+                self._slot_freed.set()  # pulling resumes
         # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
         #    that dies before that leaves the request queued for another delivery.
         if receipt is not None:
@@ -277,6 +296,8 @@ class ModelWorker:
             await msg.nak()
         elif outcome == "hand back":
             await self.hand_back(msg)
+        elif outcome == "suspect":
+            await self.hand_back(msg, suspect=True)
         else:
             await msg.term()
 
@@ -317,8 +338,9 @@ class ModelWorker:
             asyncio.current_task().uncancel()
             if receipt is None:  # still generating: abort it (else it finished just before the stop)
                 self.counters.aborted += 1
-                await engine.abort([active.engine_request_id])
-                outcome = "hand back" if active.stop == Stop.REQUEUE else "term"
+                if active.stop != Stop.ENGINE_DIED:  # a dead engine holds nothing to abort
+                    await engine.abort([active.engine_request_id])
+                outcome = {Stop.REQUEUE: "hand back", Stop.ENGINE_DIED: "suspect"}.get(active.stop, "term")
                 bound.info("request.stopped", reason=active.stop)
         except TimeoutError:
             self.counters.aborted += 1
@@ -326,9 +348,16 @@ class ModelWorker:
             receipt = link.push_last(_error(rid, delivery, "DEADLINE_EXCEEDED", "roundhouse: deadline passed during generation", False))
             outcome = "term"
         except EngineDead as e:
-            bound.error("engine.dead", error=str(e))
-            outcome = "nak"  # a real attempt: it counts (see redelivery)
+            shared = self._running_at_death(engine) > 1
+            bound.error("engine.dead", error=str(e), shared=shared)
             self._background(self._engine_died(str(e)))
+            if shared:  # which of them killed it is not known: none is blamed (see redelivery)
+                outcome = "suspect"
+            elif active.attempt < redelivery.MAX_ATTEMPTS:
+                outcome = "nak"  # it ran alone: a real attempt, it counts
+            else:  # the last one it gets: say so now rather than at a delivery that needs a new engine
+                receipt = link.push_last(_attempts_exhausted(rid, delivery, active.attempt))
+                outcome = "term"
         except RequestError as e:
             receipt = link.push_last(_error(rid, delivery, e.code.name, e.message, e.retryable))
             outcome = "term"
@@ -337,14 +366,15 @@ class ModelWorker:
             self._slot_freed.set()
         return outcome, receipt
 
-    async def hand_back(self, msg: Msg) -> None:
+    async def hand_back(self, msg: Msg, suspect: bool = False) -> None:
         """Queues a copy of `msg` that keeps its counts (see redelivery) and removes `msg`: a
         hand-back that is not the request's fault spends none of its delivery budget. Without a
         way to publish (or when NATS refuses) it falls back to a nak: counted, but nothing lost."""
         d = redelivery.delivery(msg.headers, msg.metadata.num_delivered or 1)
         if self._republish is not None:
             try:
-                await self._republish(msg.subject, msg.data, redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream))
+                headers = redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream, suspect)
+                await self._republish(msg.subject, msg.data, headers)
             except Exception as e:  # noqa: BLE001 - any failure: keep the original instead
                 log.warning("request.hand_back_failed", error=repr(e))
             else:
@@ -352,19 +382,47 @@ class ModelWorker:
                 return
         await msg.nak(delay=HAND_BACK_NAK_DELAY_S)
 
+    async def _wait_alone(self, rid: str, msg: Msg) -> Msg:
+        """Returns once `rid` is the one request its engine will run (nothing new is pulled
+        until it is done: see the finally in `_serve`), with its newest delivery's handle."""
+        self.waiting[rid] = msg  # still ours: heartbeated while it waits
+        try:
+            await self._alone.acquire()
+            self._isolating = True
+            try:
+                while self.active:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+            except BaseException:  # the worker is going down while it waits
+                self._isolating = False
+                self._alone.release()
+                raise
+        finally:
+            msg = self.waiting.pop(rid)
+        return msg
+
+    def _running_at_death(self, engine: Engine) -> int:
+        """How many requests `engine` was running when it died: counted by the first of them
+        to hear of the death, before any of them has left `active`."""
+        if self._death is None or self._death[0] is not engine:
+            self._death = (engine, len(self.active))
+        return self._death[1]
+
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)
         task.add_done_callback(_log_crash)
 
     async def _engine_died(self, error: str) -> None:
+        """UNLOADED with the reason, not FAILED: the model's files are fine (FAILED tells the
+        routers to fail its waiters), so its requests wait for the manager to load it again."""
         if self.residency.state is State.READY:
-            await self.residency.set(State.FAILED, error=error)
-            await self._stop_all(Stop.REQUEUE)
+            await self.residency.set(State.UNLOADED, error=error)
+            await self._stop_all(Stop.ENGINE_DIED)
             await self._shutdown_engine()
 
     async def heartbeat(self) -> None:
         """Tells JetStream that every request in flight is still being worked on."""
-        msgs = [a.msg for a in self.active.values()] + list(self.settling.values())
+        msgs = [a.msg for a in self.active.values()] + list(self.settling.values()) + list(self.waiting.values())
         await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
 
     def report(self, address: str, preflight_error: str) -> manager_pb2.WorkerReport:
@@ -372,7 +430,7 @@ class ModelWorker:
         return manager_pb2.WorkerReport(
             worker_id=self.config.worker_id, model=self.model, address=address, gpu=spec.gpu,
             weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=False,
-            state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active),
+            state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active) + len(self.waiting),
             preflight_error=preflight_error,
         )
 
@@ -383,7 +441,7 @@ class ModelWorker:
             model=self.model,
             state=self.residency.state.value,
             error=self.residency.error,
-            in_flight=len(self.active),
+            in_flight=len(self.active) + len(self.waiting),
             engine_unfinished=self.engine.unfinished() if self.engine else 0,
             max_num_seqs=self.config.model.max_num_seqs,
             completed=c.completed,
@@ -419,6 +477,12 @@ def _error(rid: str, delivery: int, code: str, message: str, retryable: bool) ->
     return worker_pb2.RequestChunk(
         request_id=rid, delivery=delivery, error=common_pb2.ErrorDetail(code=code, message=message, retryable=retryable)
     )
+
+
+def _attempts_exhausted(rid: str, delivery: int, attempts: int) -> worker_pb2.RequestChunk:
+    return _error(rid, delivery, "INTERNAL",
+                  f"roundhouse: this request was being generated each of the {attempts} times its engine or worker "
+                  "died; it is not tried again (it may be what kills them)", False)
 
 
 def _log_crash(task: asyncio.Task) -> None:

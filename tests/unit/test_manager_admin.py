@@ -96,3 +96,38 @@ async def test_a_load_that_breaks_because_the_worker_died_is_not_a_model_failure
         assert e.phase is Phase.FAILED and e.backoff_until > 0 and "bad weights" in e.error
     else:
         assert e.phase is Phase.UNLOADED and not e.address and e.backoff_until == 0 and not e.error
+
+
+def test_an_engine_that_dies_is_reloaded_after_a_backoff_that_grows_with_each_death():
+    """A worker whose engine died reports UNLOADED with the reason (not FAILED: its waiters keep
+    waiting). The manager loads it again only after a backoff, doubled by each death that comes
+    soon after the last load, and starts over once an engine served for DEATHS_FORGOTTEN_S."""
+    from manager_svc.policy import Phase, wants_load
+    from manager_svc.state import DEATHS_FORGOTTEN_S
+    from protos.v1 import manager_pb2, worker_pb2
+
+    now = [1000.0]
+    manager = Manager(CAT, "nats://unused", clock=lambda: now[0])
+    base = CAT.manager.load_backoff_s
+    e = manager.entry("m")
+
+    def report(state, error: str = "") -> None:
+        manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000", state=state, error=error))
+
+    waits = []
+    for _ in range(3):
+        report(worker_pb2.ENGINE_STATE_READY)
+        report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")
+        assert e.phase is Phase.UNLOADED and "engine died" in e.residency().error
+        e.set_queue(1, 0, now[0])
+        assert not wants_load(e.view(now[0]), now[0]), "not again at once"
+        waits.append(e.backoff_until - now[0])
+        report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")  # its next report: no new death
+        assert e.backoff_until - now[0] == waits[-1]
+        now[0] = e.backoff_until
+        assert wants_load(e.view(now[0]), now[0]), "loaded again on demand once the backoff passed"
+    assert waits == [base, 2 * base, 4 * base]
+    report(worker_pb2.ENGINE_STATE_READY)
+    now[0] += DEATHS_FORGOTTEN_S + 1
+    report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")
+    assert e.backoff_until - now[0] == base, "a long life before it died: the backoff starts over"

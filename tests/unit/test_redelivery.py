@@ -40,3 +40,12 @@ def test_numbers_strictly_increase_over_any_chain_of_copies(deliveries_per_copy)
             last = d.number
         headers = copy_headers(headers, d, stream_seq=len(headers))
     assert delivery(headers, 1).attempts == sum(n - 1 for n in deliveries_per_copy)
+
+
+def test_a_suspect_stays_one_across_copies_and_spends_no_attempt():
+    d = delivery({}, 1)
+    assert not d.suspect
+    copy = copy_headers({}, d, stream_seq=7, suspect=True)   # its engine died with others in it
+    again = delivery(copy, 1)
+    assert again.suspect and again.attempts == 0 and again.number == 2
+    assert delivery(copy_headers(copy, again, stream_seq=8), 1).suspect, "handed back again (evicting): still a suspect"

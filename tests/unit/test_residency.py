@@ -21,6 +21,16 @@ async def test_transitions_follow_the_table_and_log_one_event_each():
         await r.set(State.READY)
 
 
+async def test_an_engine_death_unloads_with_its_reason_and_a_load_clears_it():
+    r = Residency("m")
+    await r.set(State.LOADING)
+    await r.set(State.READY)
+    await r.set(State.UNLOADED, error="roundhouse: engine died: boom")  # not FAILED: the files are fine
+    assert r.error == "roundhouse: engine died: boom"
+    await r.set(State.LOADING)
+    assert r.error == ""
+
+
 async def test_waiters_wake_on_the_state_they_wait_for():
     r = Residency("m")
     waiter = asyncio.ensure_future(r.ready())

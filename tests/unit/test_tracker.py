@@ -151,3 +151,45 @@ def test_a_lost_link_requeues_what_sent_nothing_and_fails_what_streamed():
     assert t.lost_link(last) == ([], [q2])
     events = drain(q2)
     assert events[-1].error.code == "UNAVAILABLE" and f"{MAX_REQUEUES + 1} times" in events[-1].error.message
+
+
+def test_a_message_jetstream_gave_up_on_fails_its_flight_at_once():
+    t = Tracker()
+    f = t.open("r", "m")
+    f.seq = 42
+    for c in (started(3), delta(3, [1, 2])):
+        t.on_chunk(c, "w1")
+    drain(f)
+
+    assert t.gave_up("m", 42, 10) is f
+    [err] = drain(f)
+    assert err.error.code == "INTERNAL" and not err.error.retryable
+    assert err.error.message.startswith("roundhouse: ")
+    assert "delivered 10 times without finishing" in err.error.message and "not tried again" in err.error.message
+    assert f.done
+    assert t.on_chunk(delta(3, [3]), "w1") is Action.CANCEL, "a stalled worker that wakes up is told to stop"
+    assert t.gave_up("m", 42, 10) is None and drain(f) == [], "a second advisory changes nothing"
+
+
+def test_messages_of_other_routers_or_models_or_ended_flights_are_left_alone():
+    t = Tracker()
+    f = t.open("r", "m")
+    f.seq = 42
+    ended = t.open("e", "m")
+    ended.seq = 43
+    ended.done = True
+    assert t.gave_up("other", 42, 10) is None, "another model's consumer"
+    assert t.gave_up("m", 41, 10) is None, "another router's message"
+    assert t.gave_up("m", 43, 10) is None, "over already"
+    assert drain(f) == [] and drain(ended) == [] and not f.done
+
+
+def test_a_hand_back_copy_is_matched_by_the_request_id_it_carries():
+    t = Tracker()
+    f = t.open("r", "m")
+    f.seq = 42  # the original: a worker handed it back as message 57, which the flight never learns
+    assert t.gave_up("m", 57, 10) is None
+    assert t.gave_up("other", 57, 10, request_id="r") is None and t.gave_up("m", 57, 10, request_id="x") is None
+    assert t.gave_up("m", 57, 10, request_id="r") is f
+    [err] = drain(f)
+    assert err.error.code == "INTERNAL" and "delivered 10 times" in err.error.message and f.done

@@ -1,0 +1,27 @@
+"""How every Roundhouse process connects to NATS: reconnect for ever, one log line per event.
+
+nats-py's default error callback logs each failed reconnect attempt with a full traceback (a
+dozen lines every 2 s while a server restarts, measured in tests/integration/test_faults.py);
+these callbacks say the same in one structured line, and say when the connection is back.
+"""
+from __future__ import annotations
+
+import nats
+import structlog
+
+log = structlog.get_logger("nats")
+
+
+async def connect(url: str, name: str) -> nats.NATS:
+    async def error(e: Exception) -> None:
+        log.warning("nats.error", connection=name, error=repr(e))
+
+    async def disconnected() -> None:
+        log.warning("nats.disconnected", connection=name)
+
+    async def reconnected() -> None:
+        log.info("nats.reconnected", connection=name, server=str(nc.connected_url.netloc) if nc.connected_url else "")
+
+    nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, error_cb=error,
+                            disconnected_cb=disconnected, reconnected_cb=reconnected)
+    return nc
