@@ -98,6 +98,10 @@ class Manager:
         e.broken = r.preflight_error
         if e.op is None:  # while this manager has a Load / Evict under way, that call is the truth
             phase = PHASE_OF.get(r.state, Phase.UNLOADED)
+            error = r.error if phase in (Phase.FAILED, Phase.UNLOADED) else ""
+            if e.phase is Phase.FAILED and phase is Phase.UNLOADED:
+                # this manager's verdict (refused, or its load failed) stands until it loads again
+                phase, error = Phase.FAILED, e.error
             if phase is Phase.READY and e.phase is not Phase.READY:
                 e.resident_since = self._clock()
             changed = phase is not e.phase
@@ -105,7 +109,7 @@ class Manager:
                 e.engine_died(r.error, self._clock(), self.settings.load_backoff_s)
                 log.error("residency.engine_died", model=e.spec.name, error=r.error,
                           reload_in_s=round(e.backoff_until - self._clock(), 1))
-            e.phase, e.error = phase, (r.error if phase in (Phase.FAILED, Phase.UNLOADED) else "")
+            e.phase, e.error = phase, error
             if changed:  # e.g. a worker counted lost that reports again: say so (log, routers)
                 self._set_changed(e)
                 return

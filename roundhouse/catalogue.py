@@ -32,7 +32,7 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
 
     manager:                       # optional
       drain_timeout_s: 30          # in-flight requests of a model being evicted get this long
-      load_backoff_s: 10           # after a failed load; doubles on each failure, up to 300 s
+      load_backoff_s: 10           # after a failed load or an engine death; doubles on each, up to 300 s
       report_interval_s: 2         # workers refresh their report this often
       queue_poll_s: 0.5
       starvation_s: 30             # a waiting model may drain busy ones after waiting this long

@@ -31,7 +31,7 @@ def guard(pid: int | None = None) -> subprocess.Popen:
     descendants `pid` has now (a second or so: an interpreter start); it needs no further care."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "roundhouse.reaper", str(pid or os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # stderr: the guarded process's (its log)
         start_new_session=True,  # not in the guarded process group: a signal to that group spares it
     )
     proc.stdout.readline()  # "watching": its first look is taken (or it exited: nothing to guard)
@@ -70,9 +70,12 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
     me = os.getpid()  # guard() makes the reaper a child of what it guards: never count itself
     while True:
         try:  # the same Process objects for the same processes: they remember the start time
-            known = {c.pid: known.get(c.pid, c) for c in parent.children(recursive=True) if c.pid != me}
+            current = {c.pid: known.get(c.pid, c) for c in parent.children(recursive=True) if c.pid != me}
         except psutil.NoSuchProcess:
             break
+        # Merged, not replaced: a look taken while `pid` dies finds its children already handed
+        # to init, i.e. none (measured: a killed worker's engine left running under load).
+        known = {proc.pid: proc for proc in known.values() if _alive(proc)} | current
         looked()
         if _wait_exit(pid, SNAPSHOT_S, pidfd):
             break
@@ -85,6 +88,15 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return killed
+
+
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running()
+    except psutil.Error:
+        return False
 
 
 def main() -> None:

@@ -6,27 +6,31 @@ Two stacks:
   model): a worker frozen past its ack wait, a delivery link the router drops, a router process
   stopped with streams in flight;
 - this module's own, because its faults would hurt every other test: its own nats-server (killed
-  with -9 and started again on its store), a manager and a router in this process, and one worker
-  for `fault-0`, whose engine dies on requests sampled with tests.fault_steps.POISON_SEED.
+  with -9 and started again on its store), a manager and a router in this process, and a worker
+  for each of two models, supervised as `roundhouse up` does (restarted when it dies). Their
+  engines take at least 20 ms a step, as a GPU engine paces a stream without eating the host's
+  CPU (on these 2 cores, 50 streams on two fast CPU engines starve every process of the stack
+  for seconds), and die on requests sampled with tests.fault_steps.POISON_SEED.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import pathlib
 import signal
 import time
 
 import grpc
-import nats
+import psutil
 import pytest
 import pytest_asyncio
 
 from manager_svc.config import ManagerConfig
 from manager_svc.service import ManagerService
 from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
-from roundhouse import catalogue, natsd, stack
+from roundhouse import catalogue, natsconn, natsd, stack
 from router_svc.config import RouterConfig
 from router_svc.server import Router
 from tests.conftest import SLOW_MODEL, TEST_ACK_WAIT_S, assert_quiescent, eventually, kinds_of, tokens_of
@@ -35,7 +39,9 @@ from tests.fault_steps import POISON_AFTER, POISON_SEED
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TOLD_WITHIN_S = 10.0   # issue 8's bound: a caller whose request met a known fault hears within this
-FAULT = "fault-0"
+FAULT = "fault-0"      # the poison and NATS tests' model
+OTHER = "fault-1"      # the model whose worker is killed under 50 streams
+FAULT_SLOTS = 24       # max_num_seqs of fault-0
 MiB = 2**20
 
 
@@ -189,50 +195,60 @@ async def assert_quiescent_queue(js, model: str) -> None:
 
 @dataclasses.dataclass
 class FaultStack:
-    yaml: pathlib.Path
     cat: catalogue.Catalogue
     nats: natsd.NatsServer
     manager_port: int
     manager: ManagerService | None = None
     router: Router | None = None
-    worker: stack.WorkerProcess | None = None
+    supervisors: dict[str, stack.Supervisor] = dataclasses.field(default_factory=dict)
+    said: list[str] = dataclasses.field(default_factory=list)     # what the supervisors said
     stub: router_pb2_grpc.RouterStub | None = None
     admin: manager_pb2_grpc.ManagerStub | None = None
     js: object = None
 
-    async def residency(self) -> manager_pb2.ModelResidency:
+    def worker(self, model: str) -> stack.WorkerProcess:
+        return self.supervisors[model].current
+
+    async def residency(self, model: str = FAULT) -> manager_pb2.ModelResidency:
         resp = await self.admin.ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)
-        [m] = [m for m in resp.models if m.model == FAULT]
+        [m] = [m for m in resp.models if m.model == model]
         return m
+
+    async def quiescent(self) -> None:
+        await assert_quiescent(self.router, self.js, [self.worker(m) for m in (FAULT, OTHER)], models=(FAULT, OTHER), timeout=30)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def faults(session_dir):
     root = session_dir / "faults"
     yaml = stack.write_tiny_catalogue(
-        root, 1, prefix="fault",
+        root, 2, prefix="fault",
         manager=catalogue.ManagerSpec(load_backoff_s=0.5, report_interval_s=1, queue_poll_s=0.25, worker_timeout_s=10),
-        logits_processors=("tests.fault_steps:FaultSteps",), kv_cache_bytes=64 * MiB, max_num_seqs=4,
-        default_max_tokens=16, max_tokens_limit=2000, enforce_eager=True,
+        logits_processors=("tests.fault_steps:FaultSteps",), kv_cache_bytes=64 * MiB, max_num_seqs=32,
+        per_model={FAULT: {"max_num_seqs": FAULT_SLOTS}}, default_max_tokens=16, max_tokens_limit=2000, enforce_eager=True,
     )
     cat = catalogue.load(yaml)
-    s = FaultStack(yaml, cat, await natsd.start_async(root / "jetstream", natsd.free_port(), durable=True), natsd.free_port())
+    s = FaultStack(cat, await natsd.start_async(root / "jetstream", natsd.free_port(), durable=True), natsd.free_port())
+    stop = asyncio.Event()
     channels, nc = [], None
     try:
         s.manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=s.nats.url, port=s.manager_port))
         await s.manager.start()
         s.router = Router(RouterConfig(catalogue=cat, nats_url=s.nats.url, port=0, http_port=-1, publish_timeout_s=30.0))
         await s.router.start()
-        s.worker = await stack.start_worker(yaml, FAULT, s.nats.url, root / "run", "--ack-wait", str(TEST_ACK_WAIT_S),
-                                            "--manager", f"127.0.0.1:{s.manager_port}")
+        for m in (FAULT, OTHER):
+            start = functools.partial(stack.start_worker, yaml, m, s.nats.url, root / "run", "--ack-wait", str(TEST_ACK_WAIT_S),
+                                      "--manager", f"127.0.0.1:{s.manager_port}")
+            s.supervisors[m] = stack.Supervisor(f"worker for {m}", start, say=s.said.append, backoff_s=(0.5, 5.0))
+            await s.supervisors[m].begin(stop)
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.router.port}"), grpc.aio.insecure_channel(f"127.0.0.1:{s.manager_port}")]
         s.stub, s.admin = router_pb2_grpc.RouterStub(channels[0]), manager_pb2_grpc.ManagerStub(channels[1])
-        nc = await nats.connect(s.nats.url, max_reconnect_attempts=-1)
+        nc = await natsconn.connect(s.nats.url, "tests-faults")
         s.js = nc.jetstream()
         yield s
     finally:
-        if s.worker is not None:
-            await s.worker.astop(timeout=15)
+        stop.set()
+        await stack.stop_supervised(list(s.supervisors.values()))
         if s.router is not None:
             await s.router.stop(grace=1)
         if s.manager is not None:
@@ -242,6 +258,56 @@ async def faults(session_dir):
         if nc is not None:
             await nc.close()
         s.nats.stop()
+
+
+async def _served(s: FaultStack, model: str) -> None:
+    warm = start_call(s.stub, model, "warm", 2)   # loads the model on demand
+    await asyncio.wait_for(warm.task, 180)
+    assert warm.finished(), warm.error
+
+
+async def test_a_worker_killed_under_fifty_streams_on_two_models_fails_only_its_own(faults):
+    """30 streams on fault-1 and 20 on fault-0; SIGKILL fault-1's worker alone (as the OOM killer
+    would). Its streams that had sent tokens fail within TOLD_WITHIN_S with a retryable error;
+    those that had not are queued again and complete on the restarted worker; its engine
+    processes die with it; every fault-0 stream completes whole."""
+    await _served(faults, FAULT)
+    await _served(faults, OTHER)
+    others = [start_call(faults.stub, FAULT, f"other {i}", 400) for i in range(20)]
+    victims = [start_call(faults.stub, OTHER, f"victim {i}", 600) for i in range(30)]
+    await eventually(lambda: all(c.first_token.is_set() for c in others) and sum(c.first_token.is_set() for c in victims) >= 20,
+                     60, "the streams flow")
+    worker = faults.worker(OTHER)
+    engine = psutil.Process(worker.process.pid).children(recursive=True)
+    killed_at = time.monotonic()
+    os.kill(worker.process.pid, signal.SIGKILL)
+    deadline = killed_at + TOLD_WITHIN_S
+    while (alive := [p for p in engine if _running(p)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # polling other processes' exit: there is nothing to await
+    assert not alive, f"the killed worker's engine outlived it: {[(p.pid, p.name()) for p in alive]}"
+
+    await asyncio.wait_for(asyncio.gather(*(c.task for c in others + victims)), 240)
+    for c in others:
+        assert c.finished() and len(c.tokens) == 400, (c.error, len(c.tokens))
+    cut = [c for c in victims if not c.finished()]
+    assert cut, "some fault-1 stream was running when its worker died"
+    for c in cut:
+        assert c.error.code() == grpc.StatusCode.UNAVAILABLE and "was lost after" in c.error.details(), c.error
+        assert c.ended_at - killed_at <= TOLD_WITHIN_S, f"told after {c.ended_at - killed_at:.1f} s"
+    for c in victims:
+        assert c.finished() == (len(c.tokens) == 600), "a stream either completed whole or was told it was cut"
+    assert any("worker for fault-1 restarted" in line for line in faults.said), faults.said
+    await faults.quiescent()
+    print(f"fault-1's worker killed under 50 streams: {len(cut)} of 30 cut, told within "
+          f"{max(c.ended_at for c in cut) - killed_at:.2f} s; {30 - len(cut)} re-queued and completed on its replacement; "
+          "all 20 fault-0 streams completed whole")
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, its memory freed
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def test_a_request_that_kills_its_engine_fails_after_three_attempts_and_the_others_are_served(faults):
@@ -271,7 +337,7 @@ async def test_a_request_that_kills_its_engine_fails_after_three_attempts_and_th
     deaths = r.loads - loads_before
     assert deaths == 4, f"one shared death, then three of the poison alone, each followed by one reload: {deaths}"
     await eventually(lambda: _ready(faults), 30, "the model serves again")
-    await assert_quiescent(faults.router, faults.js, [faults.worker], models=(FAULT,), timeout=30)
+    await faults.quiescent()
     print(f"poison request: failed {poison.ended_at - sent_at:.1f} s after it was sent, after {deaths} engine deaths "
           f"and reloads; the innocent stream completed whole {innocent.ended_at - sent_at:.1f} s after it")
 
@@ -281,13 +347,11 @@ async def _ready(s: FaultStack) -> bool:
 
 
 async def test_nats_killed_with_requests_queued_loses_nothing(faults):
-    """`kill -9` the nats-server while 4 streams run and 6 more requests wait in the queue (the
-    engine holds 4), then start it again on the same store: every accepted request completes whole,
-    and the queued ones are delivered again within 10 s of the restart."""
-    warm = start_call(faults.stub, FAULT, "warm", 4)   # the model loads on demand
-    await asyncio.wait_for(warm.task, 180)
-    assert warm.finished(), warm.error
-    running = [start_call(faults.stub, FAULT, f"running {i}", 200) for i in range(4)]
+    """`kill -9` the nats-server while FAULT_SLOTS streams run and 6 more requests wait in the
+    queue (the engine holds FAULT_SLOTS), then start it again on the same store: every accepted
+    request completes whole, and the queued ones are delivered again within 10 s of the restart."""
+    await _served(faults, FAULT)
+    running = [start_call(faults.stub, FAULT, f"running {i}", 200) for i in range(FAULT_SLOTS)]
     await asyncio.wait_for(asyncio.gather(*(c.first_token.wait() for c in running)), 60)
     queued = [start_call(faults.stub, FAULT, f"queued {i}", 20) for i in range(6)]
     await eventually(lambda: all(c.events for c in queued), 30, "the router accepted the queued requests")
@@ -305,14 +369,14 @@ async def test_nats_killed_with_requests_queued_loses_nothing(faults):
     await asyncio.wait_for(asyncio.gather(*(c.task for c in running + queued + [sent_while_down])), 180)
     for c in running + queued:
         assert c.finished(), (c.error, kinds_of(c.events)[-3:])
-    assert [len(c.tokens) for c in running + queued] == [200] * 4 + [20] * 6
+    assert [len(c.tokens) for c in running + queued] == [200] * FAULT_SLOTS + [20] * 6
     first_queued_s = min(c.ended_at for c in queued) - up_at
     # Sent during the outage: served once NATS is back, or refused with a reason; never lost.
     assert sent_while_down.finished() or (
         sent_while_down.error.code() == grpc.StatusCode.UNAVAILABLE and "roundhouse" in sent_while_down.error.details())
     first_token_s = min(c.first_token_at for c in queued) - up_at
     assert first_token_s <= 10.0, f"delivery resumed {first_token_s:.1f} s after NATS came back"
-    await assert_quiescent(faults.router, faults.js, [faults.worker], models=(FAULT,), timeout=30)
-    print(f"nats-server killed (-9) for {up_at - down_at:.1f} s with 4 running and 6 queued: all 10 completed whole; "
+    await faults.quiescent()
+    print(f"nats-server killed (-9) for {up_at - down_at:.1f} s with {FAULT_SLOTS} running and 6 queued: all completed whole; "
           f"first queued token {first_token_s:.1f} s after the restart (first queued done {first_queued_s:.1f} s); "
           f"sent while down: {'completed' if sent_while_down.finished() else sent_while_down.error.details()}")

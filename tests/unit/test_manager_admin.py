@@ -131,3 +131,19 @@ def test_an_engine_that_dies_is_reloaded_after_a_backoff_that_grows_with_each_de
     now[0] += DEATHS_FORGOTTEN_S + 1
     report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")
     assert e.backoff_until - now[0] == base, "a long life before it died: the backoff starts over"
+
+
+def test_a_model_the_manager_failed_stays_failed_while_its_worker_reports_it_unloaded():
+    """A model refused (broken files) or whose load failed is FAILED for the routers (they fail
+    its waiters); its worker, which holds no engine, keeps reporting UNLOADED: that is no news."""
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+
+    manager = Manager(CAT, "nats://unused", clock=lambda: 1000.0)
+    e = manager.entry("m")
+    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
+    e.failed("weights are corrupt", 1000.0, CAT.manager.load_backoff_s)
+    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
+    assert e.phase is Phase.FAILED and e.error == "weights are corrupt"
+    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_LOADING))
+    assert e.phase is Phase.LOADING, "a load under way is news"
