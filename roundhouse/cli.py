@@ -163,49 +163,11 @@ async def _health(a: argparse.Namespace) -> int:
 
 
 def _cmd_classify(a: argparse.Namespace) -> int:
-    """JSON lines in → {"model", "reason"} lines out. A line is an OpenAI chat or completions body
-    (`messages` or `prompt`, optional `metadata`), optionally with `endpoint` and `id`; it is read
-    by the router's own parser and classified by the router's own rules."""
-    import json
+    """Runs the router's own classifier (`python -m router_svc.classify`) as its own process, as
+    this command runs every service: the shared package never imports the services."""
+    import subprocess
 
-    from roundhouse import routing, stack
-    from roundhouse.catalogue import ConfigError, load
-    from roundhouse.errors import RoundhouseError
-    from router_svc import openai_api
-    from router_svc.validate import request_view
-
-    try:
-        cat = load(a.config or stack.DEFAULT_CONFIG)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cat.routing is None:
-        print(f"error: {a.config}: no routing section", file=sys.stderr)
-        return 2
-    status = 0
-    for n, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            body = json.loads(line)
-            if not isinstance(body, dict):
-                raise ValueError("each line must be a JSON object")
-            endpoint = body.get("endpoint") or ("chat" if "messages" in body else "completions")
-            endpoint = _ENDPOINTS.get(endpoint, endpoint)
-            if endpoint not in routing.ENDPOINTS:
-                raise ValueError(f"endpoint: must be one of {', '.join(routing.ENDPOINTS)}")
-            request, _ = openai_api.parse(body, endpoint)
-        except (ValueError, RoundhouseError) as e:
-            print(json.dumps({"line": n, "error": str(e)}), flush=True)
-            status = 1
-            continue
-        route = routing.classify(cat.routing, request_view(request))
-        print(json.dumps({"model": route.model, "reason": route.reason, **({"id": body["id"]} if "id" in body else {})}),
-              flush=True)
-    return status
-
-
-_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    return subprocess.call([sys.executable, "-m", "router_svc.classify", *(["--config", a.config] if a.config else [])])
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
