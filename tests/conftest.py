@@ -192,6 +192,24 @@ async def abort_observed(worker: stack.WorkerProcess, attempt, within_s: float, 
     pytest.fail(f"in {tries} attempts the engine always finished before the cancel reached it")
 
 
+async def processes_gone(procs, timeout: float) -> list:
+    """Waits up to `timeout` for psutil processes `procs` to end, without blocking this loop (a
+    test reads its streams on it); returns those still running. A zombie counts as gone: it is
+    dead, its memory freed, only its reaping is left."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # polling other processes' exit: there is nothing to await
+    return alive
+
+
 async def queued_count(js, model: str) -> int:
     return await jetstream.queued(js, model)
 

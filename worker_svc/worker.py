@@ -88,7 +88,6 @@ class ModelWorker:
         # time, and while one waits for the engine to empty or runs, nothing new is pulled.
         self.waiting: dict[str, Msg] = {}
         self._alone = asyncio.Lock()
-        self._isolating = False
         self._death: tuple[Engine, int] | None = None   # the dead engine, and how many it was running
         self._load_task: asyncio.Task | None = None
         self._republish = republish
@@ -173,12 +172,13 @@ class ModelWorker:
             await engine.shutdown()
             entry.thaw_heap()  # its objects may be collected now
 
-    async def _drained(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+    async def _drained(self, timeout: float | None) -> bool:
+        """True once no request is in flight; False if `timeout` (None: no bound) passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.active:
             self._slot_freed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return False
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), remaining)
@@ -198,7 +198,7 @@ class ModelWorker:
         return self.config.model.max_num_seqs - len(self.active)
 
     async def wait_for_slot(self) -> int:
-        while self.free_slots() <= 0 or self._isolating:
+        while self.free_slots() <= 0 or self._alone.locked():  # a suspect waits to run alone, or runs
             self._slot_freed.clear()
             await self._slot_freed.wait()
         return self.free_slots()
@@ -274,7 +274,6 @@ class ModelWorker:
                 outcome, receipt = await self._generate(engine, req, active, remaining, bound)
         finally:
             if isolated:
-                self._isolating = False
                 self._alone.release()
                 self._slot_freed.set()  # pulling resumes
         # 4. Settle with JetStream, only once the router has the stream's last chunk: a worker
@@ -388,13 +387,9 @@ class ModelWorker:
         self.waiting[rid] = msg  # still ours: heartbeated while it waits
         try:
             await self._alone.acquire()
-            self._isolating = True
             try:
-                while self.active:
-                    self._slot_freed.clear()
-                    await self._slot_freed.wait()
+                await self._drained(None)
             except BaseException:  # the worker is going down while it waits
-                self._isolating = False
                 self._alone.release()
                 raise
         finally:

@@ -33,7 +33,7 @@ from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, rou
 from roundhouse import catalogue, natsconn, natsd, stack
 from router_svc.config import RouterConfig
 from router_svc.server import Router
-from tests.conftest import SLOW_MODEL, TEST_ACK_WAIT_S, assert_quiescent, eventually, kinds_of, tokens_of
+from tests.conftest import SLOW_MODEL, TEST_ACK_WAIT_S, assert_quiescent, eventually, kinds_of, processes_gone, tokens_of
 from tests.fault_steps import POISON_AFTER, POISON_SEED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -153,7 +153,7 @@ async def test_a_delivery_link_the_router_drops_fails_its_stream_at_once_and_fre
 
 
 async def test_a_router_stopped_with_streams_in_flight_finishes_them(
-        models_yaml, nats_server, session_dir, js, slow_worker):
+        models_yaml, nats_server, session_dir, router, js, slow_worker):
     """SIGTERM a router process while 4 streams flow through it: each completes whole within its
     stop grace, and it exits 0."""
     proc = await stack.start_service("router_svc", "router", session_dir / "run", "--config", str(models_yaml),
@@ -174,20 +174,10 @@ async def test_a_router_stopped_with_streams_in_flight_finishes_them(
         code = await asyncio.to_thread(proc.process.wait, 30)
         assert code == 0, proc.log_path.read_text()[-3000:]
         assert in_flight == 4, "the streams were in flight when the router was told to stop"
-        await assert_quiescent_queue(js, SLOW_MODEL)
+        await assert_quiescent(router, js, [slow_worker], models=(SLOW_MODEL,), timeout=30)  # the session's router: idle
         print(f"router SIGTERM with {in_flight} streams in flight: all whole, the last {last_s:.1f} s later")
     finally:
         proc.kill()
-
-
-async def assert_quiescent_queue(js, model: str) -> None:
-    from roundhouse import subjects
-
-    async def empty() -> bool:
-        info = await js.consumer_info(subjects.STREAM, subjects.consumer_name(model))
-        return not info.num_pending and not info.num_ack_pending
-
-    await eventually(empty, 30, f"{model}'s queue empty")
 
 
 # ---- this module's stack: its own NATS, a manager, a model whose engine can be made to die -------
@@ -281,9 +271,7 @@ async def test_a_worker_killed_under_fifty_streams_on_two_models_fails_only_its_
     engine = psutil.Process(worker.process.pid).children(recursive=True)
     killed_at = time.monotonic()
     os.kill(worker.process.pid, signal.SIGKILL)
-    deadline = killed_at + TOLD_WITHIN_S
-    while (alive := [p for p in engine if _running(p)]) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # polling other processes' exit: there is nothing to await
+    alive = await processes_gone(engine, TOLD_WITHIN_S)
     assert not alive, f"the killed worker's engine outlived it: {[(p.pid, p.name()) for p in alive]}"
 
     await asyncio.wait_for(asyncio.gather(*(c.task for c in others + victims)), 240)
@@ -301,13 +289,6 @@ async def test_a_worker_killed_under_fifty_streams_on_two_models_fails_only_its_
     print(f"fault-1's worker killed under 50 streams: {len(cut)} of 30 cut, told within "
           f"{max(c.ended_at for c in cut) - killed_at:.2f} s; {30 - len(cut)} re-queued and completed on its replacement; "
           "all 20 fault-0 streams completed whole")
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, its memory freed
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_a_request_that_kills_its_engine_fails_after_three_attempts_and_the_others_are_served(faults):

@@ -17,6 +17,8 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from tests.conftest import processes_gone
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TOLD_WITHIN_S = 10.0   # a caller whose worker died hears so within this (issue 8's bound)
@@ -32,13 +34,6 @@ async def _read_until(stream, pattern: str, seen: list[str], timeout: float) -> 
             m = re.search(pattern, line)
             if m:
                 return m
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @dataclasses.dataclass
@@ -123,11 +118,7 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
     worker.kill()  # SIGKILL the worker process alone, as the OOM killer would
     after_kill = asyncio.create_task(client.completions.create(model="chat", prompt="sent while it is down", max_tokens=4))
 
-    # Watched without blocking this loop (the streams are read on it). A zombie is dead, its
-    # memory freed; only its reaping is left.
-    deadline = time.monotonic() + TOLD_WITHIN_S
-    while (alive := [p for p in engine if _running(p)]) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # polling another process's exit: there is nothing to await
+    alive = await processes_gone(engine, TOLD_WITHIN_S)
     assert not alive, f"the killed worker's engine outlived it: {[(p.pid, p.name()) for p in alive]}"
     await _read_until(up.proc.stdout, r"worker for chat restarted", up.seen, 60)
     await asyncio.wait_for(asyncio.gather(*streams), 240)
