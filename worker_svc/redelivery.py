@@ -10,9 +10,12 @@ JetStream count:
   Rh-Deliveries-Before  deliveries of the earlier copies: `number` keeps increasing across
                         copies, which the router's splice guard needs (it accepts chunks only
                         from the newest generation);
-  Rh-Attempts-Before    real attempts of the earlier copies. Every earlier delivery of *this*
-                        copy was a real attempt: a hand-back would have made a new copy, so a
-                        redelivery means the worker or its engine died while running it.
+  Rh-Attempts-Before    real attempts of the earlier copies. An earlier delivery of *this*
+                        copy counts as a real attempt: a hand-back would have made a new copy,
+                        so a redelivery means the worker died (or froze) while running it. A
+                        worker that knows better (it held the request through a redelivery after
+                        a late heartbeat, which is no attempt) writes its own count into the
+                        copy; an engine death while a request ran alone is such a copy too.
 
 A request is stopped after MAX_ATTEMPTS real attempts with an error that says why: it may be
 what kills the engine, and retrying it forever would take every other request down with it.

@@ -3,15 +3,17 @@
 The single owner of `active` (requests being generated) and of the engine. A request ends in
 exactly one of four ways for JetStream, decided in `_serve`:
   ack        - its stream finished (or failed in a way a retry cannot fix: then `term`);
-  nak        - its engine died while running it alone: a real attempt, redelivered (see
-               redelivery), unless it was the last of MAX_ATTEMPTS: then it fails, saying why;
+  retry      - its engine died while running it alone: a real attempt, queued again as a copy
+               that counts it (see redelivery), unless it was the last of MAX_ATTEMPTS: then it
+               fails, saying why;
   hand back  - not its fault (engine not ready, worker evicting or shutting down, or its engine
                died running others too: then it goes back a suspect, to run alone): a copy is
                queued and the original removed, so the hand-back spends none of its budget;
   term       - nobody waits for it any more (caller cancelled, router gone, deadline passed,
                too many real attempts).
 A redelivery of a request this worker is still running (it stalled past ack_wait) is adopted:
-the newest delivery's handle is the one acked, and nothing runs twice.
+the newest delivery's handle is the one acked, and nothing runs twice. Such a redelivery is no
+attempt, so every copy carries the attempts this worker counted, never JetStream's count.
 """
 from __future__ import annotations
 
@@ -258,7 +260,7 @@ class ModelWorker:
         try:
             engine = self.engine
             if engine is None or engine.dead:  # not loaded, or died since: not its fault
-                await self.hand_back(msg)
+                await self.hand_back(msg, d.attempts)
                 return
             # 3. Register, announce, generate.
             link = self.links.to(req.reply_to)
@@ -291,12 +293,12 @@ class ModelWorker:
         msg = self.settling.pop(rid, None) or active.msg  # the newest delivery's handle
         if outcome == "ack":
             await msg.ack()
-        elif outcome == "nak":
-            await msg.nak()
+        elif outcome == "retry":
+            await self.hand_back(msg, active.attempt)
         elif outcome == "hand back":
-            await self.hand_back(msg)
+            await self.hand_back(msg, d.attempts)
         elif outcome == "suspect":
-            await self.hand_back(msg, suspect=True)
+            await self.hand_back(msg, d.attempts, suspect=True)
         else:
             await msg.term()
 
@@ -353,7 +355,7 @@ class ModelWorker:
             if shared:  # which of them killed it is not known: none is blamed (see redelivery)
                 outcome = "suspect"
             elif active.attempt < redelivery.MAX_ATTEMPTS:
-                outcome = "nak"  # it ran alone: a real attempt, it counts
+                outcome = "retry"  # it ran alone: a real attempt, it counts
             else:  # the last one it gets: say so now rather than at a delivery that needs a new engine
                 receipt = link.push_last(_attempts_exhausted(rid, delivery, active.attempt))
                 outcome = "term"
@@ -365,11 +367,15 @@ class ModelWorker:
             self._slot_freed.set()
         return outcome, receipt
 
-    async def hand_back(self, msg: Msg, suspect: bool = False) -> None:
+    async def hand_back(self, msg: Msg, attempts: int | None = None, suspect: bool = False) -> None:
         """Queues a copy of `msg` that keeps its counts (see redelivery) and removes `msg`: a
-        hand-back that is not the request's fault spends none of its delivery budget. Without a
-        way to publish (or when NATS refuses) it falls back to a nak: counted, but nothing lost."""
+        hand-back that is not the request's fault spends none of its delivery budget. `attempts`:
+        the real attempts so far, where this worker knows them better than JetStream (it held the
+        request through a redelivery, which is no attempt). Without a way to publish (or when NATS
+        refuses) it falls back to a nak: counted, but nothing lost."""
         d = redelivery.delivery(msg.headers, msg.metadata.num_delivered or 1)
+        if attempts is not None:
+            d = dataclasses.replace(d, attempts=attempts)
         if self._republish is not None:
             try:
                 headers = redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream, suspect)
