@@ -156,9 +156,9 @@ class Engine:
         `adapter` names one of the engine's LoRA adapters ("" = the base model). Given
         `prompt_token_ids` (the router's rendering and tokenization), the engine takes them as they
         are; else it renders `chat` with the model's template, or tokenizes `prompt`."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        # Not `from vllm import SamplingParams`: vllm's lazy __getattr__ imports on every call.
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._llm is None:
