@@ -3,17 +3,39 @@
 `Engine.start()` builds an `AsyncLLM` (EngineCore in its own process) off the event loop, so the
 worker's gRPC server keeps answering while a model loads; `generate()` yields one `Step` per
 engine step (DELTA output); `abort()` and `shutdown()` are safe to call at any time.
+
+Where a CPU engine's start and stop went (one tiny model started and stopped in a loop, vLLM's
+own log lines, compile cache warm): a start took 27.7 s, of which ~7 s spawning the EngineCore
+process (a fresh interpreter importing vLLM and torch), ~8 s spawning its model-runner process
+the same way (vLLM's CPU platform forces `spawn`), and ~9 s compiling again (see
+VLLM_USE_AOT_COMPILE below); a stop took 5.0 s: the model-runner needed 4 s to leave after its
+EngineCore, then vLLM's 5 s grace ran out and it killed the EngineCore. So on CPU:
+  - EngineCores are forked from a fork server that has vLLM imported (`use_fork_server`);
+  - the model-runner is forked from its EngineCore (`ForkingExecutor`: the EngineCore has vLLM
+    imported and has run no model code, so the fork is instant and safe);
+  - the compile cache that loads is used;
+  - a stop gives vLLM STOP_GRACE_S, then kills what is left of the engine's processes.
+Then a start of a model started before took 5.9-6.0 s and a stop 1.0 s. On a GPU vLLM already
+forks (unless CUDA is initialised) and none of this is used.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import multiprocessing.context
+import multiprocessing.forkserver
 import os
 from collections.abc import AsyncIterator, Sequence
 
+import structlog
+
 from protos.v1 import common_pb2
 from roundhouse.errors import EngineDead, GenerationFailed, InvalidRequest
+
+log = structlog.get_logger("worker.engine")
+
+STOP_GRACE_S = 1.0   # an idle engine's processes get this long to leave before they are killed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +114,124 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def _forking_executor() -> type:
+    """vLLM's multiprocess executor, but its model-runner processes are forked from the
+    EngineCore rather than spawned (see the module doc). Passed to vLLM as a class, so the
+    EngineCore unpickles it by name: module-level `__getattr__` below makes it, importing vLLM
+    only when asked."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    class ForkingExecutor(MultiprocExecutor):
+        def _init_executor(self) -> None:
+            # Read by vllm.utils.system_utils.get_mp_context in this (EngineCore) process only;
+            # vLLM itself still spawns when CUDA is initialised here.
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+            super()._init_executor()
+
+    ForkingExecutor.__module__, ForkingExecutor.__qualname__ = __name__, "ForkingExecutor"
+    return ForkingExecutor
+
+
+class _EngineProcess(multiprocessing.context.ForkServerProcess):
+    """An EngineCore process forked from this worker's fork server (see `use_fork_server`), with
+    the environment this process has when it starts it: a fork server's children otherwise get
+    the server's own, from when it started, and vLLM sets variables for its engine just before."""
+
+    def start(self) -> None:
+        self._environ = dict(os.environ)
+        super().start()
+
+    def run(self) -> None:
+        os.environ.clear()
+        os.environ.update(self._environ)
+        super().run()
+
+
+class _EngineContext(multiprocessing.context.ForkServerContext):
+    Process = _EngineProcess
+
+
+# Imported once in the fork server, so an EngineCore forked from it starts with them loaded.
+_PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.multiproc_executor", "vllm.v1.worker.cpu_worker", __name__]
+
+
+_fork_server: list[bool] = []   # whether use_fork_server worked, once it ran
+
+
+def use_fork_server() -> bool:
+    """Makes this process start its EngineCores from a fork server that has vLLM imported (and
+    starts that server now; blocking, once per process). On CPU vLLM spawns each EngineCore, a
+    fresh interpreter that imports vLLM and torch again: ~7-8 s of every engine start here.
+    False (and vLLM spawns as before) when vLLM's launcher is not where this expects it."""
+    if _fork_server:
+        return _fork_server[0]
+    import vllm.v1.engine.utils as launcher
+
+    _fork_server.append(callable(getattr(launcher, "get_mp_context", None)))
+    if not _fork_server[0]:
+        log.warning("engine.no_fork_server", reason="vllm.v1.engine.utils.get_mp_context not found")
+        return False
+    context = _EngineContext()
+    launcher.get_mp_context = lambda: context  # the name vLLM's engine launcher looks up
+    multiprocessing.forkserver.set_forkserver_preload(_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    return True
+
+
+_lazy: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    if name == "ForkingExecutor":
+        if name not in _lazy:
+            _lazy[name] = _forking_executor()
+        return _lazy[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _descendants() -> list:
+    """This process's descendants now (psutil handles: pid and start time, never a reused pid)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _engine_processes(before: set[int]) -> list:
+    """The descendants that a start made (not in `before`), but for multiprocessing's own
+    helpers (its resource tracker serves the whole worker and must live on)."""
+    import psutil
+
+    def helper(p) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return any("resource_tracker" in part or "forkserver" in part for part in p.cmdline())
+        return True  # gone already: nothing to stop
+
+    return [p for p in _descendants() if p.pid not in before and not helper(p)]
+
+
+def _kill(procs: list, timeout: float) -> int:
+    """SIGKILLs what is still running of `procs` and of their descendants; waits up to `timeout`
+    for them to go. Returns how many were still running."""
+    import psutil
+
+    left = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running():  # psutil: the same process (pid and start time), not a reused pid
+                left += [p, *p.children(recursive=True)]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=timeout)
+    return len(left)
+
+
 class Engine:
-    def __init__(self, llm, spec: EngineSpec, null_adapter: str = ""):
+    def __init__(self, llm, spec: EngineSpec, null_adapter: str = "", processes: list = ()):
         from vllm.lora.request import LoRARequest
 
         self._llm = llm
+        self._processes = list(processes)   # the engine's processes (psutil), stopped for sure at shutdown
         self.spec = spec
         self._tokenizer = llm.get_tokenizer()
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec.adapters)}
@@ -111,11 +246,19 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = await asyncio.to_thread(_on_cpu)
+        if on_cpu:  # see the module doc: what a CPU engine's start and stop cost, and why
+            await asyncio.to_thread(use_fork_server)
+            # vLLM 0.32's CPU build saves an AOT-compiled model but cannot load it back ("'function'
+            # object has no attribute 'finalize_loading'"), so every start compiled again (~9 s);
+            # its older compile cache does load (warm-up ~3.8 s).
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         null_adapter = await asyncio.to_thread(_null_adapter, spec.adapters[0][1]) if on_cpu and spec.adapters else ""
         # The legacy CPU variable (whole GiB) would override the exact byte budget below.
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        before = {p.pid for p in await asyncio.to_thread(_descendants)}  # not the engine's
         args = AsyncEngineArgs(
             model=spec.model_path,
+            **({"distributed_executor_backend": __getattr__("ForkingExecutor")} if on_cpu else {}),
             served_model_name=[spec.served_name],
             max_model_len=spec.max_model_len,
             max_num_seqs=spec.max_num_seqs,
@@ -134,7 +277,7 @@ class Engine:
         except BaseException:
             _remove(null_adapter)
             raise
-        engine = cls(llm, spec, null_adapter)
+        engine = cls(llm, spec, null_adapter, await asyncio.to_thread(_engine_processes, before))
         try:
             async for _ in engine.generate("warmup", [], "roundhouse-warmup", {"max_tokens": 1, "temperature": 0.0}):
                 pass
@@ -211,9 +354,13 @@ class Engine:
         return self._llm is None or bool(self._llm.errored)
 
     async def shutdown(self) -> None:
-        """Stops the EngineCore process; idempotent."""
+        """Stops the engine and returns once none of its processes is left; idempotent. vLLM
+        gets STOP_GRACE_S (it aborts what still runs: the worker drains first when it matters)."""
         llm, self._llm = self._llm, None
         if llm is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(llm.shutdown)
+                await asyncio.to_thread(llm.shutdown, STOP_GRACE_S)
+            killed = await asyncio.to_thread(_kill, self._processes, 5.0)
+            if killed:
+                log.info("engine.processes_killed", count=killed, grace_s=STOP_GRACE_S)
             _remove(self._null_adapter)
