@@ -11,12 +11,12 @@ the same way (vLLM's CPU platform forces `spawn`), and ~9 s compiling again (see
 VLLM_USE_AOT_COMPILE below); a stop took 5.0 s: the model-runner needed 4 s to leave after its
 EngineCore, then vLLM's 5 s grace ran out and it killed the EngineCore. So on CPU:
   - EngineCores are forked from a fork server that has vLLM imported (`use_fork_server`);
-  - the model-runner is forked from its EngineCore (`ForkingExecutor`: the EngineCore has vLLM
-    imported and has run no model code, so the fork is instant and safe);
   - the compile cache that loads is used;
   - a stop gives vLLM STOP_GRACE_S, then kills what is left of the engine's processes.
-Then a start of a model started before took 5.9-6.0 s and a stop 1.0 s. On a GPU vLLM already
-forks (unless CUDA is initialised) and none of this is used.
+The model-runner is still spawned: forked (from its EngineCore, tried) it inherits an OpenMP
+runtime set up before vLLM's thread binding (OMP_NUM_THREADS, GOMP_CPU_AFFINITY, read once when
+libgomp loads), so it ran unbound on both cores, beside its EngineCore, at half the speed now
+and then. On a GPU vLLM already forks (unless CUDA is initialised) and none of this is used.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import dataclasses
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import structlog
@@ -35,7 +36,7 @@ from roundhouse.errors import EngineDead, GenerationFailed, InvalidRequest
 
 log = structlog.get_logger("worker.engine")
 
-STOP_GRACE_S = 1.0   # an idle engine's processes get this long to leave before they are killed
+STOP_GRACE_S = 0.5   # an idle engine's processes get this long to leave before they are killed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,24 +115,6 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _forking_executor() -> type:
-    """vLLM's multiprocess executor, but its model-runner processes are forked from the
-    EngineCore rather than spawned (see the module doc). Passed to vLLM as a class, so the
-    EngineCore unpickles it by name: module-level `__getattr__` below makes it, importing vLLM
-    only when asked."""
-    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
-
-    class ForkingExecutor(MultiprocExecutor):
-        def _init_executor(self) -> None:
-            # Read by vllm.utils.system_utils.get_mp_context in this (EngineCore) process only;
-            # vLLM itself still spawns when CUDA is initialised here.
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-            super()._init_executor()
-
-    ForkingExecutor.__module__, ForkingExecutor.__qualname__ = __name__, "ForkingExecutor"
-    return ForkingExecutor
-
-
 class _EngineProcess(multiprocessing.context.ForkServerProcess):
     """An EngineCore process forked from this worker's fork server (see `use_fork_server`), with
     the environment this process has when it starts it: a fork server's children otherwise get
@@ -152,7 +135,7 @@ class _EngineContext(multiprocessing.context.ForkServerContext):
 
 
 # Imported once in the fork server, so an EngineCore forked from it starts with them loaded.
-_PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.multiproc_executor", "vllm.v1.worker.cpu_worker", __name__]
+_PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.multiproc_executor", __name__]
 
 
 _fork_server: list[bool] = []   # whether use_fork_server worked, once it ran
@@ -176,17 +159,6 @@ def use_fork_server() -> bool:
     multiprocessing.forkserver.set_forkserver_preload(_PRELOAD)
     multiprocessing.forkserver.ensure_running()
     return True
-
-
-_lazy: dict[str, type] = {}
-
-
-def __getattr__(name: str):
-    if name == "ForkingExecutor":
-        if name not in _lazy:
-            _lazy[name] = _forking_executor()
-        return _lazy[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _descendants() -> list:
@@ -222,7 +194,15 @@ def _kill(procs: list, timeout: float) -> int:
     for p in left:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(left, timeout=timeout)
+
+    def gone(p) -> bool:  # a zombie holds no memory; its reaping is up to its parent (or init)
+        with contextlib.suppress(psutil.Error):
+            return p.status() == psutil.STATUS_ZOMBIE
+        return True
+
+    deadline = time.monotonic() + timeout
+    while not all(gone(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.01)  # another process's exit: polled (these are not our children to wait on)
     return len(left)
 
 
@@ -258,7 +238,6 @@ class Engine:
         before = {p.pid for p in await asyncio.to_thread(_descendants)}  # not the engine's
         args = AsyncEngineArgs(
             model=spec.model_path,
-            **({"distributed_executor_backend": __getattr__("ForkingExecutor")} if on_cpu else {}),
             served_model_name=[spec.served_name],
             max_model_len=spec.max_model_len,
             max_num_seqs=spec.max_num_seqs,
