@@ -81,7 +81,7 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
         # to init, i.e. none (measured: a killed worker's engine left running under load).
         known = {proc.pid: proc for proc in known.values() if _alive(proc)} | current
         for p in (*known, pid):  # kept for processes gone since: one killed early leaks too
-            segments[p] = segments.get(p, set()) | _shared_memory(p)
+            segments[p] = segments.get(p, set()) | shared_memory(p)
         looked()
         if _wait_exit(pid, SNAPSHOT_S, pidfd):
             break
@@ -100,7 +100,7 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
     return killed
 
 
-def _shared_memory(pid: int) -> set[str]:
+def shared_memory(pid: int) -> set[str]:
     """The files under /dev/shm that `pid` has mapped and that still have a name (Linux; an
     empty set elsewhere, or once it is gone). Read from /proc/PID/maps: psutil's memory_maps
     parses smaps, ten times the work, once a second."""

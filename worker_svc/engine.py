@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from protos.v1 import common_pb2
+from roundhouse import reaper
 from roundhouse.errors import EngineDead, GenerationFailed, InvalidRequest
 
 log = structlog.get_logger("worker.engine")
@@ -212,6 +213,9 @@ class Engine:
 
         self._llm = llm
         self._processes = list(processes)   # the engine's processes (psutil), stopped for sure at shutdown
+        # The shared memory they talk through (/dev/shm), unlinked by vLLM only on a clean exit:
+        # an engine that died, or was killed at shutdown, would leave it (see roundhouse.reaper).
+        self._segments = set().union(*(reaper.shared_memory(p.pid) for p in self._processes))
         self.spec = spec
         self._tokenizer = llm.get_tokenizer()
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec.adapters)}
@@ -342,4 +346,7 @@ class Engine:
             killed = await asyncio.to_thread(_kill, self._processes, 5.0)
             if killed:
                 log.info("engine.processes_killed", count=killed, grace_s=STOP_GRACE_S)
+            for path in self._segments:
+                with contextlib.suppress(OSError):  # gone already: vLLM unlinked it
+                    os.unlink(path)
             _remove(self._null_adapter)
