@@ -25,6 +25,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 
 SNAPSHOT_S = 1.0   # how often the reaper refreshes its list of descendants
 
@@ -85,19 +86,39 @@ def watch(pid: int, looked=lambda: None) -> list[int]:
         looked()
         if _wait_exit(pid, SNAPSHOT_S, pidfd):
             break
-    killed = []
-    for proc in known.values():
-        try:
-            if proc.is_running():  # same pid and start time: not a reused pid
-                proc.kill()
-                killed.append(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    psutil.wait_procs([p for p in known.values() if p.pid in killed], timeout=5)
+    killed = kill(list(known.values()), timeout=5.0)
     for path in set().union(*segments.values()):
         with contextlib.suppress(OSError):  # unlinked already (a clean shutdown), or not ours
             os.unlink(path)
     return killed
+
+
+def kill(procs: list, timeout: float) -> list[int]:
+    """SIGKILLs those of `procs` (psutil handles) still running, and their descendants; returns
+    their pids once each is gone or a zombie, or once `timeout` has passed. psutil checks pid and
+    start time, so a reused pid is never hit. A zombie holds no memory, and its reaping is its
+    parent's (or init's): waiting on one that is not our child cost seconds."""
+    import psutil
+
+    left = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running():
+                left += [p, *p.children(recursive=True)]
+    left = list({p.pid: p for p in left}.values())
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+    def gone(p) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return p.status() == psutil.STATUS_ZOMBIE
+        return True
+
+    deadline = time.monotonic() + timeout
+    while not all(gone(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.01)  # other processes' exit, polled: they need not be our children
+    return [p.pid for p in left]
 
 
 def shared_memory(pid: int) -> set[str]:

@@ -26,7 +26,6 @@ import dataclasses
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
-import time
 from collections.abc import AsyncIterator, Sequence
 
 import structlog
@@ -182,31 +181,6 @@ def _engine_processes(before: set[int]) -> list:
     return [p for p in _descendants() if p.pid not in before and not helper(p)]
 
 
-def _kill(procs: list, timeout: float) -> int:
-    """SIGKILLs what is still running of `procs` and of their descendants; waits up to `timeout`
-    for them to go. Returns how many were still running."""
-    import psutil
-
-    left = []
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            if p.is_running():  # psutil: the same process (pid and start time), not a reused pid
-                left += [p, *p.children(recursive=True)]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-
-    def gone(p) -> bool:  # a zombie holds no memory; its reaping is up to its parent (or init)
-        with contextlib.suppress(psutil.Error):
-            return p.status() == psutil.STATUS_ZOMBIE
-        return True
-
-    deadline = time.monotonic() + timeout
-    while not all(gone(p) for p in left) and time.monotonic() < deadline:
-        time.sleep(0.01)  # another process's exit: polled (these are not our children to wait on)
-    return len(left)
-
-
 class Engine:
     def __init__(self, llm, spec: EngineSpec, null_adapter: str = "", processes: list = ()):
         from vllm.lora.request import LoRARequest
@@ -343,9 +317,9 @@ class Engine:
         if llm is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(llm.shutdown, STOP_GRACE_S)
-            killed = await asyncio.to_thread(_kill, self._processes, 5.0)
+            killed = await asyncio.to_thread(reaper.kill, self._processes, 5.0)
             if killed:
-                log.info("engine.processes_killed", count=killed, grace_s=STOP_GRACE_S)
+                log.info("engine.processes_killed", count=len(killed), grace_s=STOP_GRACE_S)
             for path in self._segments:
                 with contextlib.suppress(OSError):  # gone already: vLLM unlinked it
                     os.unlink(path)
