@@ -18,7 +18,7 @@ import nats.js.errors
 import structlog
 
 from manager_svc import budget
-from manager_svc.policy import Evict, Fail, Load, Phase, plan
+from manager_svc.policy import Evict, Fail, Load, Phase, plan, sleep_level_for
 from manager_svc.state import PHASE_OF, STATE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, natsconn, subjects
@@ -37,11 +37,13 @@ class Manager:
         self.catalogue = catalogue
         self.settings = catalogue.manager
         self.budgets = budget.budgets(catalogue.gpus)
-        overhead = {g.id: g.engine_overhead_bytes for g in catalogue.gpus}
+        gpus = {g.id: g for g in catalogue.gpus}
         self.entries = {
-            m.name: Entry(m, overhead[m.gpu], weight_bytes=catalogue_weight_bytes(m.path), pinned=m.pinned)
+            m.name: Entry(m, gpus[m.gpu].engine_overhead_bytes, weight_bytes=catalogue_weight_bytes(m.path),
+                          pinned=m.pinned, swap=gpus[m.gpu].swap)
             for m in catalogue.models
         }
+        self.host_of = {g.id: catalogue.host(g) for g in catalogue.gpus}
         self._nats_url = nats_url
         self._clock = clock
         self._wake = asyncio.Event()
@@ -91,12 +93,19 @@ class Manager:
         e = self.entries.get(r.model)
         if e is None:
             raise RoundhouseError(f"model {r.model!r} is not in the manager's catalogue")
+        # A report sent before this manager's last Load / Evict answer from the same worker
+        # process (a fast wake answers before the report of its LOADING arrives) is a sign of
+        # life, not its state.
+        stale = r.worker_id == e.worker_id and r.state_seq < e.state_seq
         e.worker_id, e.address, e.reported_at = r.worker_id, r.address, self._clock()
+        if not stale:
+            e.state_seq = r.state_seq
         if r.weight_bytes:
             e.weight_bytes = r.weight_bytes
         e.reported_in_flight = r.in_flight
         e.broken = r.preflight_error
-        if e.op is None:  # while this manager has a Load / Evict under way, that call is the truth
+        e.worker_can_sleep, e.sleep_frees_memory = r.can_sleep, r.sleep_frees_memory
+        if e.op is None and not stale:  # while a Load / Evict is under way, that call is the truth
             phase = PHASE_OF.get(r.state, Phase.UNLOADED)
             error = r.error if phase in (Phase.FAILED, Phase.UNLOADED) else ""
             if e.phase is Phase.FAILED and phase is Phase.UNLOADED:
@@ -104,6 +113,8 @@ class Manager:
                 phase, error = Phase.FAILED, e.error
             if phase is Phase.READY and e.phase is not Phase.READY:
                 e.resident_since = self._clock()
+            if phase is Phase.SLEEPING:
+                e.sleep_level = r.sleep_level
             changed = phase is not e.phase
             if e.phase is Phase.READY and phase is Phase.UNLOADED and r.error:  # its engine died
                 e.engine_died(r.error, self._clock(), self.settings.load_backoff_s)
@@ -150,7 +161,8 @@ class Manager:
                 self._awake_since = now  # this process itself was stalled: reports may be waiting unread
             self._last_decide = now
             self._expire_silent(now)
-            actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s)
+            actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s,
+                           self.host_free())
             for action in actions:
                 self._apply(action)
             with contextlib.suppress(TimeoutError):
@@ -183,15 +195,30 @@ class Manager:
         elif isinstance(action, Load) and e.op is None:
             e.op = asyncio.create_task(self._load(e))
         elif isinstance(action, Evict) and e.op is None:
-            e.op = asyncio.create_task(self._evict(e))
+            e.op = asyncio.create_task(self._evict(e, action.level))
+
+    def host_sleep_used(self) -> dict[str, int]:
+        """Per host: the host RAM its level-1 sleepers hold."""
+        used = {h.id: 0 for h in self.host_of.values()}
+        for e in self.entries.values():
+            used[self.host_of[e.spec.gpu].id] += e.host_bytes
+        return used
+
+    def host_free(self) -> dict[str, int]:
+        """Per GPU: what its host still lends to level-1 sleepers."""
+        used = self.host_sleep_used()
+        return {gpu: max(0, h.sleep_budget_bytes - used[h.id]) for gpu, h in self.host_of.items()}
 
     async def _load(self, e: Entry) -> None:
+        waking = e.phase is Phase.SLEEPING
         e.phase, e.error = Phase.LOADING, ""
-        e.loads += 1
-        self._set_changed(e)
+        if not waking:
+            e.loads += 1
+        self._set_changed(e, waking=waking)
         started = self._clock()
         try:
-            await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
+            status = await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
+            e.state_seq = max(e.state_seq, status.state_seq)
         except grpc.aio.AioRpcError as err:
             if any(k == grpcserver.LOAD_FAILED_KEY for k, _ in (err.trailing_metadata() or ())):
                 e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
@@ -204,19 +231,37 @@ class Manager:
         else:
             e.phase, e.failures, e.requested = Phase.READY, 0, False
             e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
-            e.last_load_s = e.resident_since - started
+            e.last_transition_s = e.resident_since - started
+            if waking and status.restart_reason:  # the wake failed its check: a cold start it was
+                log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
+                e.loads += 1
+                e.last_load_s = e.last_transition_s
+            elif waking:
+                e.wakes += 1
+                e.last_wake_s = e.last_transition_s
+            else:
+                e.last_load_s = e.last_transition_s
         finally:
             e.op = None
         self._set_changed(e)
 
-    async def _evict(self, e: Entry) -> None:
+    async def _evict(self, e: Entry, level: int = 0) -> None:
+        """Drains it, then puts its engine to sleep at `level` (1, 2) or stops it (0). A sleeping
+        model evicted again is stopped."""
+        if e.phase is Phase.SLEEPING:
+            level = 0
+        else:
+            e.evictions += 1
         e.phase = Phase.EVICTING
-        e.evictions += 1
-        self._set_changed(e)
+        self._set_changed(e, level=level)
         try:
-            await self._worker(e).Evict(worker_pb2.EvictRequest(drain_timeout_s=self.settings.drain_timeout_s),
-                                        timeout=self.settings.drain_timeout_s + 120)
-            e.phase, e.reported_at = Phase.UNLOADED, self._clock()
+            status = await self._worker(e).Evict(
+                worker_pb2.EvictRequest(drain_timeout_s=self.settings.drain_timeout_s, sleep_level=level),
+                timeout=self.settings.drain_timeout_s + 120)
+            e.state_seq = max(e.state_seq, status.state_seq)
+            asleep = status.state == worker_pb2.ENGINE_STATE_SLEEPING
+            e.phase, e.reported_at = (Phase.SLEEPING if asleep else Phase.UNLOADED), self._clock()
+            e.sleep_level = status.sleep_level if asleep else 0
         except grpc.aio.AioRpcError as err:
             log.error("residency.evict_failed", model=e.spec.name, error=err.details())
             e.phase = Phase.FAILED
@@ -233,17 +278,19 @@ class Manager:
 
     # ---- effects and waiting ----------------------------------------------------------------
 
-    def _set_changed(self, e: Entry) -> None:
+    def _set_changed(self, e: Entry, **why) -> None:
+        """`why`: what the transition is (waking=True, level=N), logged with it."""
         log.info("residency.changed", model=e.spec.name, state=e.phase.name, loads=e.loads, evictions=e.evictions,
-                 **({"error": e.error} if e.error else {}))
-        self._publish(e)
+                 wakes=e.wakes, **({"sleep_level": e.sleep_level} if e.phase is Phase.SLEEPING else {}),
+                 **why, **({"error": e.error} if e.error else {}))
+        self._publish(e, waking=bool(why.get("waking")))
         self._notify()
 
-    def _publish(self, e: Entry) -> None:
+    def _publish(self, e: Entry, waking: bool = False) -> None:
         if self._nc is None or not self._nc.is_connected:
             return
-        event = manager_pb2.ModelEvent(model=e.spec.name, state=STATE_OF[e.phase], error=e.error,
-                                       estimate_s=e.last_load_s if e.phase is Phase.LOADING else 0.0)
+        estimate = (e.last_wake_s if waking else e.last_load_s) if e.phase is Phase.LOADING else 0.0
+        event = manager_pb2.ModelEvent(model=e.spec.name, state=STATE_OF[e.phase], error=e.error, estimate_s=estimate)
         asyncio.ensure_future(self._nc.publish(subjects.model_event_subject(e.spec.name), event.SerializeToString()))
 
     def _notify(self) -> None:
@@ -279,21 +326,27 @@ class Manager:
         return e
 
     async def evict_by_hand(self, model: str) -> Entry:
+        """Evicts it as the policy would (to sleep where its GPU's swap allows); a sleeping
+        model evicted by hand is stopped."""
         e = self.entry(model)
         if e.pinned:
             raise ModelPinned(f"model {e.spec.name} is pinned; unpin it first")
-        return await self._unload(e)
+        return await self._unload(e, sleep=True)
 
     async def drain(self, model: str) -> Entry:
+        """Stops its engine once its requests are done (not to sleep: a drained model is taken
+        out of service)."""
         e = self.entry(model)
         e.draining = True
-        return await self._unload(e)
+        return await self._unload(e, sleep=False)
 
-    async def _unload(self, e: Entry) -> Entry:
+    async def _unload(self, e: Entry, sleep: bool) -> Entry:
         if e.op is not None:
-            await self.wait_until(e, Phase.READY, Phase.UNLOADED, Phase.FAILED)
-        if e.phase is Phase.READY:
-            e.op = asyncio.create_task(self._evict(e))
-            await self.wait_until(e, Phase.UNLOADED, Phase.FAILED)
+            await self.wait_until(e, Phase.READY, Phase.UNLOADED, Phase.FAILED, Phase.SLEEPING)
+        if e.phase in (Phase.READY, Phase.SLEEPING) and e.op is None:
+            asleep = e.phase is Phase.SLEEPING
+            level = sleep_level_for(e.view(self._clock()), self.host_free()[e.spec.gpu]) if sleep and not asleep else 0
+            e.op = asyncio.create_task(self._evict(e, level))
+            await self.wait_until(e, Phase.UNLOADED, Phase.FAILED, *((Phase.SLEEPING,) if level else ()))
         return e
 

@@ -15,6 +15,13 @@ Rules, per GPU:
   - if nothing can make room, nothing is evicted (never evict for nothing);
   - a model larger than its whole budget, or whose files cannot load, fails at once with the
     reason, before anything is evicted for it.
+
+Sleep tiers (a GPU whose `swap` lets its engines sleep): an evicted model goes to sleep rather
+than stopping. Level 1 (weights to host RAM, the fastest wake) while its host's sleep budget
+has room for its weights, else level 2 (weights discarded, process and compiled graphs kept).
+A sleeping engine keeps `residue` bytes of its GPU (its context); when room is still short,
+sleeping engines are stopped too, those used least first. A sleeping model with waiting
+requests is woken by a Load like any other.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class Phase(enum.Enum):
     READY = "ready"
     EVICTING = "evicting"
     FAILED = "failed"
+    SLEEPING = "sleeping"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +58,10 @@ class ModelView:
     backoff_until: float = 0.0
     draining: bool = False                 # an operator asked it to stop taking work
     broken: str = ""                       # why it can never load (checked before anything is evicted)
+    can_sleep: bool = False                # its engine may be put to sleep when evicted
+    sleep_level: int = 0                   # SLEEPING: 1 (weights in host RAM) or 2 (discarded)
+    residue: int = 0                       # GPU bytes its engine keeps while sleeping
+    weight_bytes: int = 0                  # host RAM a level-1 sleep takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +72,7 @@ class Load:
 @dataclasses.dataclass(frozen=True)
 class Evict:
     model: str
+    level: int = 0        # 0: stop its engine; 1 / 2: put it to sleep at that level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +88,39 @@ _RESIDENT = (Phase.LOADING, Phase.READY, Phase.EVICTING)
 
 
 def used_bytes(models: Sequence[ModelView], gpu: str) -> int:
-    """What the models loading, ready or being evicted on `gpu` take of its budget."""
-    return sum(m.footprint for m in models if m.gpu == gpu and m.phase in _RESIDENT)
+    """What the models loading, ready, being evicted or asleep on `gpu` take of its budget."""
+    return sum(_held(m) for m in models if m.gpu == gpu)
+
+
+def _held(m: ModelView) -> int:
+    if m.phase in _RESIDENT:
+        return m.footprint
+    return m.residue if m.phase is Phase.SLEEPING else 0
+
+
+def sleep_level_for(m: ModelView, host_free: int) -> int:
+    """How `m` is evicted: 1 while its weights fit what its host lends to sleepers, else 2;
+    0 (stopped) when its engine cannot sleep."""
+    if not m.can_sleep:
+        return 0
+    return 1 if m.weight_bytes <= host_free else 2
 
 
 def wants_load(m: ModelView, now: float) -> bool:
     return (
         m.has_worker
-        and m.phase in (Phase.UNLOADED, Phase.FAILED)
+        and m.phase in (Phase.UNLOADED, Phase.FAILED, Phase.SLEEPING)
         and m.queue_depth > 0
         and not m.draining
         and now >= m.backoff_until
     )
 
 
-def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, starvation_s: float = 30.0) -> list[Action]:
+def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, starvation_s: float = 30.0,
+         host_free: Mapping[str, int] | None = None) -> list[Action]:
+    """`host_free`: per GPU, the bytes its host still lends to level-1 sleepers (GPUs of one
+    host share one figure; absent: none)."""
+    host_free = dict(host_free or {})
     actions: list[Action] = []
     for gpu, budget in budgets.items():
         on_gpu = [m for m in models if m.gpu == gpu]
@@ -109,17 +140,35 @@ def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, st
             actions.append(Fail(target.name, f"needs {_mib(target.footprint)} but the budget of {gpu} is {_mib(budget)}"))
             continue
         used = used_bytes(on_gpu, gpu)
-        if used + target.footprint <= budget:
+        more = target.footprint - _held(target)   # a sleeper's residue is on the GPU already
+        if used + more <= budget:
             actions.append(Load(target.name))
             continue
         starving = target.waiting_since is not None and now - target.waiting_since >= starvation_s
-        victims = eviction_for(target, on_gpu, used + target.footprint - budget, now, allow_busy=starving)
-        actions.extend(Evict(v) for v in victims)
+        actions.extend(evictions_for(target, on_gpu, used + more - budget, now, host_free.get(gpu, 0), allow_busy=starving))
     return actions
 
 
-def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, allow_busy: bool = False) -> list[str]:
-    """The models to evict so that `need` more bytes are free; [] when no choice frees enough."""
+def evictions_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, host_free: int,
+                  allow_busy: bool = False) -> list[Evict]:
+    """The evictions (each with its sleep level) that free `need` more bytes; [] when none do.
+    Ready models first (each to sleep where it can), then sleeping ones stopped."""
+    plans: list[Evict] = []
+    by_name = {m.name: m for m in on_gpu}
+    for name in eviction_for(target, on_gpu, need, now, allow_busy, host_free):
+        m = by_name[name]
+        level = sleep_level_for(m, host_free) if m.phase is Phase.READY else 0
+        if level == 1:
+            host_free -= m.weight_bytes
+        plans.append(Evict(name, level))
+    return plans
+
+
+def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, allow_busy: bool = False,
+                 host_free: int = 0) -> list[str]:
+    """The models to evict so that `need` more bytes are free; [] when no choice frees enough.
+    A ready model that can sleep frees its footprint less its residue; a sleeping one, stopped,
+    its residue."""
     def evictable(m: ModelView) -> bool:
         return (
             m.phase is Phase.READY
@@ -132,16 +181,27 @@ def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now:
     def idle(m: ModelView) -> bool:
         return m.in_flight == 0 and m.queue_depth == 0
 
+    def frees(m: ModelView) -> int:
+        nonlocal host_free
+        if m.phase is Phase.SLEEPING:
+            return m.residue
+        level = sleep_level_for(m, host_free)
+        if level == 1:
+            host_free -= m.weight_bytes
+        return m.footprint - (m.residue if level else 0)
+
     order = lambda m: (m.priority, m.frequency, m.last_used, m.name)  # noqa: E731
     candidates = sorted((m for m in on_gpu if evictable(m) and idle(m)), key=order)
     if allow_busy:
         candidates += sorted((m for m in on_gpu if evictable(m) and not idle(m)), key=lambda m: (m.queue_depth, *order(m)))
+    sleepers = sorted((m for m in on_gpu if m.phase is Phase.SLEEPING and m.name != target.name and m.residue > 0),
+                      key=lambda m: (m.last_used, m.name))
     chosen, freed = [], 0
-    for m in candidates:
+    for m in [*candidates, *sleepers]:
         if freed >= need:
             break
         chosen.append(m.name)
-        freed += m.footprint
+        freed += frees(m)
     return chosen if freed >= need else []
 
 

@@ -28,8 +28,12 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
         out = manager_pb2.ListResidencyResponse(models=[e.residency() for e in m.entries.values()])
         now = time.time()
         views = [e.view(now) for e in m.entries.values()]
+        host_used = m.host_sleep_used()
         for gpu, budget in m.budgets.items():
-            out.gpus.add(gpu=gpu, budget_bytes=budget, used_bytes=used_bytes(views, gpu))
+            host = m.host_of[gpu]
+            swaps = {"sleep" if e.can_sleep else "stop" for e in m.entries.values() if e.spec.gpu == gpu}
+            out.gpus.add(gpu=gpu, budget_bytes=budget, used_bytes=used_bytes(views, gpu), swap="/".join(sorted(swaps)),
+                         host=host.id, host_sleep_budget_bytes=host.sleep_budget_bytes, host_sleep_used_bytes=host_used[host.id])
         return out
 
     async def Pin(self, request, context):

@@ -18,6 +18,7 @@ PHASE_OF = {
     worker_pb2.ENGINE_STATE_READY: Phase.READY,
     worker_pb2.ENGINE_STATE_EVICTING: Phase.EVICTING,
     worker_pb2.ENGINE_STATE_FAILED: Phase.FAILED,
+    worker_pb2.ENGINE_STATE_SLEEPING: Phase.SLEEPING,
 }
 STATE_OF = {v: k for k, v in PHASE_OF.items()}
 
@@ -30,6 +31,7 @@ class Entry:
     worker_id: str = ""
     address: str = ""
     reported_at: float = 0.0          # when its worker last reported (a heartbeat every report_interval_s)
+    state_seq: int = 0                # its worker's state changes as of the last answer or report taken
     phase: Phase = Phase.UNLOADED
     error: str = ""
     broken: str = ""
@@ -49,12 +51,30 @@ class Entry:
     deaths: int = 0                   # engine deaths, each within DEATHS_FORGOTTEN_S of a load
     backoff_until: float = 0.0
     resident_since: float = 0.0
-    last_load_s: float = 30.0         # the estimate given to waiting callers
+    last_load_s: float = 30.0         # the estimate given to waiting callers (a cold load)
+    swap: str = "auto"                # its GPU's swap setting (catalogue)
+    worker_can_sleep: bool = False    # its worker says the engine can sleep (CUDA sleep mode)
+    sleep_frees_memory: bool = False  # its worker says a sleep frees memory (false on CPU)
+    sleep_level: int = 0              # SLEEPING: 1 or 2
+    wakes: int = 0
+    last_wake_s: float = 5.0          # the estimate given to callers waiting for a wake
+    last_transition_s: float = 0.0    # its last load or wake took this long
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way
 
     @property
     def footprint(self) -> int:
         return self.weight_bytes + self.spec.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def can_sleep(self) -> bool:
+        """Evicting it puts its engine to sleep: `swap: sleep`, or `auto` where vLLM's sleep
+        mode frees memory (CUDA)."""
+        return self.swap == "sleep" or (self.swap == "auto" and self.worker_can_sleep)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM its sleep holds: its weights at level 1."""
+        return self.weight_bytes if self.phase is Phase.SLEEPING and self.sleep_level == 1 else 0
 
     def touch(self, now: float) -> None:
         """One request for this model was seen."""
@@ -124,6 +144,10 @@ class Entry:
             backoff_until=self.backoff_until,
             draining=self.draining,
             broken=self.broken,
+            can_sleep=self.can_sleep,
+            sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
+            residue=self.overhead_bytes,
+            weight_bytes=self.weight_bytes,
         )
 
     def residency(self) -> manager_pb2.ModelResidency:
@@ -132,5 +156,7 @@ class Entry:
             footprint_bytes=self.footprint, queue_depth=self.queue_depth, in_flight=self.in_flight,
             last_used_unix=self.last_used, loads=self.loads, evictions=self.evictions, pinned=self.pinned,
             priority=self.spec.priority, error=self.error or self.broken, backoff_until_unix=self.backoff_until,
-            draining=self.draining,
+            draining=self.draining, sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
+            wakes=self.wakes, last_transition_s=self.last_transition_s, host_bytes=self.host_bytes,
+            sleep_frees_memory=self.sleep_frees_memory,
         )

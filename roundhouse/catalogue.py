@@ -28,7 +28,16 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
       - id: cpu                    # or cuda:0, ...
         budget_bytes: 8GiB         # required on CPU; on CUDA default: total memory x utilization
         utilization: 0.85
-        engine_overhead_bytes: 256MiB
+        engine_overhead_bytes: 256MiB   # also what a sleeping engine keeps on the GPU
+        swap: auto                 # evicting a model: auto (sleep on CUDA, stop on CPU) | sleep | stop.
+                                   # sleep: level 1 (weights to host RAM) while its host's sleep
+                                   # budget has room, else level 2 (weights discarded, process and
+                                   # compiled graphs kept). On CPU vLLM's sleep frees no memory.
+        host: local                # the worker host it is on
+
+    hosts:                         # optional; a host not listed lends 32GiB
+      - id: local
+        sleep_budget_bytes: 32GiB  # host RAM for the weights of level-1 sleeping engines
 
     manager:                       # optional
       drain_timeout_s: 30          # in-flight requests of a model being evicted get this long
@@ -98,7 +107,20 @@ class GpuSpec:
     id: str
     budget_bytes: int = 0            # 0: detect (CUDA) — required on CPU
     utilization: float = 0.85
-    engine_overhead_bytes: int = 256 * 2**20
+    engine_overhead_bytes: int = 256 * 2**20   # also what a sleeping engine keeps on it
+    swap: str = "auto"               # how its models are evicted: auto (sleep on CUDA, stop on CPU) | sleep | stop
+    host: str = "local"              # the worker host it is on: its GPUs share that host's sleep budget
+
+
+SWAP_MODES = ("auto", "sleep", "stop")
+DEFAULT_SLEEP_BUDGET_BYTES = 32 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+    """A worker host: the RAM it lends to the weights of sleeping engines (level 1)."""
+    id: str
+    sleep_budget_bytes: int = DEFAULT_SLEEP_BUDGET_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +142,11 @@ class Catalogue:
     gpus: tuple[GpuSpec, ...] = DEFAULT_GPUS
     manager: ManagerSpec = ManagerSpec()
     routing: "routing.RoutingSpec | None" = None
+    hosts: tuple[HostSpec, ...] = ()
+
+    def host(self, gpu: GpuSpec) -> HostSpec:
+        """The host `gpu` is on (its settings, or the defaults when `hosts` does not list it)."""
+        return next((h for h in self.hosts if h.id == gpu.host), HostSpec(gpu.host))
 
     def __post_init__(self):
         index: dict[str, ModelSpec] = {}
@@ -196,7 +223,15 @@ def _gpu(raw: Any, where: str) -> GpuSpec:
         raise ConfigError(f"{where}.utilization: must be in (0, 1]")
     if gpu.budget_bytes == 0 and not gpu.id.startswith("cuda"):
         raise ConfigError(f"{where}.budget_bytes: required for {gpu.id!r} (detected only on CUDA)")
+    if gpu.swap not in SWAP_MODES:
+        raise ConfigError(f"{where}.swap: must be one of {', '.join(SWAP_MODES)}, got {gpu.swap!r}")
     return gpu
+
+
+def _host(raw: Any, where: str) -> HostSpec:
+    host = _build(HostSpec, raw, where, {"id"})
+    _positive(host, where, "sleep_budget_bytes", allow_zero=("sleep_budget_bytes",))
+    return host
 
 
 def _coerce(where: str, typ: str, value: Any) -> Any:
@@ -249,9 +284,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"models", "gpus", "manager", "routing"}
+    unknown = set(raw) - {"models", "gpus", "hosts", "manager", "routing"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, manager, models, routing)")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, hosts, manager, models, routing)")
     specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
     gpus = DEFAULT_GPUS
     if "gpus" in raw:
@@ -270,7 +305,14 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     for i, m in enumerate(specs):
         if m.gpu not in known:
             raise ConfigError(f"models[{i}].gpu: {m.gpu!r} is not in gpus ({', '.join(sorted(known))})")
-    cat = Catalogue(specs, gpus, manager)
+    hosts: tuple[HostSpec, ...] = ()
+    if "hosts" in raw:
+        if not isinstance(raw["hosts"], list):
+            raise ConfigError("hosts: must be a list")
+        hosts = tuple(_host(h, f"hosts[{i}]") for i, h in enumerate(raw["hosts"]))
+        if len({h.id for h in hosts}) != len(hosts):
+            raise ConfigError("hosts: an id is used twice")
+    cat = Catalogue(specs, gpus, manager, hosts=hosts)
     if raw.get("routing") is not None:
         try:
             rules = routing.parse(raw["routing"], lambda name: name if cat.adapter(name) else getattr(cat.resolve(name), "name", None))
@@ -294,7 +336,7 @@ def load(path: str | pathlib.Path) -> Catalogue:
 
 
 def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: ManagerSpec | None = None,
-         routing_section: Mapping | None = None) -> str:
+         routing_section: Mapping | None = None, hosts: Iterable[HostSpec] = ()) -> str:
     """YAML for a catalogue (used to write the embedded defaults and test catalogues)."""
     out = []
     for m in models:
@@ -308,6 +350,8 @@ def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: Man
     doc: dict[str, Any] = {"models": out}
     if gpus:
         doc["gpus"] = [dataclasses.asdict(g) for g in gpus]
+    if hosts:
+        doc["hosts"] = [dataclasses.asdict(h) for h in hosts]
     if manager is not None:
         doc["manager"] = dataclasses.asdict(manager)
     if routing_section is not None:

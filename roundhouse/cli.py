@@ -217,14 +217,28 @@ async def _status(a: argparse.Namespace) -> int:
     async with grpc.aio.insecure_channel(a.manager) as ch:
         resp = await manager_pb2_grpc.ManagerStub(ch).ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)
     for g in resp.gpus:
-        print(f"gpu {g.gpu}: {g.used_bytes / 2**20:.0f} / {g.budget_bytes / 2**20:.0f} MiB")
-    print(f"{'model':20} {'state':9} {'MiB':>6} {'queue':>5} {'run':>4} {'loads':>5} {'evict':>5} {'pin':>3}  last use / error")
+        print(f"gpu {g.gpu}: {g.used_bytes / 2**20:.0f} / {g.budget_bytes / 2**20:.0f} MiB; evicts by {g.swap or 'stop'}; "
+              f"host {g.host}: {g.host_sleep_used_bytes / 2**20:.0f} / {g.host_sleep_budget_bytes / 2**20:.0f} MiB lent to sleepers")
+    print(f"{'model':20} {'state':11} {'MiB':>6} {'queue':>5} {'run':>4} {'loads':>5} {'wakes':>5} {'evict':>5} {'pin':>3}"
+          "  last use / error")
     for m in resp.models:
-        state = worker_pb2.EngineState.Name(m.state).removeprefix("ENGINE_STATE_").lower()
-        last = time.strftime("%H:%M:%S", time.localtime(m.last_used_unix)) if m.last_used_unix else "-"
-        print(f"{m.model:20} {state:9} {m.footprint_bytes / 2**20:>6.0f} {m.queue_depth:>5} {m.in_flight:>4} {m.loads:>5} "
-              f"{m.evictions:>5} {'yes' if m.pinned else '':>3}  {m.error or last}")
+        print(f"{m.model:20} {state_label(m):11} {m.footprint_bytes / 2**20:>6.0f} {m.queue_depth:>5} {m.in_flight:>4} "
+              f"{m.loads:>5} {m.wakes:>5} {m.evictions:>5} {'yes' if m.pinned else '':>3}  {m.error or _last_use(m)}")
+    if any(m.state == worker_pb2.ENGINE_STATE_SLEEPING and not m.sleep_frees_memory for m in resp.models):
+        print("(sleeping*: on CPU vLLM's sleep pauses the engine and clears its prefix cache, but frees no memory)")
     return 0
+
+
+def state_label(m: manager_pb2.ModelResidency) -> str:
+    """The state as `status` shows it: a sleeping model with its tier (sleep-1: weights in host
+    RAM, sleep-2: weights discarded), starred where the sleep frees nothing (CPU)."""
+    if m.state == worker_pb2.ENGINE_STATE_SLEEPING:
+        return f"sleep-{m.sleep_level}{'' if m.sleep_frees_memory else '*'}"
+    return worker_pb2.EngineState.Name(m.state).removeprefix("ENGINE_STATE_").lower()
+
+
+def _last_use(m: manager_pb2.ModelResidency) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(m.last_used_unix)) if m.last_used_unix else "-"
 
 
 async def _admin(a: argparse.Namespace) -> int:
@@ -235,8 +249,7 @@ async def _admin(a: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    print(f"{m.model}: {worker_pb2.EngineState.Name(m.state).removeprefix('ENGINE_STATE_').lower()}"
-          f"{' (pinned)' if m.pinned else ''}")
+    print(f"{m.model}: {state_label(m)}{' (pinned)' if m.pinned else ''}")
     return 0
 
 

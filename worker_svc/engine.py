@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
@@ -56,6 +57,14 @@ class EngineSpec:
     adapters: tuple[tuple[str, str], ...] = ()   # LoRA (name, path); any enables LoRA in the engine
     max_loras: int = 4
     max_lora_rank: int = 16
+    sleep_mode: bool = True            # vLLM sleep mode (CUDA only: vLLM refuses it on CPU)
+
+
+# The fixed greedy probe run at first load and after every wake: a woken engine must give the
+# same tokens, else its weights did not come back whole and it is restarted.
+PROBE_PROMPT = "Roundhouse wake probe: the quick brown fox jumps over"
+PROBE_TOKENS = 8
+_probe_ids = itertools.count()
 
 
 @dataclasses.dataclass(slots=True)
@@ -196,6 +205,9 @@ class Engine:
         self._null_adapter = null_adapter
         # Base-model requests: no adapter, or (CPU) the all-zero one, see _null_adapter.
         self._base_lora = LoRARequest(_NULL_ADAPTER, len(spec.adapters) + 1, null_adapter) if null_adapter else None
+        self.probe_tokens: list[int] = []   # the probe's tokens at first load
+        self.on_cpu = True
+        self.sleep_level = 0                # asleep at this level (0: awake)
 
     @classmethod
     async def start(cls, spec: EngineSpec) -> "Engine":
@@ -226,6 +238,7 @@ class Engine:
             seed=spec.seed,
             kv_cache_memory_bytes=spec.kv_cache_bytes,
             disable_log_stats=True,
+            enable_sleep_mode=spec.sleep_mode and not on_cpu,
             enable_lora=bool(spec.adapters),
             **({"max_loras": spec.max_loras + bool(null_adapter), "max_lora_rank": spec.max_lora_rank} if spec.adapters else {}),
         )
@@ -235,13 +248,91 @@ class Engine:
             _remove(null_adapter)
             raise
         engine = cls(llm, spec, null_adapter, await asyncio.to_thread(_engine_processes, before))
+        engine.on_cpu = on_cpu
         try:
-            async for _ in engine.generate("warmup", [], "roundhouse-warmup", {"max_tokens": 1, "temperature": 0.0}):
-                pass
+            engine.probe_tokens = await engine.probe()   # also the warm-up
         except BaseException:
             await engine.shutdown()
             raise
         return engine
+
+    async def probe(self) -> list[int]:
+        """The fixed greedy probe's tokens (see PROBE_PROMPT)."""
+        out: list[int] = []
+        sampling = {"max_tokens": PROBE_TOKENS, "temperature": 0.0, "ignore_eos": True}
+        async for step in self.generate(PROBE_PROMPT, [], f"roundhouse-probe-{next(_probe_ids)}", sampling):
+            out.extend(step.token_ids)
+        return out
+
+    @property
+    def can_sleep(self) -> bool:
+        """Whether a sleep frees memory (vLLM sleep mode, CUDA). On CPU `sleep` still pauses the
+        engine through vLLM's own call, but vLLM's CPU worker frees nothing."""
+        return not self.on_cpu and self.spec.sleep_mode
+
+    async def sleep(self, level: int) -> None:
+        """Puts the idle engine to sleep: level 1 moves its weights to host RAM, level 2 drops
+        them (the process and its compiled graphs stay); the KV cache is discarded either way.
+        vLLM pauses its scheduler first and clears the prefix cache (on CPU, that is all)."""
+        if self._llm is None:
+            raise EngineDead("engine is shut down")
+        await self._llm.sleep(level)
+        self.sleep_level = level
+
+    async def wake(self) -> str:
+        """Wakes a sleeping engine and checks it; returns "" when it serves as it did at first
+        load, else why not (then the caller restarts it). On CPU level 2 really reloads the
+        weights from disk (vLLM's `reload_weights`), though its sleep had freed nothing. Re-registers its LoRA adapters: vLLM
+        forgets to apply adapters loaded before a sleep (vllm-project/vllm#53888)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            return "its engine is shut down"
+        try:
+            if self.sleep_level == 2:
+                # Level 2 dropped the weights: bring their memory back, load them again from the
+                # model's files, then the KV cache (vLLM's documented sequence; the scheduler
+                # resumes only once everything is awake).
+                await self._llm.wake_up(["weights"])
+                await self._llm.collective_rpc("reload_weights")
+                await self._llm.wake_up(["kv_cache"])
+            else:
+                await self._llm.wake_up()
+            self.sleep_level = 0
+            await self._register_adapters()
+            tokens = await self.probe()
+        except (EngineDeadError, EngineDead) as e:
+            return f"its engine died while asleep: {e}"
+        except Exception as e:  # noqa: BLE001 - any failure to wake is answered by a restart
+            if self.dead or self._a_process_is_gone():
+                return f"its engine died while asleep ({type(e).__name__}: {e})"
+            return f"wake_up failed: {type(e).__name__}: {e}"
+        if tokens != self.probe_tokens:
+            return f"the wake probe gave tokens {tokens}, not {self.probe_tokens} as at first load"
+        return ""
+
+    def _a_process_is_gone(self) -> bool:
+        """Whether one of the engine's processes has exited (vLLM notices a dead EngineCore
+        only when it next reads from it, and reports it then as a failed call)."""
+        import psutil
+
+        def gone(p) -> bool:
+            try:
+                return p.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return True
+
+        return any(gone(p) for p in self._processes)
+
+    async def _register_adapters(self) -> None:
+        loras = [*self._loras.values(), *([self._base_lora] if self._base_lora else [])]
+        if not loras:
+            return
+        loaded = await self._llm.list_loras()
+        for lora in loras:
+            if lora.lora_int_id in loaded:
+                await self._llm.remove_lora(lora.lora_int_id)
+            await self._llm.add_lora(lora)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The model's chat template applied to `messages` and tokenized (no special tokens added

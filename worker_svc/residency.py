@@ -2,6 +2,8 @@
 
     UNLOADED -> LOADING -> READY -> EVICTING -> UNLOADED
                        +-> FAILED -> LOADING (an explicit Load retries)
+    READY -> EVICTING -> SLEEPING -> LOADING (a wake; a cold start when its check fails) -> READY
+             SLEEPING -> EVICTING -> UNLOADED (a sleeper stopped)
     READY -> UNLOADED, with an error: its engine died (nothing wrong with the model's files: the
              manager loads it again on demand, after a backoff)
 
@@ -26,14 +28,16 @@ class State(enum.Enum):
     READY = worker_pb2.ENGINE_STATE_READY
     EVICTING = worker_pb2.ENGINE_STATE_EVICTING
     FAILED = worker_pb2.ENGINE_STATE_FAILED
+    SLEEPING = worker_pb2.ENGINE_STATE_SLEEPING
 
 
 _ALLOWED: dict[State, frozenset[State]] = {
     State.UNLOADED: frozenset({State.LOADING}),
     State.LOADING: frozenset({State.READY, State.FAILED}),
     State.READY: frozenset({State.EVICTING, State.FAILED, State.UNLOADED}),
-    State.EVICTING: frozenset({State.UNLOADED, State.FAILED}),
+    State.EVICTING: frozenset({State.UNLOADED, State.FAILED, State.SLEEPING}),
     State.FAILED: frozenset({State.LOADING, State.UNLOADED}),
+    State.SLEEPING: frozenset({State.LOADING, State.EVICTING}),
 }
 
 
@@ -46,6 +50,7 @@ class Residency:
         self.model = model
         self.state = State.UNLOADED
         self.error = ""
+        self.seq = 0          # state changes so far: orders this worker's reports and answers
         self._changed = asyncio.Condition()
 
     async def set(self, new: State, error: str = "") -> None:
@@ -53,6 +58,7 @@ class Residency:
         if new not in _ALLOWED[old]:
             raise IllegalTransition(f"roundhouse: {old.name} -> {new.name} is not allowed")
         self.state, self.error = new, error
+        self.seq += 1
         log.info("residency.changed", model=self.model, old=old.name, new=new.name, **({"error": error} if error else {}))
         async with self._changed:
             self._changed.notify_all()

@@ -24,7 +24,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Evict(self, request: worker_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
         if request.drain_timeout_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "roundhouse: invalid drain_timeout_s: must be >= 0")
-        await self._worker.evict(request.drain_timeout_s or None)
+        if request.sleep_level not in (0, 1, 2):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"roundhouse: invalid sleep_level {request.sleep_level}: must be 0 (stop), 1 or 2")
+        await self._worker.evict(request.drain_timeout_s or None, request.sleep_level)
         return self._worker.status()
 
     async def Status(self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:

@@ -67,6 +67,9 @@ class Counters:
     aborted: int = 0
     loads: int = 0
     load_seconds: float = 0.0
+    wakes: int = 0
+    wake_seconds: float = 0.0
+    restart_reason: str = ""          # why the last wake fell back to a cold start
 
 
 Republish = Callable[[str, bytes, dict], Awaitable[object]]   # (subject, payload, headers)
@@ -103,19 +106,36 @@ class ModelWorker:
             if state is State.READY:
                 return
             if state is State.EVICTING:
-                await self.residency.wait_for(State.UNLOADED, State.FAILED)
+                await self.residency.wait_for(State.UNLOADED, State.FAILED, State.SLEEPING)
                 continue
-            if self._load_task is None or self._load_task.done():  # UNLOADED, or FAILED: a Load retries
+            if self._load_task is None or self._load_task.done():  # UNLOADED, SLEEPING, or FAILED: a Load retries
                 self._load_task = asyncio.create_task(self._do_load(), name="engine-load")
             await asyncio.shield(self._load_task)
             if self.residency.state is State.FAILED:
                 raise Unavailable(f"model {self.model} failed to load: {self.residency.error}")
 
     async def _do_load(self) -> None:
-        spec = self.config.model
+        waking = self.residency.state is State.SLEEPING and self.engine is not None
         await self.residency.set(State.LOADING)
-        self.counters.loads += 1
         started = time.monotonic()
+        if waking:
+            self.counters.restart_reason = ""
+            reason = await self.engine.wake()
+            if not reason:
+                self.counters.wakes += 1
+                self.counters.wake_seconds = time.monotonic() - started
+                log.info("engine.woken", model=self.model, seconds=round(self.counters.wake_seconds, 2))
+                await self.residency.set(State.READY)
+                return
+            log.error("engine.wake_failed", model=self.model, reason=reason, action="restart")
+            self.counters.restart_reason = reason
+            await self._shutdown_engine()
+            started = time.monotonic()
+        await self._cold_start(started)
+
+    async def _cold_start(self, started: float) -> None:
+        spec = self.config.model
+        self.counters.loads += 1
         problem = await asyncio.to_thread(preflight.check, spec.path)
         if problem:
             log.error("engine.load_failed", model=self.model, error=problem)
@@ -145,17 +165,36 @@ class ModelWorker:
         log.info("engine.loaded", model=self.model, seconds=round(self.counters.load_seconds, 2))
         await self.residency.set(State.READY)
 
-    async def evict(self, drain_timeout_s: float | None = None) -> None:
-        """Stops taking requests, lets those in flight finish (requeues them past the timeout), unloads."""
-        if self.residency.state is not State.READY:
-            if self.residency.state is State.EVICTING:
-                await self.residency.wait_for(State.UNLOADED, State.FAILED)
+    async def evict(self, drain_timeout_s: float | None = None, sleep_level: int = 0) -> None:
+        """Stops taking requests, lets those in flight finish (requeues them past the timeout),
+        then puts the engine to sleep at `sleep_level` (1, 2) or stops it (0; a sleeping engine
+        too). A sleep that fails stops the engine instead."""
+        state = self.residency.state
+        if state is State.SLEEPING and not sleep_level:
+            await self.residency.set(State.EVICTING)
+            await self._shutdown_engine()
+            await self.residency.set(State.UNLOADED)
+            return
+        if state is not State.READY:
+            if state is State.EVICTING:
+                await self.residency.wait_for(State.UNLOADED, State.FAILED, State.SLEEPING)
             return
         await self.residency.set(State.EVICTING)
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         if not await self._drained(timeout):
             log.warning("engine.drain_timeout", model=self.model, requeued=len(self.active))
             await self._stop_all(Stop.REQUEUE)
+        if sleep_level and self.engine is not None and not self.engine.dead:
+            started = time.monotonic()
+            try:
+                await self.engine.sleep(sleep_level)
+            except Exception as e:  # noqa: BLE001 - a sleep that fails is answered by a stop
+                log.error("engine.sleep_failed", model=self.model, level=sleep_level, error=repr(e), action="stop")
+            else:
+                log.info("engine.asleep", model=self.model, level=sleep_level, frees_memory=self.engine.can_sleep,
+                         seconds=round(time.monotonic() - started, 2))
+                await self.residency.set(State.SLEEPING)
+                return
         await self._shutdown_engine()
         await self.residency.set(State.UNLOADED)
 
@@ -430,10 +469,20 @@ class ModelWorker:
         spec = self.config.model
         return manager_pb2.WorkerReport(
             worker_id=self.config.worker_id, model=self.model, address=address, gpu=spec.gpu,
-            weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=False,
+            weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=self.sleep_frees_memory,
             state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active) + len(self.waiting),
-            preflight_error=preflight_error,
+            preflight_error=preflight_error, sleep_level=self.sleep_level, sleep_frees_memory=self.sleep_frees_memory,
+            state_seq=self.residency.seq,
         )
+
+    @property
+    def sleep_frees_memory(self) -> bool:
+        """vLLM's sleep mode frees memory on CUDA only; on CPU its sleep pauses the engine."""
+        return self.config.model.gpu.startswith("cuda")
+
+    @property
+    def sleep_level(self) -> int:
+        return self.engine.sleep_level if self.engine is not None and self.residency.state is State.SLEEPING else 0
 
     def status(self) -> worker_pb2.WorkerStatus:
         c = self.counters
@@ -450,6 +499,11 @@ class ModelWorker:
             aborted=c.aborted,
             load_seconds=c.load_seconds,
             loads=c.loads,
+            sleep_level=self.sleep_level,
+            wakes=c.wakes,
+            wake_seconds=c.wake_seconds,
+            restart_reason=c.restart_reason,
+            state_seq=self.residency.seq,
         )
 
 

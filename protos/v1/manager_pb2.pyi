@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error")
+    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error", "sleep_level", "sleep_frees_memory", "state_seq")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,9 @@ class WorkerReport(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PREFLIGHT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_FREES_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     address: str
@@ -33,7 +36,10 @@ class WorkerReport(_message.Message):
     error: str
     in_flight: int
     preflight_error: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ...) -> None: ...
+    sleep_level: int
+    sleep_frees_memory: bool
+    state_seq: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ..., sleep_level: _Optional[int] = ..., sleep_frees_memory: _Optional[bool] = ..., state_seq: _Optional[int] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ()
@@ -50,7 +56,7 @@ class ListResidencyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelResidency(_message.Message):
-    __slots__ = ("model", "state", "worker_id", "gpu", "footprint_bytes", "queue_depth", "in_flight", "last_used_unix", "loads", "evictions", "pinned", "priority", "error", "backoff_until_unix", "draining")
+    __slots__ = ("model", "state", "worker_id", "gpu", "footprint_bytes", "queue_depth", "in_flight", "last_used_unix", "loads", "evictions", "pinned", "priority", "error", "backoff_until_unix", "draining", "sleep_level", "wakes", "last_transition_s", "host_bytes", "sleep_frees_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +72,11 @@ class ModelResidency(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WAKES_FIELD_NUMBER: _ClassVar[int]
+    LAST_TRANSITION_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_FREES_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _worker_pb2.EngineState
     worker_id: str
@@ -81,17 +92,30 @@ class ModelResidency(_message.Message):
     error: str
     backoff_until_unix: float
     draining: bool
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., worker_id: _Optional[str] = ..., gpu: _Optional[str] = ..., footprint_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., pinned: _Optional[bool] = ..., priority: _Optional[int] = ..., error: _Optional[str] = ..., backoff_until_unix: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
+    sleep_level: int
+    wakes: int
+    last_transition_s: float
+    host_bytes: int
+    sleep_frees_memory: bool
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., worker_id: _Optional[str] = ..., gpu: _Optional[str] = ..., footprint_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., pinned: _Optional[bool] = ..., priority: _Optional[int] = ..., error: _Optional[str] = ..., backoff_until_unix: _Optional[float] = ..., draining: _Optional[bool] = ..., sleep_level: _Optional[int] = ..., wakes: _Optional[int] = ..., last_transition_s: _Optional[float] = ..., host_bytes: _Optional[int] = ..., sleep_frees_memory: _Optional[bool] = ...) -> None: ...
 
 class GpuBudget(_message.Message):
-    __slots__ = ("gpu", "budget_bytes", "used_bytes")
+    __slots__ = ("gpu", "budget_bytes", "used_bytes", "swap", "host", "host_sleep_budget_bytes", "host_sleep_used_bytes")
     GPU_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    HOST_SLEEP_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_SLEEP_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     gpu: str
     budget_bytes: int
     used_bytes: int
-    def __init__(self, gpu: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    swap: str
+    host: str
+    host_sleep_budget_bytes: int
+    host_sleep_used_bytes: int
+    def __init__(self, gpu: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., swap: _Optional[str] = ..., host: _Optional[str] = ..., host_sleep_budget_bytes: _Optional[int] = ..., host_sleep_used_bytes: _Optional[int] = ...) -> None: ...
 
 class ListResidencyResponse(_message.Message):
     __slots__ = ("models", "gpus")

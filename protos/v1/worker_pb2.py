@@ -27,35 +27,35 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/worker.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\r\n\x0bLoadRequest\"\'\n\x0c\x45victRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\x01\"\x0f\n\rStatusRequest\"\x90\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x19\n\x11\x65ngine_unfinished\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\x11\n\tcompleted\x18\x08 \x01(\x03\x12\x17\n\x0f\x65xpired_skipped\x18\t \x01(\x03\x12\x0f\n\x07\x61\x62orted\x18\n \x01(\x03\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\x12\r\n\x05loads\x18\x0c \x01(\x03\"O\n\rDeliveryBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1b.roundhouse.v1.RequestChunk\"\xde\x01\n\x0cRequestChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65livery\x18\x02 \x01(\r\x12\x11\n\x07started\x18\x03 \x01(\x08H\x00\x12,\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1b.roundhouse.v1.RequestDeltaH\x00\x12\x32\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x1e.roundhouse.v1.RequestFinishedH\x00\x12+\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x42\x06\n\x04kind\"/\n\x0cRequestDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"j\n\x0fRequestFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"K\n\x0f\x44\x65liveryControl\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x01 \x03(\t\x12\x1c\n\x14received_request_ids\x18\x02 \x03(\t*\xac\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_UNLOADED\x10\x01\x12\x18\n\x14\x45NGINE_STATE_LOADING\x10\x02\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x03\x12\x19\n\x15\x45NGINE_STATE_EVICTING\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x32\xd1\x01\n\x06Worker\x12?\n\x04Load\x12\x1a.roundhouse.v1.LoadRequest\x1a\x1b.roundhouse.v1.WorkerStatus\x12\x41\n\x05\x45vict\x12\x1b.roundhouse.v1.EvictRequest\x1a\x1b.roundhouse.v1.WorkerStatus\x12\x43\n\x06Status\x12\x1c.roundhouse.v1.StatusRequest\x1a\x1b.roundhouse.v1.WorkerStatus2W\n\x08\x44\x65livery\x12K\n\x07\x44\x65liver\x12\x1c.roundhouse.v1.DeliveryBatch\x1a\x1e.roundhouse.v1.DeliveryControl(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/worker.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\r\n\x0bLoadRequest\"<\n\x0c\x45victRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\x01\x12\x13\n\x0bsleep_level\x18\x02 \x01(\x05\"\x0f\n\rStatusRequest\"\xf5\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x19\n\x11\x65ngine_unfinished\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\x11\n\tcompleted\x18\x08 \x01(\x03\x12\x17\n\x0f\x65xpired_skipped\x18\t \x01(\x03\x12\x0f\n\x07\x61\x62orted\x18\n \x01(\x03\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\x12\r\n\x05loads\x18\x0c \x01(\x03\x12\x13\n\x0bsleep_level\x18\r \x01(\x05\x12\r\n\x05wakes\x18\x0e \x01(\x03\x12\x14\n\x0cwake_seconds\x18\x0f \x01(\x01\x12\x16\n\x0erestart_reason\x18\x10 \x01(\t\x12\x11\n\tstate_seq\x18\x11 \x01(\x03\"O\n\rDeliveryBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1b.roundhouse.v1.RequestChunk\"\xde\x01\n\x0cRequestChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65livery\x18\x02 \x01(\r\x12\x11\n\x07started\x18\x03 \x01(\x08H\x00\x12,\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1b.roundhouse.v1.RequestDeltaH\x00\x12\x32\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x1e.roundhouse.v1.RequestFinishedH\x00\x12+\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x42\x06\n\x04kind\"/\n\x0cRequestDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"j\n\x0fRequestFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"K\n\x0f\x44\x65liveryControl\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x01 \x03(\t\x12\x1c\n\x14received_request_ids\x18\x02 \x03(\t*\xc7\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_UNLOADED\x10\x01\x12\x18\n\x14\x45NGINE_STATE_LOADING\x10\x02\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x03\x12\x19\n\x15\x45NGINE_STATE_EVICTING\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x12\x19\n\x15\x45NGINE_STATE_SLEEPING\x10\x06\x32\xd1\x01\n\x06Worker\x12?\n\x04Load\x12\x1a.roundhouse.v1.LoadRequest\x1a\x1b.roundhouse.v1.WorkerStatus\x12\x41\n\x05\x45vict\x12\x1b.roundhouse.v1.EvictRequest\x1a\x1b.roundhouse.v1.WorkerStatus\x12\x43\n\x06Status\x12\x1c.roundhouse.v1.StatusRequest\x1a\x1b.roundhouse.v1.WorkerStatus2W\n\x08\x44\x65livery\x12K\n\x07\x44\x65liver\x12\x1c.roundhouse.v1.DeliveryBatch\x1a\x1e.roundhouse.v1.DeliveryControl(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENGINESTATE']._serialized_start=954
-  _globals['_ENGINESTATE']._serialized_end=1126
+  _globals['_ENGINESTATE']._serialized_start=1076
+  _globals['_ENGINESTATE']._serialized_end=1275
   _globals['_LOADREQUEST']._serialized_start=65
   _globals['_LOADREQUEST']._serialized_end=78
   _globals['_EVICTREQUEST']._serialized_start=80
-  _globals['_EVICTREQUEST']._serialized_end=119
-  _globals['_STATUSREQUEST']._serialized_start=121
-  _globals['_STATUSREQUEST']._serialized_end=136
-  _globals['_WORKERSTATUS']._serialized_start=139
-  _globals['_WORKERSTATUS']._serialized_end=411
-  _globals['_DELIVERYBATCH']._serialized_start=413
-  _globals['_DELIVERYBATCH']._serialized_end=492
-  _globals['_REQUESTCHUNK']._serialized_start=495
-  _globals['_REQUESTCHUNK']._serialized_end=717
-  _globals['_REQUESTDELTA']._serialized_start=719
-  _globals['_REQUESTDELTA']._serialized_end=766
-  _globals['_REQUESTFINISHED']._serialized_start=768
-  _globals['_REQUESTFINISHED']._serialized_end=874
-  _globals['_DELIVERYCONTROL']._serialized_start=876
-  _globals['_DELIVERYCONTROL']._serialized_end=951
-  _globals['_WORKER']._serialized_start=1129
-  _globals['_WORKER']._serialized_end=1338
-  _globals['_DELIVERY']._serialized_start=1340
-  _globals['_DELIVERY']._serialized_end=1427
+  _globals['_EVICTREQUEST']._serialized_end=140
+  _globals['_STATUSREQUEST']._serialized_start=142
+  _globals['_STATUSREQUEST']._serialized_end=157
+  _globals['_WORKERSTATUS']._serialized_start=160
+  _globals['_WORKERSTATUS']._serialized_end=533
+  _globals['_DELIVERYBATCH']._serialized_start=535
+  _globals['_DELIVERYBATCH']._serialized_end=614
+  _globals['_REQUESTCHUNK']._serialized_start=617
+  _globals['_REQUESTCHUNK']._serialized_end=839
+  _globals['_REQUESTDELTA']._serialized_start=841
+  _globals['_REQUESTDELTA']._serialized_end=888
+  _globals['_REQUESTFINISHED']._serialized_start=890
+  _globals['_REQUESTFINISHED']._serialized_end=996
+  _globals['_DELIVERYCONTROL']._serialized_start=998
+  _globals['_DELIVERYCONTROL']._serialized_end=1073
+  _globals['_WORKER']._serialized_start=1278
+  _globals['_WORKER']._serialized_end=1487
+  _globals['_DELIVERY']._serialized_start=1489
+  _globals['_DELIVERY']._serialized_end=1576
 # @@protoc_insertion_point(module_scope)

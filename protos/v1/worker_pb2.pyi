@@ -18,29 +18,33 @@ class EngineState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENGINE_STATE_READY: _ClassVar[EngineState]
     ENGINE_STATE_EVICTING: _ClassVar[EngineState]
     ENGINE_STATE_FAILED: _ClassVar[EngineState]
+    ENGINE_STATE_SLEEPING: _ClassVar[EngineState]
 ENGINE_STATE_UNSPECIFIED: EngineState
 ENGINE_STATE_UNLOADED: EngineState
 ENGINE_STATE_LOADING: EngineState
 ENGINE_STATE_READY: EngineState
 ENGINE_STATE_EVICTING: EngineState
 ENGINE_STATE_FAILED: EngineState
+ENGINE_STATE_SLEEPING: EngineState
 
 class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("drain_timeout_s",)
+    __slots__ = ("drain_timeout_s", "sleep_level")
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
     drain_timeout_s: float
-    def __init__(self, drain_timeout_s: _Optional[float] = ...) -> None: ...
+    sleep_level: int
+    def __init__(self, drain_timeout_s: _Optional[float] = ..., sleep_level: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "model", "state", "error", "in_flight", "engine_unfinished", "max_num_seqs", "completed", "expired_skipped", "aborted", "load_seconds", "loads")
+    __slots__ = ("worker_id", "model", "state", "error", "in_flight", "engine_unfinished", "max_num_seqs", "completed", "expired_skipped", "aborted", "load_seconds", "loads", "sleep_level", "wakes", "wake_seconds", "restart_reason", "state_seq")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +57,11 @@ class WorkerStatus(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WAKES_FIELD_NUMBER: _ClassVar[int]
+    WAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     state: EngineState
@@ -65,7 +74,12 @@ class WorkerStatus(_message.Message):
     aborted: int
     load_seconds: float
     loads: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., completed: _Optional[int] = ..., expired_skipped: _Optional[int] = ..., aborted: _Optional[int] = ..., load_seconds: _Optional[float] = ..., loads: _Optional[int] = ...) -> None: ...
+    sleep_level: int
+    wakes: int
+    wake_seconds: float
+    restart_reason: str
+    state_seq: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., completed: _Optional[int] = ..., expired_skipped: _Optional[int] = ..., aborted: _Optional[int] = ..., load_seconds: _Optional[float] = ..., loads: _Optional[int] = ..., sleep_level: _Optional[int] = ..., wakes: _Optional[int] = ..., wake_seconds: _Optional[float] = ..., restart_reason: _Optional[str] = ..., state_seq: _Optional[int] = ...) -> None: ...
 
 class DeliveryBatch(_message.Message):
     __slots__ = ("worker_id", "chunks")

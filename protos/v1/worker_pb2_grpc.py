@@ -64,7 +64,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Evict(self, request, context):
-        """Stops taking requests, drains those in flight, then shuts the engine down.
+        """Stops taking requests, drains those in flight, then puts the engine to sleep (sleep_level
+        1 or 2) or shuts it down (0). A sleeping engine evicted again with level 0 is shut down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,3 +1,4 @@
+import dataclasses
 import pathlib
 
 import pytest
@@ -38,6 +39,9 @@ def test_loads_defaults_and_resolves_relative_paths(tmp_path):
         (_one(kv_cache_bytes="lots"), "models[0].kv_cache_bytes"),
         (_one(default_max_tokens=2048), "models[0].default_max_tokens"),
         ({"models": [_one()["models"][0], _one()["models"][0]]}, "'m' is used twice"),
+        ({**_one(), "gpus": [{"id": "cpu", "budget_bytes": "1GiB", "swap": "nap"}]}, "gpus[0].swap"),
+        ({**_one(), "hosts": [{"id": "h", "sleep_budget_bytes": "lots"}]}, "hosts[0].sleep_budget_bytes"),
+        ({**_one(), "hosts": [{"id": "h"}, {"id": "h"}]}, "hosts: an id is used twice"),
     ],
 )
 def test_errors_name_the_bad_key(raw, key):
@@ -77,3 +81,17 @@ def test_lora_adapters_resolve_to_their_base_model_and_round_trip(tmp_path):
 def test_bad_adapters_are_refused(adapters, key):
     with pytest.raises(ConfigError, match=key):
         catalogue.from_mapping(_one(adapters=adapters))
+
+
+def test_sleep_settings_default_and_round_trip(tmp_path):
+    cat = catalogue.from_mapping({**_one(), "gpus": [{"id": "cpu", "budget_bytes": "1GiB", "swap": "sleep", "host": "box"}],
+                                  "hosts": [{"id": "box", "sleep_budget_bytes": "4GiB"}]}, tmp_path)
+    gpu = cat.gpus[0]
+    assert gpu.swap == "sleep" and cat.host(gpu).sleep_budget_bytes == 4 * 2**30
+    assert catalogue.from_mapping(_one(), tmp_path).gpus[0].swap == "auto", "auto: sleep on CUDA, stop on CPU"
+    other = dataclasses.replace(gpu, host="elsewhere")
+    assert cat.host(other).sleep_budget_bytes == catalogue.DEFAULT_SLEEP_BUDGET_BYTES, "a host not listed lends the default"
+    text = catalogue.dump(cat.models, cat.gpus, hosts=cat.hosts)
+    (tmp_path / "c.yaml").write_text(text)
+    again = catalogue.load(tmp_path / "c.yaml")
+    assert again.gpus == cat.gpus and again.hosts == cat.hosts

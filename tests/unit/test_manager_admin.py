@@ -147,3 +147,27 @@ def test_a_model_the_manager_failed_stays_failed_while_its_worker_reports_it_unl
     assert e.phase is Phase.FAILED and e.error == "weights are corrupt"
     manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_LOADING))
     assert e.phase is Phase.LOADING, "a load under way is news"
+
+
+async def test_a_report_older_than_the_last_answer_of_its_worker_is_not_its_state():
+    """A wake answers in milliseconds: the report the worker sent when it started LOADING can
+    arrive after the Load answer (READY). Taken as the state, it left a ready model LOADING,
+    blocking every transition on its GPU until the next report."""
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+
+    manager = Manager(CAT, "nats://unused")
+    e = manager.entry("m")
+
+    def report(worker: str, state, seq: int) -> None:
+        manager.on_report(manager_pb2.WorkerReport(worker_id=worker, model="m", address="a:1", state=state, state_seq=seq))
+
+    report("w1", worker_pb2.ENGINE_STATE_SLEEPING, 4)
+    assert e.phase is Phase.SLEEPING
+    e.phase, e.state_seq = Phase.READY, 6          # what the Load answer (state_seq 6) said
+    report("w1", worker_pb2.ENGINE_STATE_LOADING, 5)
+    assert e.phase is Phase.READY and e.reported_at, "stale: a sign of life, not the state"
+    report("w1", worker_pb2.ENGINE_STATE_UNLOADED, 7)
+    assert e.phase is Phase.UNLOADED, "a newer report is the state"
+    report("w2", worker_pb2.ENGINE_STATE_READY, 1)
+    assert e.phase is Phase.READY, "a new worker process counts from 1 again"

@@ -69,3 +69,40 @@ def test_gpus_are_planned_independently():
 
 def test_eviction_for_returns_nothing_when_it_cannot_free_enough():
     assert eviction_for(cold("c"), [ready("a")], need=200 * MB, now=NOW) == []
+
+
+
+# ---- sleep tiers ------------------------------------------------------------------------------
+
+def sleepy(name, phase=Phase.READY, **kw):
+    """Footprint 100 MB of which 40 MB weights; asleep it keeps 10 MB of the GPU."""
+    kw.setdefault("can_sleep", True)
+    kw.setdefault("residue", 10 * MB)
+    return m(name, phase, weight_bytes=40 * MB, **kw)
+
+
+SLEEP_CASES = [
+    ("level 1 while the host has room for its weights",
+     [sleepy("a"), sleepy("b", last_used=9), cold("c")], {"g": 50 * MB}, [Evict("a", 1)]),
+    ("level 2 when it has not", [sleepy("a"), sleepy("b", last_used=9), cold("c")], {"g": 30 * MB}, [Evict("a", 2)]),
+    ("no host figure: level 2", [sleepy("a"), sleepy("b", last_used=9), cold("c")], None, [Evict("a", 2)]),
+    ("an engine that cannot sleep is stopped",
+     [sleepy("a", can_sleep=False), sleepy("b", last_used=9), cold("c")], {"g": 500 * MB}, [Evict("a", 0)]),
+    ("a sleeper's residue counts: 120 MB held, 140 MB more do not fit without evicting the ready one",
+     [sleepy("a", Phase.SLEEPING), sleepy("b", Phase.SLEEPING), ready("c", fp=100 * MB), cold("d", fp=140 * MB)],
+     {"g": 0}, [Evict("c", 0)]),
+    ("without the residue it would fit",
+     [sleepy("a", Phase.SLEEPING, residue=0), ready("c", fp=100 * MB), cold("d", fp=140 * MB)], {"g": 0}, [Load("d")]),
+    ("a sleeper with waiting requests is woken by a Load when its rest fits",
+     [sleepy("a", Phase.SLEEPING, queue_depth=2, waiting_since=NOW - 1), ready("b", fp=150 * MB)], {"g": 0}, [Load("a")]),
+    ("sleepers are stopped, least recently used first, when ready models cannot make room",
+     [sleepy("a", Phase.SLEEPING, last_used=1), sleepy("b", Phase.SLEEPING, last_used=2), ready("p", fp=130 * MB, pinned=True),
+      cold("c", fp=110 * MB)], {"g": 0}, [Evict("a", 0)]),
+    ("two evictions share what the host lends: the first sleeps at level 1, the second at 2",
+     [sleepy("a", last_used=1), sleepy("b", last_used=2), cold("c", fp=200 * MB)], {"g": 50 * MB}, [Evict("a", 1), Evict("b", 2)]),
+]
+
+
+@pytest.mark.parametrize("models, host_free, expected", [c[1:] for c in SLEEP_CASES], ids=[c[0] for c in SLEEP_CASES])
+def test_sleep_tiers(models, host_free, expected):
+    assert plan(models, BUDGET, NOW, host_free=host_free) == expected
