@@ -1,10 +1,14 @@
 """Swap latency on this machine: evict + load + first token, and the added wait of a cold request.
 
-    .venv/bin/python -m tests.bench.bench_swap [--swaps 6]
+    .venv/bin/python -m tests.bench.bench_swap [--swaps 6] [--swap stop|sleep] [--gpu]
 
-Three tiny models and a budget that holds one, so every request to another model is a swap:
-the manager evicts the resident one (vLLM shutdown), loads the next (engine start), and the
-request that was waiting in the queue gets its first token. For each swap it prints the time
+Three tiny models and a budget that holds one ready (and two asleep), so every request to another model is a swap:
+the manager evicts the resident one, loads the next, and the request that was waiting in the
+queue gets its first token. `--swap stop` (the CPU default): an eviction is a vLLM shutdown and
+a load an engine start. `--swap sleep`: an eviction puts the engine to sleep through vLLM's
+`sleep` and a load of a model evicted before is a `wake_up` plus the wake probe (on CPU vLLM's
+sleep frees no memory: this measures the control path). `--gpu`: the same models on cuda:0
+with `swap: auto` (sleep mode, level 1 while the host lends room), for a CUDA machine. For each swap it prints the time
 from the request to the `loading` event (eviction and decision), from `loading` to `started`
 (the load), and from `started` to the first token; then the cold request's time to first token
 against a warm one's, p50 / p99. Not a test: it asserts nothing.
@@ -44,12 +48,14 @@ async def timed(stub, model: str, i: int) -> dict[str, float]:
     return marks
 
 
-async def run(swaps: int) -> None:
+async def run(swaps: int, swap: str, gpu: bool) -> None:
     logs.configure("bench", "warning")
     work = pathlib.Path(tempfile.mkdtemp())
+    device = catalogue.GpuSpec(id="cuda:0", budget_bytes=170 * MiB, engine_overhead_bytes=32 * MiB, swap="auto") if gpu else \
+        catalogue.GpuSpec(id="cpu", budget_bytes=170 * MiB, engine_overhead_bytes=32 * MiB, swap=swap)
     yaml = stack.write_tiny_catalogue(
         work, 3, prefix="swap",
-        gpus=(catalogue.GpuSpec(id="cpu", budget_bytes=120 * MiB, engine_overhead_bytes=32 * MiB),),
+        gpus=(device,),
         manager=catalogue.ManagerSpec(report_interval_s=1, queue_poll_s=0.25),
         kv_cache_bytes=64 * MiB, min_resident_s=0,
     )
@@ -78,7 +84,8 @@ async def run(swaps: int) -> None:
         await router.stop(grace=1)
         await manager.stop()
         nats.stop()
-    print(f"\nswap = evict the resident tiny model + load the requested one + first token (vLLM CPU, 2 cores)")
+    how = "sleep mode, cuda:0" if gpu else f"swap: {swap}, vLLM CPU"
+    print(f"\nswap = evict the resident tiny model + load (or wake) the requested one + first token ({how})")
     print(f"{'model':8} {'to loading s':>12} {'load s':>8} {'1st token ms':>13} {'swap total s':>13}")
     for model, m in rows:
         print(f"{model:8} {m['loading']:>12.2f} {m['started'] - m['loading']:>8.2f} {1000 * (m['delta'] - m['started']):>13.1f} {m['delta']:>13.2f}")
@@ -92,7 +99,10 @@ async def run(swaps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--swaps", type=int, default=6)
-    asyncio.run(run(p.parse_args().swaps))
+    p.add_argument("--swap", choices=("stop", "sleep"), default="stop", help="how the CPU engines are evicted")
+    p.add_argument("--gpu", action="store_true", help="on cuda:0, swap: auto (needs CUDA)")
+    a = p.parse_args()
+    asyncio.run(run(a.swaps, a.swap, a.gpu))
 
 
 if __name__ == "__main__":
