@@ -19,7 +19,7 @@ import structlog
 
 from manager_svc import budget
 from manager_svc.policy import Evict, Fail, Load, Phase, plan, sleep_level_for
-from manager_svc.state import PHASE_OF, STATE_OF, Entry
+from manager_svc.state import PHASE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, natsconn, subjects
 from roundhouse.catalogue import Catalogue
@@ -64,6 +64,7 @@ class Manager:
         self._tasks = [
             asyncio.create_task(self._poll_queues(), name="poll-queues"),
             asyncio.create_task(self._decide_loop(), name="decide"),
+            asyncio.create_task(self._announce(), name="announce"),
         ]
         log.info("manager.started", budgets={g: f"{b / 2**20:.0f}MiB" for g, b in self.budgets.items()})
 
@@ -131,6 +132,17 @@ class Manager:
         if e is not None:
             e.touch(self._clock())
             self._wake.set()
+
+    async def _announce(self) -> None:
+        """Every model's state, every report interval, for routers that started since it last
+        changed (they route "auto" requests around models far from serving)."""
+        while True:
+            if self._nc is not None and self._nc.is_connected:
+                now = self._clock()
+                snapshot = manager_pb2.ResidencySnapshot(models=[e.event(now) for e in self.entries.values()])
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(subjects.RESIDENCY_SNAPSHOTS, snapshot.SerializeToString())
+            await asyncio.sleep(self.settings.report_interval_s)  # a publishing period
 
     async def _poll_queues(self) -> None:
         while True:
@@ -214,8 +226,9 @@ class Manager:
         e.phase, e.error = Phase.LOADING, ""
         if not waking:
             e.loads += 1
+        started = e.op_started = self._clock()
+        e.op_estimate_s = e.last_wake_s if waking else e.last_load_s
         self._set_changed(e, waking=waking)
-        started = self._clock()
         try:
             status = await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
             e.state_seq = max(e.state_seq, status.state_seq)
@@ -231,16 +244,16 @@ class Manager:
         else:
             e.phase, e.failures, e.requested = Phase.READY, 0, False
             e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
-            e.last_transition_s = e.resident_since - started
+            took = e.resident_since - started
             if waking and status.restart_reason:  # the wake failed its check: a cold start it was
                 log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
                 e.loads += 1
-                e.last_load_s = e.last_transition_s
+                e.learn("load", took)
             elif waking:
                 e.wakes += 1
-                e.last_wake_s = e.last_transition_s
+                e.learn("wake", took)
             else:
-                e.last_load_s = e.last_transition_s
+                e.learn("load", took)
         finally:
             e.op = None
         self._set_changed(e)
@@ -261,6 +274,7 @@ class Manager:
             e.state_seq = max(e.state_seq, status.state_seq)
             asleep = status.state == worker_pb2.ENGINE_STATE_SLEEPING
             e.phase, e.reported_at = (Phase.SLEEPING if asleep else Phase.UNLOADED), self._clock()
+            e.evicted_at = e.reported_at
             e.sleep_level = status.sleep_level if asleep else 0
         except grpc.aio.AioRpcError as err:
             log.error("residency.evict_failed", model=e.spec.name, error=err.details())
@@ -289,8 +303,7 @@ class Manager:
     def _publish(self, e: Entry, waking: bool = False) -> None:
         if self._nc is None or not self._nc.is_connected:
             return
-        estimate = (e.last_wake_s if waking else e.last_load_s) if e.phase is Phase.LOADING else 0.0
-        event = manager_pb2.ModelEvent(model=e.spec.name, state=STATE_OF[e.phase], error=e.error, estimate_s=estimate)
+        event = e.event(self._clock(), waking)
         asyncio.ensure_future(self._nc.publish(subjects.model_event_subject(e.spec.name), event.SerializeToString()))
 
     def _notify(self) -> None:
@@ -341,12 +354,14 @@ class Manager:
         return await self._unload(e, sleep=False)
 
     async def _unload(self, e: Entry, sleep: bool) -> Entry:
+        """Returns once its eviction (this call's, or the one under way) has ended, whatever
+        the policy decides for the model right after (a wake can follow in milliseconds)."""
         if e.op is not None:
-            await self.wait_until(e, Phase.READY, Phase.UNLOADED, Phase.FAILED, Phase.SLEEPING)
+            await asyncio.shield(e.op)
         if e.phase in (Phase.READY, Phase.SLEEPING) and e.op is None:
             asleep = e.phase is Phase.SLEEPING
             level = sleep_level_for(e.view(self._clock()), self.host_free()[e.spec.gpu]) if sleep and not asleep else 0
-            e.op = asyncio.create_task(self._evict(e, level))
-            await self.wait_until(e, Phase.UNLOADED, Phase.FAILED, *((Phase.SLEEPING,) if level else ()))
+            e.op = op = asyncio.create_task(self._evict(e, level))
+            await asyncio.shield(op)
         return e
 

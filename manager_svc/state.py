@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 
 from protos.v1 import manager_pb2, worker_pb2
 from roundhouse.catalogue import ModelSpec
@@ -51,14 +52,19 @@ class Entry:
     deaths: int = 0                   # engine deaths, each within DEATHS_FORGOTTEN_S of a load
     backoff_until: float = 0.0
     resident_since: float = 0.0
-    last_load_s: float = 30.0         # the estimate given to waiting callers (a cold load)
+    last_load_s: float = 30.0         # a cold load's expected seconds (learned: see learn)
     swap: str = "auto"                # its GPU's swap setting (catalogue)
     worker_can_sleep: bool = False    # its worker says the engine can sleep (CUDA sleep mode)
     sleep_frees_memory: bool = False  # its worker says a sleep frees memory (false on CPU)
     sleep_level: int = 0              # SLEEPING: 1 or 2
     wakes: int = 0
-    last_wake_s: float = 5.0          # the estimate given to callers waiting for a wake
+    last_wake_s: float = 5.0          # a wake's expected seconds (learned: see learn)
     last_transition_s: float = 0.0    # its last load or wake took this long
+    measured: frozenset = frozenset()  # which of "load", "wake" it has measured
+    op_started: float = 0.0           # when the load or wake under way started
+    op_estimate_s: float = 0.0        # and how long it was expected to take
+    queue_read_at: float = 0.0        # when its queue depth was last asked for
+    evicted_at: float = 0.0           # when its last eviction ended
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way
 
     @property
@@ -75,6 +81,37 @@ class Entry:
     def host_bytes(self) -> int:
         """Host RAM its sleep holds: its weights at level 1."""
         return self.weight_bytes if self.phase is Phase.SLEEPING and self.sleep_level == 1 else 0
+
+    @property
+    def demand(self) -> int:
+        """Its queue depth, once read after its last eviction ended: a depth read while it was
+        still serving counts requests it has served (a wake takes milliseconds: such a stale
+        depth woke a model just put to sleep)."""
+        return self.queue_depth if self.queue_read_at > self.evicted_at else 0
+
+    def learn(self, kind: str, seconds: float) -> None:
+        """A load or wake took `seconds`: the estimate moves halfway to it (the first
+        measurement replaces the configured guess)."""
+        attr = "last_load_s" if kind == "load" else "last_wake_s"
+        known = kind in self.measured
+        setattr(self, attr, 0.5 * getattr(self, attr) + 0.5 * seconds if known else seconds)
+        self.measured |= {kind}
+        self.last_transition_s = seconds
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until it could serve if asked now (inf: it cannot, for now)."""
+        if self.phase is Phase.READY:
+            return 0.0
+        if not self.address or self.broken or (self.phase is Phase.FAILED and now < self.backoff_until):
+            return math.inf
+        if self.phase is Phase.LOADING:
+            return max(0.0, self.op_started + self.op_estimate_s - now)
+        return self.last_wake_s if self.phase is Phase.SLEEPING else self.last_load_s
+
+    def event(self, now: float, waking: bool = False) -> manager_pb2.ModelEvent:
+        estimate = (self.last_wake_s if waking else self.last_load_s) if self.phase is Phase.LOADING else 0.0
+        return manager_pb2.ModelEvent(model=self.spec.name, state=STATE_OF[self.phase], error=self.error,
+                                      estimate_s=estimate, ready_in_s=self.ready_in(now))
 
     def touch(self, now: float) -> None:
         """One request for this model was seen."""
@@ -93,7 +130,8 @@ class Entry:
         JetStream counts those in num_ack_pending, not num_pending, yet they are demand: without
         them a request that met a dying or evicting worker never got its model loaded again and
         waited for its deadline."""
-        if self.phase in (Phase.UNLOADED, Phase.FAILED):
+        self.queue_read_at = now
+        if self.phase in (Phase.UNLOADED, Phase.FAILED):   # not SLEEPING: its worker lives
             depth += acked_pending
         changed = depth != self.queue_depth
         self.queue_depth = depth
@@ -132,7 +170,7 @@ class Entry:
             footprint=self.footprint,
             phase=self.phase,
             has_worker=bool(self.address),
-            queue_depth=max(self.queue_depth, 1 if self.requested else 0),
+            queue_depth=max(self.demand, 1 if self.requested else 0),
             in_flight=self.in_flight,
             waiting_since=self.waiting_since if self.waiting_since is not None else (now if self.requested else None),
             pinned=self.pinned,

@@ -7,10 +7,14 @@ holds wins. Nothing here calls a model or does I/O: a request is classified in m
     routing:
       default_model: auto          # what a request naming no model gets ("" = model required)
       fallback: chat               # when no rule matches
+      max_swap_wait_s: 10          # 0: only the request's deadline bounds the wait for a swap
       rules:
         - name: code-language      # every condition given must hold
           model: code
           metadata: {code_language: "*"}          # key present (any value)
+          fallbacks: [chat]        # when code would take longer than max_swap_wait_s (or the
+                                   # request's deadline) to load or wake: the first of these
+                                   # that would not (resident, or asleep with a short wake)
         - name: high-quality
           model: reasoning
           metadata: {quality: high}               # a value, or a list of values
@@ -49,6 +53,7 @@ class Rule:
     min_chars: int = 0
     max_chars: int = 0                                         # 0: no limit
     patterns: tuple[re.Pattern, ...] = ()
+    fallbacks: tuple[str, ...] = ()                            # when its model is far from serving
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class RoutingSpec:
     fallback: str
     rules: tuple[Rule, ...] = ()
     default_model: str = AUTO
+    max_swap_wait_s: float = 0.0                               # 0: the request's deadline only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,15 @@ class RequestView:
 class Route:
     model: str
     reason: str
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Readiness:
+    """How soon a model could serve, as the manager last said: 0 s when it is ready, else the
+    load or wake it would take (learned from its own past transitions)."""
+    ready: bool
+    wait_s: float
 
 
 def classify(spec: RoutingSpec, req: RequestView) -> Route:
@@ -81,8 +96,24 @@ def classify(spec: RoutingSpec, req: RequestView) -> Route:
     for rule in spec.rules:
         why = _holds(rule, req)
         if why is not None:
-            return Route(rule.model, f"rule {rule.name}: {why}")
+            return Route(rule.model, f"rule {rule.name}: {why}", rule.fallbacks)
     return Route(spec.fallback, "no rule matched: fallback")
+
+
+def prefer_resident(route: Route, readiness: Mapping[str, Readiness], budget_s: float) -> Route:
+    """`route` as it is when its model is ready, unknown, or would serve within `budget_s`;
+    else the first of its fallbacks that would (a model's wait unknown counts as too long),
+    the reason saying so. No fallback fits: `route` as it is (the request waits)."""
+    chosen = readiness.get(route.model)
+    if not route.fallbacks or chosen is None or chosen.ready or chosen.wait_s <= budget_s:
+        return route
+    for name in route.fallbacks:
+        r = readiness.get(name)
+        if r is not None and (r.ready or r.wait_s <= budget_s):
+            now = "resident" if r.ready else f"~{r.wait_s:.1f} s to wake"
+            return Route(name, f"{route.reason}; {route.model} would take ~{chosen.wait_s:.0f} s to serve "
+                               f"(over {budget_s:.0f} s): fallback {name} ({now})")
+    return route
 
 
 def _holds(rule: Rule, req: RequestView) -> str | None:
@@ -116,7 +147,7 @@ def _holds(rule: Rule, req: RequestView) -> str | None:
 
 # ---- parsing (called by the catalogue loader) ------------------------------------------------
 
-_RULE_KEYS = {"name", "model", "endpoint", "metadata", "min_messages", "min_chars", "max_chars", "patterns"}
+_RULE_KEYS = {"name", "model", "endpoint", "metadata", "min_messages", "min_chars", "max_chars", "patterns", "fallbacks"}
 
 
 def parse(raw: Any, resolve) -> RoutingSpec:
@@ -125,9 +156,12 @@ def parse(raw: Any, resolve) -> RoutingSpec:
     where = "routing"
     if not isinstance(raw, Mapping):
         raise RoutingError(f"{where}: must be a mapping")
-    unknown = set(raw) - {"default_model", "fallback", "rules"}
+    unknown = set(raw) - {"default_model", "fallback", "rules", "max_swap_wait_s"}
     if unknown:
-        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key (known: default_model, fallback, rules)")
+        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key (known: default_model, fallback, max_swap_wait_s, rules)")
+    max_wait = raw.get("max_swap_wait_s", 0.0)
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or max_wait < 0:
+        raise RoutingError(f"{where}.max_swap_wait_s: must be a number of seconds >= 0, got {max_wait!r}")
 
     def model(key: str, value: Any) -> str:
         if not isinstance(value, str) or resolve(value) is None:
@@ -168,8 +202,17 @@ def parse(raw: Any, resolve) -> RoutingSpec:
             min_chars=_count(f"{w}.min_chars", r.get("min_chars", 0)),
             max_chars=_count(f"{w}.max_chars", r.get("max_chars", 0)),
             patterns=_patterns(f"{w}.patterns", r.get("patterns")),
+            fallbacks=_fallbacks(f"{w}.fallbacks", r.get("fallbacks"), model),
         ))
-    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default)
+    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default, max_swap_wait_s=float(max_wait))
+
+
+def _fallbacks(where: str, value: Any, model) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise RoutingError(f"{where}: must be a non-empty list of model names or aliases")
+    return tuple(model(f"{where}[{i}]", v) for i, v in enumerate(value))
 
 
 def _endpoints(where: str, value: Any) -> tuple[str, ...]:

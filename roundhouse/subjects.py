@@ -54,6 +54,7 @@ def max_deliveries_subject(stream: str = STREAM, consumer: str = "*") -> str:
 # Core NATS (not JetStream): events that may be lost without harm.
 REQUEST_EVENTS = "rh.evt.request"          # routers → manager: payload is the model name
 MODEL_EVENTS_PREFIX = "rh.evt.model"       # manager → routers: ModelEvent per residency change
+RESIDENCY_SNAPSHOTS = "rh.evt.residency"   # manager → routers: every model's state, periodically
 
 
 def model_event_subject(model: str) -> str:

@@ -27,6 +27,7 @@ from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
 from router_svc.tracker import REQUEUE, Tracker, error_event
+from router_svc.readiness import ReadinessBook
 from router_svc.validate import BY_NAME, Admitted, admit
 
 log = structlog.get_logger("router")
@@ -35,13 +36,15 @@ TERMINAL = frozenset({"finished", "error"})
 
 
 class Gateway:
-    def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str):
+    def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str,
+                 readiness: ReadinessBook | None = None):
         self.catalogue = config.catalogue
         self._config = config
         self._nc = nc
         self._js = nc.jetstream()
         self._tracker = tracker
         self._reply_to = reply_to
+        self._readiness = readiness or ReadinessBook()
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
 
     def _tokenize(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> list[int] | None:
@@ -58,6 +61,7 @@ class Gateway:
         admitted = admit(  # a deadline less than a whole millisecond away is already past
             request, self.catalogue, self._tokenize,
             now_ms=now_ms, deadline_ms=now_ms + int(timeout * 1000), reply_to=self._reply_to,
+            readiness=self._readiness.view,
         )
         q = admitted.queued
         if admitted.route_reason != BY_NAME:

@@ -17,6 +17,7 @@ from roundhouse.errors import RoundhouseError
 from router_svc.config import RouterConfig
 from router_svc.delivery import DeliveryServer
 from router_svc.gateway import Gateway
+from router_svc.readiness import ReadinessBook
 from router_svc.http import HttpApi
 from router_svc.jobs import Jobs, JobsConfig
 from router_svc.tracker import Flight, Tracker
@@ -88,6 +89,7 @@ class Router:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.tracker = Tracker()
+        self.readiness = ReadinessBook()
         self.port = 0
         self.http_port = 0
         self._nc: nats.NATS | None = None
@@ -112,11 +114,12 @@ class Router:
         js = self._js = self._nc.jetstream()
         await jetstream.ensure_stream(js)
         await self._nc.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=self._on_model_event)
+        await self._nc.subscribe(subjects.RESIDENCY_SNAPSHOTS, cb=self._on_snapshot)
         await self._nc.subscribe(subjects.max_deliveries_subject(), cb=self._on_max_deliveries)
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         self._delivery.start(self.config.host, self.config.delivery_port)
-        gateway = Gateway(self.config, self._nc, self.tracker, self.delivery_address)
+        gateway = Gateway(self.config, self._nc, self.tracker, self.delivery_address, self.readiness)
         self._jobs = Jobs(gateway, self._nc, JobsConfig(ack_wait_s=self.config.job_ack_wait_s,
                                                         concurrency=self.config.job_concurrency))
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(gateway, self._jobs, js), self._server)
@@ -137,6 +140,13 @@ class Router:
             log.warning("router.bad_model_event", subject=msg.subject)
             return
         self.tracker.on_model_event(ev.model, ev.state, ev.estimate_s, ev.error)
+        self.readiness.on_event(ev)
+
+    async def _on_snapshot(self, msg) -> None:
+        try:
+            self.readiness.on_snapshot(manager_pb2.ResidencySnapshot.FromString(msg.data))
+        except Exception:
+            log.warning("router.bad_residency_snapshot", subject=msg.subject)
 
     async def _on_max_deliveries(self, msg) -> None:
         """JetStream gave up on a queued request: its caller hears so now, not at its deadline.

@@ -9,7 +9,7 @@ import math
 import re
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from protos.v1 import common_pb2, queue_pb2, router_pb2
 from roundhouse import routing
@@ -41,13 +41,16 @@ def admit(
     now_ms: int,
     deadline_ms: int,
     reply_to: str,
+    readiness: Mapping[str, routing.Readiness] | None = None,
 ) -> Admitted:
-    """Validates `req` and returns the fully resolved request to publish, or raises a RequestError."""
+    """Validates `req` and returns the fully resolved request to publish, or raises a RequestError.
+    `readiness`: how soon each model could serve (the manager's word), for "auto" requests whose
+    rule lists fallbacks."""
     # 1. The deadline first: an expired request must not cost anything else.
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
     # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
-    name, reason = resolve_route(req, catalogue)
+    name, reason = resolve_route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000)
     spec = catalogue.resolve(name)
     if spec is None:
         raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
@@ -132,8 +135,11 @@ def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:
     return routing.RequestView("completions", (req.prompt,) if req.prompt else (), dict(req.metadata))
 
 
-def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue) -> tuple[str, str]:
-    """The model name the request asks for (classified when "auto") and why."""
+def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue,
+                  readiness: Mapping[str, routing.Readiness] | None = None, time_left_s: float = math.inf) -> tuple[str, str]:
+    """The model name the request asks for (classified when "auto") and why. A classified
+    model that would take longer to load or wake than `max_swap_wait_s` or `time_left_s` gives
+    way to a fallback of its rule that would not (see routing.prefer_resident)."""
     rules = catalogue.routing
     name, reason = req.model, BY_NAME
     if not name and rules is not None and rules.default_model:
@@ -144,5 +150,8 @@ def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue) -> tupl
         if rules is None:
             raise InvalidRequest("model", '"auto" needs a routing section in the configuration; name a model instead')
         route = routing.classify(rules, request_view(req))
+        if readiness:
+            budget = min(time_left_s, rules.max_swap_wait_s or math.inf)
+            route = routing.prefer_resident(route, readiness, budget)
         name, reason = route.model, route.reason
     return name, reason

@@ -126,13 +126,21 @@ class ListResidencyResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelResidency, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuBudget, _Mapping]]] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("model", "state", "estimate_s", "error")
+    __slots__ = ("model", "state", "estimate_s", "error", "ready_in_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    READY_IN_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _worker_pb2.EngineState
     estimate_s: float
     error: str
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., estimate_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    ready_in_s: float
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., estimate_s: _Optional[float] = ..., error: _Optional[str] = ..., ready_in_s: _Optional[float] = ...) -> None: ...
+
+class ResidencySnapshot(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelEvent]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelEvent, _Mapping]]] = ...) -> None: ...

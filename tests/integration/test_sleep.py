@@ -49,6 +49,9 @@ def sleep_yaml(session_dir) -> pathlib.Path:
     raw = yaml.safe_load(path.read_text())
     one = catalogue.weight_bytes(str(session_dir / "models" / A))
     raw["hosts"] = [{"id": "local", "sleep_budget_bytes": int(one * 1.5)}]   # room for one sleeper's weights
+    # "auto" requests with pick=a go to A, or to B when A would take over 10 s to serve.
+    raw["routing"] = {"fallback": B, "max_swap_wait_s": 10,
+                      "rules": [{"name": "pick-a", "model": A, "metadata": {"pick": "a"}, "fallbacks": [B]}]}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -71,11 +74,14 @@ class Stack:
         return {m.model: m for m in resp.models}
 
     async def generate(self, model: str, prompt: str = "sleep and wake", n: int = 12) -> list[int]:
-        req = router_pb2.GenerateRequest(model=model, prompt=prompt, sampling=common_pb2.SamplingParams(
+        return tokens_of(await self.call(model, prompt, n))
+
+    async def call(self, model: str, prompt: str = "sleep and wake", n: int = 12, **metadata) -> list:
+        req = router_pb2.GenerateRequest(model=model, prompt=prompt, metadata=metadata, sampling=common_pb2.SamplingParams(
             max_tokens=n, temperature=0.0, ignore_eos=True))
         events = await collect(self.router_stub.Generate(req, timeout=300))
         assert kinds_of(events)[-1] == "finished", events[-1]
-        return tokens_of(events)
+        return events
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -158,8 +164,30 @@ async def test_an_evicted_model_sleeps_and_wakes_with_the_same_output_and_a_dead
     assert r[B].state == READY and (r[B].loads, r[B].wakes) == (2, 0), r[B]
     assert r[A].state == SLEEPING and r[A].sleep_level == 1
 
-    # 4. By hand: evicting a sleeper stops it (its engine processes go); draining stops, not sleeps.
+    # 4. Residency-aware routing: an "auto" request for A, asleep with a wake learned at well
+    #    under max_swap_wait_s, goes to A (which wakes).
+    await eventually(lambda: sl.router.readiness.view.get(A) is not None and sl.router.readiness.view[A].wait_s < 10, 10,
+                     "the router knows A's wake is short")
+    started = _started(await sl.call("auto", pick="a"))
+    assert started.model == A and "rule pick-a" in started.route_reason and "fallback" not in started.route_reason, started
+
+    # 5. By hand: evicting a model sleeps it; evicting a sleeper stops it (its processes go).
+    await sl.admin.EvictModel(manager_pb2.ModelRequest(model=A), timeout=60)
+    assert (await sl.residency())[A].state == SLEEPING
     await sl.admin.EvictModel(manager_pb2.ModelRequest(model=A), timeout=60)
     r = await sl.residency()
     assert r[A].state == worker_pb2.ENGINE_STATE_UNLOADED and r[A].host_bytes == 0
     await eventually(lambda: not _engine_processes(sl.workers[A]), 15, "A's engine processes are gone")
+
+    # 6. Now A would need a cold load (learned: ~28 s, over max_swap_wait_s 10): the same "auto"
+    #    request goes to its fallback B at once, the reason says so, and A is not loaded for it.
+    await eventually(lambda: sl.router.readiness.view[A].wait_s > 10, 10, "the router knows A would need a cold load")
+    started = _started(await sl.call("auto", pick="a"))
+    assert started.model == B and f"fallback {B}" in started.route_reason, started
+    r = await sl.residency()
+    assert r[A].state == worker_pb2.ENGINE_STATE_UNLOADED and r[A].loads == 1, "nothing loaded A for it"
+    print(f"routed around a cold model: {started.route_reason}")
+
+
+def _started(events) -> router_pb2.Started:
+    return next(ev.started for ev in events if ev.WhichOneof("event") == "started")

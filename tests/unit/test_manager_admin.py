@@ -171,3 +171,25 @@ async def test_a_report_older_than_the_last_answer_of_its_worker_is_not_its_stat
     assert e.phase is Phase.UNLOADED, "a newer report is the state"
     report("w2", worker_pb2.ENGINE_STATE_READY, 1)
     assert e.phase is Phase.READY, "a new worker process counts from 1 again"
+
+
+def test_load_and_wake_estimates_are_learned_and_say_how_soon_a_model_serves():
+    import math
+
+    from manager_svc.policy import Phase
+
+    e = Manager(CAT, "nats://unused").entry("m")
+    assert e.ready_in(0) == math.inf, "no worker: it cannot serve"
+    e.address = "a:1"
+    assert e.ready_in(0) == 30.0, "the configured guess until a load is measured"
+    e.learn("load", 20.0)
+    assert e.last_load_s == 20.0, "the first measurement replaces the guess"
+    e.learn("load", 10.0)
+    assert e.last_load_s == 15.0, "later ones move it halfway"
+    e.phase = Phase.SLEEPING
+    e.learn("wake", 0.4)
+    assert e.ready_in(0) == 0.4
+    e.phase, e.op_started, e.op_estimate_s = Phase.LOADING, 100.0, 15.0
+    assert e.ready_in(110.0) == 5.0 and e.event(110.0).ready_in_s == 5.0
+    e.phase = Phase.READY
+    assert e.ready_in(0) == 0.0

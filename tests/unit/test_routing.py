@@ -58,6 +58,8 @@ def test_metadata_star_means_present_with_any_value():
     ([{"name": "x", "model": "code"}, {"name": "x", "model": "chat"}], "routing.rules[1].name"),
     ([{"model": "code"}], "routing.rules[0].name"),
     ([{"name": "x", "model": "code", "min_chars": -1}], "routing.rules[0].min_chars"),
+    ([{"name": "x", "model": "code", "fallbacks": ["gpt-5"]}], "routing.rules[0].fallbacks[0]"),
+    ([{"name": "x", "model": "code", "fallbacks": "chat"}], "routing.rules[0].fallbacks"),
 ])
 def test_bad_rules_are_refused_naming_the_key(rules, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -103,3 +105,42 @@ def test_classify_command_routes_the_examples_as_written():
     assert "error" in out[-1] and out[-1]["line"] == len(lines) + 1
     assert done.returncode == 1, "a bad line makes the exit status say so"
     assert {json.loads(x)["expect"] for x in lines} == {"chat", "code", "reasoning"}
+
+
+def test_max_swap_wait_must_be_seconds():
+    with pytest.raises(ConfigError, match="routing.max_swap_wait_s"):
+        _cat([], max_swap_wait_s=-1)
+
+
+R = routing.Readiness
+FENCE = [{"name": "fence", "model": "code", "patterns": ["```"], "fallbacks": ["reasoning", "chat"]}]
+FAR = {"code": R(False, 28.0), "reasoning": R(False, 30.0), "chat": R(True, 0.0)}
+
+RESIDENCY_CASES = [
+    ("resident: as classified", {"code": R(True, 0.0), "chat": R(True, 0.0)}, 10, "code"),
+    ("a short wake fits the budget: as classified", {"code": R(False, 0.4), "chat": R(True, 0.0)}, 10, "code"),
+    ("a cold load over the budget: the first fallback that fits", FAR, 10, "chat"),
+    ("an asleep fallback whose wake fits is taken before a resident one later in the list",
+     {"code": R(False, 28.0), "reasoning": R(False, 0.5), "chat": R(True, 0.0)}, 10, "reasoning"),
+    ("no fallback fits: the request waits for its model", {"code": R(False, 28.0), "reasoning": R(False, 30.0)}, 10, "code"),
+    ("nothing known of the model: as classified", {"chat": R(True, 0.0)}, 10, "code"),
+    ("a budget that holds the load: as classified", FAR, 60, "code"),
+]
+
+
+@pytest.mark.parametrize("readiness, budget, model", [c[1:] for c in RESIDENCY_CASES], ids=[c[0] for c in RESIDENCY_CASES])
+def test_residency_aware_fallbacks(readiness, budget, model):
+    route = routing.prefer_resident(routing.classify(_cat(FENCE).routing, _view("```x```")), readiness, budget)
+    assert route.model == model
+    if model != "code":
+        assert "fallback " + model in route.reason and "code would take ~28 s" in route.reason, route.reason
+
+
+def test_the_budget_is_the_smaller_of_max_swap_wait_and_the_time_left():
+    cat = _cat(FENCE, max_swap_wait_s=60)
+    req = router_pb2.GenerateRequest(model="auto", prompt="```x```")
+    assert resolve_route(req, cat, FAR, time_left_s=600)[0] == "code", "28 s fits 60 s"
+    assert resolve_route(req, cat, FAR, time_left_s=20)[0] == "chat", "28 s does not fit the 20 s left to its deadline"
+    assert resolve_route(req, _cat(FENCE), FAR, time_left_s=600)[0] == "code", "max_swap_wait_s 0: the deadline only"
+    named = router_pb2.GenerateRequest(model="code", prompt="```x```")
+    assert resolve_route(named, cat, FAR, time_left_s=1)[0] == "code", "a model asked for by name is never replaced"
