@@ -71,7 +71,7 @@ class Manager:
     async def stop(self) -> None:
         """Stops deciding and closes connections; every step bounded, idempotent. Workers keep
         their engines: a manager that comes back rebuilds its view from their reports."""
-        tasks = self._tasks + [e.op for e in self.entries.values() if e.op is not None]
+        tasks = self._tasks + [t for e in self.entries.values() for t in (e.op, e.reading) if t is not None]
         self._tasks = []
         for t in tasks:
             t.cancel()
@@ -103,6 +103,8 @@ class Manager:
             e.state_seq = r.state_seq
         if r.weight_bytes:
             e.weight_bytes = r.weight_bytes
+        if r.in_flight == 0 and e.in_flight > 0:
+            self._read_soon(e)   # its queue's ack-pending count may still hold what it just settled
         e.reported_in_flight = r.in_flight
         e.broken = r.preflight_error
         e.worker_can_sleep, e.sleep_frees_memory = r.can_sleep, r.sleep_frees_memory
@@ -128,10 +130,42 @@ class Manager:
         self._notify()
 
     async def _on_request_event(self, msg) -> None:
+        """A router queued a request for this model (its JetStream ack came first, so the
+        queue holds it now): its queue is read at once, not at the next poll. A wake takes tens
+        of milliseconds; the poll period would have been most of a swap."""
         e = self.entries.get(msg.data.decode(errors="replace"))
-        if e is not None:
-            e.touch(self._clock())
-            self._wake.set()
+        if e is None:
+            return
+        e.touch(self._clock())
+        self._wake.set()
+        self._read_soon(e)
+
+    def _read_soon(self, e: Entry) -> None:
+        """Reads its queue now (once more after a read under way: asks coalesce)."""
+        if self._js is None:
+            return
+        if e.reading is None or e.reading.done():
+            e.reading = asyncio.create_task(self._read_until_clean(e))
+        else:
+            e.reread = True
+
+    async def _read_until_clean(self, e: Entry) -> None:
+        e.reread = True
+        while e.reread:
+            e.reread = False
+            if await self._read_queue(e, self._clock()):
+                self._wake.set()
+
+    async def _read_queue(self, e: Entry, now: float) -> bool:
+        """Reads its consumer's depth; True when it changed."""
+        try:
+            info = await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, asyncio.TimeoutError) as err:
+            log.warning("manager.queue_poll_failed", model=e.spec.name, error=repr(err))
+            return False
+        return e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
 
     async def _announce(self) -> None:
         """Every model's state, every report interval, for routers that started since it last
@@ -149,14 +183,7 @@ class Manager:
             now = self._clock()
             changed = False
             for e in self.entries.values():
-                try:
-                    info = await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
-                except nats.js.errors.NotFoundError:
-                    continue
-                except (nats.errors.Error, asyncio.TimeoutError) as err:
-                    log.warning("manager.queue_poll_failed", model=e.spec.name, error=repr(err))
-                    continue
-                changed |= e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
+                changed |= await self._read_queue(e, now)
             if changed:
                 self._wake.set()
             await asyncio.sleep(self.settings.queue_poll_s)  # a polling period

@@ -7,11 +7,13 @@ Rules, per GPU:
   - one transition at a time: while a model loads or is evicted, nothing else starts;
   - a model with waiting requests and no engine is loaded, highest priority first, then the one
     waiting longest; it shares the budget with what is resident (weights + KV + overhead);
-  - to make room, evict only models that are: not pinned, past their minimum resident time, not
-    of a higher priority than the one loading, and idle (no requests in flight or queued).
-    Among those, lowest priority first, then least frequently, then least recently used.
-    If idle ones cannot make room, a busy one is drained only once the waiting model has waited
-    `starvation_s` (so alternating traffic is grouped, not swapped on every request);
+  - to make room, evict only models that are: not pinned, past their minimum resident time
+    (or four of their own loads or wakes, if shorter), not of a higher priority than the one
+    loading, and idle (no requests in flight or queued, none just announced). Among those,
+    lowest priority first, then least frequently, then least recently used. If idle ones
+    cannot make room, a busy one is drained only once the waiting model has waited
+    `starvation_s`, or four of its own loads or wakes if that is shorter (so alternating
+    traffic is grouped, not swapped on every request);
   - if nothing can make room, nothing is evicted (never evict for nothing);
   - a model larger than its whole budget, or whose files cannot load, fails at once with the
     reason, before anything is evicted for it.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping, Sequence
 
 
@@ -62,6 +65,11 @@ class ModelView:
     sleep_level: int = 0                   # SLEEPING: 1 (weights in host RAM) or 2 (discarded)
     residue: int = 0                       # GPU bytes its engine keeps while sleeping
     weight_bytes: int = 0                  # host RAM a level-1 sleep takes
+    swap_s: float = math.inf               # its expected load, or wake where it can sleep (learned;
+                                           # inf: not known): what bringing it (back) costs
+    counting: bool = False                 # a request event came and its queue is being read:
+                                           # not idle yet (its requests may not be counted, and
+                                           # it must not be evicted for a model asked for with it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +152,21 @@ def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, st
         if used + more <= budget:
             actions.append(Load(target.name))
             continue
-        starving = target.waiting_since is not None and now - target.waiting_since >= starvation_s
+        starving = target.waiting_since is not None and now - target.waiting_since >= starving_after(target, starvation_s)
         actions.extend(evictions_for(target, on_gpu, used + more - budget, now, host_free.get(gpu, 0), allow_busy=starving))
     return actions
+
+
+STARVATION_SWAPS = 4.0   # a waiter may drain busy models after this many of its own swaps
+
+
+def starving_after(target: ModelView, starvation_s: float) -> float:
+    """How long `target` waits before busy models may be drained for it: `starvation_s`, or
+    STARVATION_SWAPS of its own load or wake if that is shorter. A wait of 30 s before a 1 s
+    wake is 30 s lost to every request that cannot be served by the resident models (found
+    with manager_svc.simulator: on the GPU profile no request for a cold model met a 20 s
+    objective); on CPU, where a reload takes ~14 s, the configured figure still rules."""
+    return min(starvation_s, STARVATION_SWAPS * target.swap_s)
 
 
 def evictions_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, host_free: int,
@@ -175,11 +195,16 @@ def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now:
             and m.name != target.name
             and not m.pinned
             and m.priority <= target.priority
-            and now - m.resident_since >= m.min_resident_s
+            and settled(m)
         )
 
+    def settled(m: ModelView) -> bool:
+        # min_resident_s, or STARVATION_SWAPS of its own reloads if that is shorter: a model
+        # that wakes in a second needs no 30 s of protection from eviction after its load.
+        return now - m.resident_since >= min(m.min_resident_s, STARVATION_SWAPS * m.swap_s)
+
     def idle(m: ModelView) -> bool:
-        return m.in_flight == 0 and m.queue_depth == 0
+        return m.in_flight == 0 and m.queue_depth == 0 and not m.counting
 
     def frees(m: ModelView) -> int:
         nonlocal host_free

@@ -65,6 +65,8 @@ class Entry:
     op_estimate_s: float = 0.0        # and how long it was expected to take
     queue_read_at: float = 0.0        # when its queue depth was last asked for
     evicted_at: float = 0.0           # when its last eviction ended
+    reading: asyncio.Task | None = None   # a read of its queue, started by a request event
+    reread: bool = False              # events came during that read: read once more
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way
 
     @property
@@ -107,6 +109,13 @@ class Entry:
         if self.phase is Phase.LOADING:
             return max(0.0, self.op_started + self.op_estimate_s - now)
         return self.last_wake_s if self.phase is Phase.SLEEPING else self.last_load_s
+
+    def comeback_s(self, now: float) -> float:
+        """What bringing it (back) would cost: a wake where it sleeps or would sleep when
+        evicted, else a load; what is left of one under way."""
+        if self.phase in (Phase.READY, Phase.EVICTING):
+            return self.last_wake_s if self.can_sleep else self.last_load_s
+        return self.ready_in(now)
 
     def event(self, now: float, waking: bool = False) -> manager_pb2.ModelEvent:
         estimate = (self.last_wake_s if waking else self.last_load_s) if self.phase is Phase.LOADING else 0.0
@@ -186,6 +195,8 @@ class Entry:
             sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
             residue=self.overhead_bytes,
             weight_bytes=self.weight_bytes,
+            counting=self.reading is not None and not self.reading.done(),
+            swap_s=self.comeback_s(now),
         )
 
     def residency(self) -> manager_pb2.ModelResidency:

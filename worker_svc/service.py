@@ -80,13 +80,15 @@ async def _load_quietly(worker: ModelWorker) -> None:
 
 
 async def _report_loop(worker: ModelWorker, config: WorkerConfig, address: str) -> None:
-    """Registers with the manager, then reports every state change and refreshes periodically."""
+    """Registers with the manager, then reports every state change, every time it goes idle
+    (the manager may evict an idle model at once), and periodically."""
     problem = await asyncio.to_thread(preflight.check, config.model.path)
     async with grpc.aio.insecure_channel(config.manager) as channel:
         stub = manager_pb2_grpc.ManagerStub(channel)
         while True:
+            worker.went_idle.clear()
             try:
                 await stub.Report(worker.report(address, problem), timeout=5)
             except grpc.aio.AioRpcError as e:
                 log.debug("worker.report_failed", manager=config.manager, code=e.code().name)
-            await worker.residency.next_change(config.report_interval_s)
+            await worker.next_report(config.report_interval_s)

@@ -89,6 +89,7 @@ class ModelWorker:
         self.settling: dict[str, Msg] = {}
         self.links = Links(config.worker_id, self.cancel, self._router_lost)
         self._slot_freed = asyncio.Event()
+        self.went_idle = asyncio.Event()   # the last request in hand was settled (see report)
         # Suspects (see redelivery) waiting to run alone, heartbeated meanwhile; one runs at a
         # time, and while one waits for the engine to empty or runs, nothing new is pulled.
         self.waiting: dict[str, Msg] = {}
@@ -248,7 +249,23 @@ class ModelWorker:
 
     def start(self, msg: Msg) -> None:
         """Takes one fetched message; the worker owns it from here until ack / nak / term."""
-        self._background(self._serve(msg))
+        self._background(self._serve_then_note_idle(msg))
+
+    async def _serve_then_note_idle(self, msg: Msg) -> None:
+        try:
+            await self._serve(msg)
+        finally:
+            if not (self.active or self.settling or self.waiting):
+                self.went_idle.set()   # the manager hears at once: an idle model is one it may evict
+
+    async def next_report(self, timeout: float) -> None:
+        """Returns at the next state change, when the worker goes idle, or after `timeout`."""
+        waits = [asyncio.ensure_future(self.residency.next_change(timeout)), asyncio.ensure_future(self.went_idle.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def cancel(self, request_id: str) -> None:
         """The router says the caller is gone."""

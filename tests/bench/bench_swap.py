@@ -16,6 +16,7 @@ against a warm one's, p50 / p99. Not a test: it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import pathlib
 import statistics
@@ -49,7 +50,7 @@ async def timed(stub, model: str, i: int) -> dict[str, float]:
 
 
 async def run(swaps: int, swap: str, gpu: bool) -> None:
-    logs.configure("bench", "warning")
+    logs.configure("bench", os.environ.get("BENCH_LOG", "warning"))
     work = pathlib.Path(tempfile.mkdtemp())
     device = catalogue.GpuSpec(id="cuda:0", budget_bytes=170 * MiB, engine_overhead_bytes=32 * MiB, swap="auto") if gpu else \
         catalogue.GpuSpec(id="cpu", budget_bytes=170 * MiB, engine_overhead_bytes=32 * MiB, swap=swap)
@@ -88,7 +89,11 @@ async def run(swaps: int, swap: str, gpu: bool) -> None:
     print(f"\nswap = evict the resident tiny model + load (or wake) the requested one + first token ({how})")
     print(f"{'model':8} {'to loading s':>12} {'load s':>8} {'1st token ms':>13} {'swap total s':>13}")
     for model, m in rows:
-        print(f"{model:8} {m['loading']:>12.2f} {m['started'] - m['loading']:>8.2f} {1000 * (m['delta'] - m['started']):>13.1f} {m['delta']:>13.2f}")
+        # A wake can end before its `loading` event reaches the waiting request: then the load
+        # column is from `queued` and the first shows "-".
+        loading = m.get("loading")
+        print(f"{model:8} {'-' if loading is None else f'{loading:.2f}':>12} {m['started'] - (loading or m['queued']):>8.2f} "
+              f"{1000 * (m['delta'] - m['started']):>13.1f} {m['delta']:>13.2f}")
     cold = [m["delta"] for _, m in rows]
     added = [c - w for c, w in zip(cold, warm)]
     print(f"cold-request TTFT  p50 {statistics.median(cold):.2f} s  p99 {pct(cold, 99):.2f} s")

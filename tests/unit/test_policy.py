@@ -40,6 +40,12 @@ CASES = [
     ("busy models are drained for a starving waiter",
      [ready("a", in_flight=1, last_used=1), ready("b", queue_depth=3), cold("c", waiting_since=NOW - 31)], [Evict("a")]),
     ("minimum resident time is honoured", [ready("a", resident_since=NOW - 5, min_resident_s=30), ready("b", resident_since=NOW - 5, min_resident_s=30), cold("c")], []),
+    ("a model that reloads in 1 s is protected for 4 s, not 30",
+     [ready("a", resident_since=NOW - 5, min_resident_s=30, swap_s=1.0), ready("b", resident_since=NOW - 5, min_resident_s=30), cold("c")],
+     [Evict("a")]),
+    ("a waiter whose own wake is short starves sooner: 4 wakes of 2 s",
+     [ready("a", in_flight=1), ready("b", queue_depth=3), cold("c", waiting_since=NOW - 9, swap_s=2.0)], [Evict("a")]),
+    ("and not before", [ready("a", in_flight=1), ready("b", queue_depth=3), cold("c", waiting_since=NOW - 7, swap_s=2.0)], []),
     ("one transition at a time", [m("a", Phase.LOADING), cold("b"), cold("c")], []),
     ("evicting blocks new work too", [m("a", Phase.EVICTING), cold("c")], []),
     ("higher priority waiter first", [cold("a", waiting_since=NOW - 9), cold("b", priority=1)], [Load("b")]),
@@ -106,3 +112,9 @@ SLEEP_CASES = [
 @pytest.mark.parametrize("models, host_free, expected", [c[1:] for c in SLEEP_CASES], ids=[c[0] for c in SLEEP_CASES])
 def test_sleep_tiers(models, host_free, expected):
     assert plan(models, BUDGET, NOW, host_free=host_free) == expected
+
+
+def test_a_model_whose_queue_is_being_read_after_a_request_event_is_not_idle():
+    """Its requests may be on their way to its count while another model's event is read first."""
+    assert plan([ready("a", counting=True), ready("b", last_used=9), cold("c")], BUDGET, NOW) == [Evict("b")]
+    assert plan([ready("a", counting=True), ready("b", counting=True), cold("c")], BUDGET, NOW) == []
