@@ -29,6 +29,10 @@ from roundhouse.errors import ModelNotFound, ModelPinned, RoundhouseError, Unava
 log = structlog.get_logger("manager")
 
 LOAD_RPC_TIMEOUT_S = 900.0
+# A request for a model with no engine is decided on once every queue has been read, this long
+# after its event: requests published with it, for other models, are counted by then (decided
+# on one queue alone, the model those requests were for looked idle and was evicted for it).
+EVENT_SETTLE_S = 0.05
 STOP_STEP_TIMEOUT_S = 5.0
 
 
@@ -52,6 +56,8 @@ class Manager:
         self._tasks: list[asyncio.Task] = []
         self._nc: nats.NATS | None = None
         self._js = None
+        self._sweep: asyncio.Task | None = None
+        self._sweep_again = False
         self._last_decide = self._awake_since = clock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -72,6 +78,8 @@ class Manager:
         """Stops deciding and closes connections; every step bounded, idempotent. Workers keep
         their engines: a manager that comes back rebuilds its view from their reports."""
         tasks = self._tasks + [t for e in self.entries.values() for t in (e.op, e.reading) if t is not None]
+        if self._sweep is not None:
+            tasks.append(self._sweep)
         self._tasks = []
         for t in tasks:
             t.cancel()
@@ -137,8 +145,24 @@ class Manager:
         if e is None:
             return
         e.touch(self._clock())
+        if e.phase in (Phase.READY, Phase.LOADING):
+            self._read_soon(e)           # keeps its in-flight count fresh
+        elif self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.create_task(self._sweep_queues())
+        else:
+            self._sweep_again = True
+
+    async def _sweep_queues(self) -> None:
+        """Reads every model's queue, EVENT_SETTLE_S after a request event for a model with no
+        engine (again once more if more such events came meanwhile), then decides."""
+        self._sweep_again = True
+        while self._sweep_again:
+            self._sweep_again = False
+            await asyncio.sleep(EVENT_SETTLE_S)  # a settling period (see EVENT_SETTLE_S)
+            now = self._clock()
+            for m in self.entries.values():
+                await self._read_queue(m, now)
         self._wake.set()
-        self._read_soon(e)
 
     def _read_soon(self, e: Entry) -> None:
         """Reads its queue now (once more after a read under way: asks coalesce)."""

@@ -153,10 +153,10 @@ async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
 
     streams = [asyncio.create_task(stream(i)) for i in range(len(flowing))]
     await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 240)
-    family = up.family()
-    up.proc.send_signal(signal.SIGTERM)
+    up.proc.send_signal(signal.SIGTERM)            # at once: 1,500 tokens take seconds here
     term_at = time.monotonic()
     in_flight = sum(not t.done() for t in streams)
+    family = up.family()                           # all still there: they stop after the grace
     assert in_flight, "the streams were still running when the stack was told to stop"
     assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [1500] * len(flowing), "no stream was cut short"
     print(f"SIGTERM with {in_flight} streams in flight: all whole, the last {time.monotonic() - term_at:.1f} s later")
