@@ -1,15 +1,23 @@
 """The manager: one task owns every model's residency and applies the policy's decisions.
 
 Inputs: workers' reports (gRPC `Report`), queue depths (JetStream consumer info), request
-events from routers (core NATS). Effects: `Load` / `Evict` to workers over gRPC, `ModelEvent`s
-to routers. After a restart it waits one report interval before deciding anything, so its view
-is rebuilt from the workers first and nothing is ever loaded twice.
+events from routers (core NATS), admin calls (gRPC). Effects: `Load` / `Evict` to workers over
+gRPC, `ModelEvent`s to routers. After a restart it waits one report interval before deciding
+anything, so its view is rebuilt from the workers first and nothing is ever loaded twice.
+
+One writer: the decide loop is the only task that changes an `Entry`. Every input (a report, a
+queue depth read, a request event, an admin call, the answer to a Load or Evict) is posted to
+its inbox as a change and applied there, in arrival order, before it decides; gRPC handlers,
+NATS callbacks and the tasks that wait on workers or JetStream only read and post.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import time
+from collections.abc import Callable
 
 import grpc
 import nats
@@ -59,6 +67,7 @@ class Manager:
         self._sweep: asyncio.Task | None = None
         self._sweep_again = False
         self._last_decide = self._awake_since = clock()
+        self._inbox: collections.deque[tuple[Callable[[], object], asyncio.Future | None]] = collections.deque()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -80,6 +89,10 @@ class Manager:
         tasks = self._tasks + [t for e in self.entries.values() for t in (e.op, e.reading) if t is not None]
         if self._sweep is not None:
             tasks.append(self._sweep)
+        for _, future in self._inbox:
+            if future is not None and not future.done():
+                future.cancel()
+        self._inbox.clear()
         self._tasks = []
         for t in tasks:
             t.cancel()
@@ -96,12 +109,44 @@ class Manager:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), STOP_STEP_TIMEOUT_S)
 
+    # ---- the one writer's inbox ---------------------------------------------------------------
+
+    def _post(self, change: Callable[[], object], future: asyncio.Future | None = None) -> None:
+        """Queues `change` for the decide loop (the only writer of the entries)."""
+        self._inbox.append((change, future))
+        self._wake.set()
+
+    async def call(self, change: Callable[[], object]):
+        """Applies `change` in the decide loop and returns what it returned (or raises what it
+        raised): how handlers and tasks write."""
+        future = asyncio.get_running_loop().create_future()
+        self._post(change, future)
+        return await future
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            change, future = self._inbox.popleft()
+            try:
+                result = change()
+            except Exception as err:  # noqa: BLE001 - the caller gets it; a posted change logs it
+                if future is None:
+                    log.exception("manager.change_failed", error=repr(err))
+                elif not future.done():
+                    future.set_exception(err)
+            else:
+                if future is not None and not future.done():
+                    future.set_result(result)
+
     # ---- inputs ------------------------------------------------------------------------------
 
     def on_report(self, r: manager_pb2.WorkerReport) -> None:
-        e = self.entries.get(r.model)
-        if e is None:
+        """A worker's report (the gRPC handler): applied by the decide loop."""
+        if r.model not in self.entries:
             raise RoundhouseError(f"model {r.model!r} is not in the manager's catalogue")
+        self._post(functools.partial(self.apply_report, r))
+
+    def apply_report(self, r: manager_pb2.WorkerReport) -> None:
+        e = self.entries[r.model]
         # A report sent before this manager's last Load / Evict answer from the same worker
         # process (a fast wake answers before the report of its LOADING arrives) is a sign of
         # life, not its state.
@@ -142,8 +187,10 @@ class Manager:
         queue holds it now): its queue is read at once, not at the next poll. A wake takes tens
         of milliseconds; the poll period would have been most of a swap."""
         e = self.entries.get(msg.data.decode(errors="replace"))
-        if e is None:
-            return
+        if e is not None:
+            self._post(functools.partial(self._request_seen, e))
+
+    def _request_seen(self, e: Entry) -> None:
         e.touch(self._clock())
         if e.phase in (Phase.READY, Phase.LOADING):
             self._read_soon(e)           # keeps its in-flight count fresh
@@ -154,42 +201,56 @@ class Manager:
 
     async def _sweep_queues(self) -> None:
         """Reads every model's queue, EVENT_SETTLE_S after a request event for a model with no
-        engine (again once more if more such events came meanwhile), then decides."""
+        engine (once more if more such events came meanwhile); the depths are applied together,
+        so the decision that follows sees one picture."""
         self._sweep_again = True
         while self._sweep_again:
             self._sweep_again = False
             await asyncio.sleep(EVENT_SETTLE_S)  # a settling period (see EVENT_SETTLE_S)
-            now = self._clock()
-            for m in self.entries.values():
-                await self._read_queue(m, now)
-        self._wake.set()
+            await self._read_all()
+
+    async def _read_all(self) -> None:
+        now = self._clock()
+        infos = [(e, await self._queue_info(e)) for e in self.entries.values()]
+        self._post(functools.partial(self._set_queues, infos, now))
+
+    def _set_queues(self, infos, now: float) -> None:
+        for e, info in infos:
+            self._set_queue(e, info, now)
 
     def _read_soon(self, e: Entry) -> None:
         """Reads its queue now (once more after a read under way: asks coalesce)."""
         if self._js is None:
             return
-        if e.reading is None or e.reading.done():
-            e.reading = asyncio.create_task(self._read_until_clean(e))
+        if e.reading is None:
+            e.reading = asyncio.create_task(self._read_for(e))
         else:
             e.reread = True
 
-    async def _read_until_clean(self, e: Entry) -> None:
-        e.reread = True
-        while e.reread:
-            e.reread = False
-            if await self._read_queue(e, self._clock()):
-                self._wake.set()
+    async def _read_for(self, e: Entry) -> None:
+        now = self._clock()
+        self._post(functools.partial(self._read_done, e, await self._queue_info(e), now))
 
-    async def _read_queue(self, e: Entry, now: float) -> bool:
-        """Reads its consumer's depth; True when it changed."""
+    def _read_done(self, e: Entry, info, now: float) -> None:
+        self._set_queue(e, info, now)
+        e.reading = None
+        if e.reread:
+            e.reread = False
+            self._read_soon(e)
+
+    def _set_queue(self, e: Entry, info, now: float) -> None:
+        if info is not None:
+            e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
+
+    async def _queue_info(self, e: Entry):
+        """Its consumer's info, or None (not there yet, or NATS did not answer)."""
         try:
-            info = await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
+            return await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
         except nats.js.errors.NotFoundError:
-            return False
+            return None
         except (nats.errors.Error, asyncio.TimeoutError) as err:
             log.warning("manager.queue_poll_failed", model=e.spec.name, error=repr(err))
-            return False
-        return e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
+            return None
 
     async def _announce(self) -> None:
         """Every model's state, every report interval, for routers that started since it last
@@ -204,33 +265,37 @@ class Manager:
 
     async def _poll_queues(self) -> None:
         while True:
-            now = self._clock()
-            changed = False
-            for e in self.entries.values():
-                changed |= await self._read_queue(e, now)
-            if changed:
-                self._wake.set()
+            await self._read_all()
             await asyncio.sleep(self.settings.queue_poll_s)  # a polling period
 
     # ---- decisions -----------------------------------------------------------------------------
 
     async def _decide_loop(self) -> None:
-        # Rebuild the view from the workers' reports before acting (a restarted manager).
-        await asyncio.sleep(1.5 * self.settings.report_interval_s)
+        # Rebuild the view from the workers' reports before acting (a restarted manager): its
+        # inbox is applied from the start, decisions wait.
+        decide_from = self._clock() + 1.5 * self.settings.report_interval_s
         while True:
             self._wake.clear()
+            self._apply_inbox()
             now = self._clock()
-            if now - self._last_decide > self.settings.report_interval_s:
-                self._awake_since = now  # this process itself was stalled: reports may be waiting unread
-            self._last_decide = now
-            self._expire_silent(now)
-            actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s,
-                           self.host_free())
-            for action in actions:
-                self._apply(action)
+            wait = self.settings.queue_poll_s
+            if now < decide_from:
+                wait = min(wait, decide_from - now)
+            else:
+                self._decide(now)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.queue_poll_s):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    def _decide(self, now: float) -> None:
+        if now - self._last_decide > self.settings.report_interval_s:
+            self._awake_since = now  # this process itself was stalled: reports may be waiting unread
+        self._last_decide = now
+        self._expire_silent(now)
+        actions = plan([e.view(now) for e in self.entries.values()], self.budgets, now, self.settings.starvation_s,
+                       self.host_free())
+        for action in actions:
+            self._apply(action)
 
     def _expire_silent(self, now: float) -> None:
         """A worker that stopped reporting (killed, frozen, host gone) is lost: its model counts
@@ -256,9 +321,9 @@ class Manager:
             self._publish(e)
             self._notify()
         elif isinstance(action, Load) and e.op is None:
-            e.op = asyncio.create_task(self._load(e))
+            self._start_load(e)
         elif isinstance(action, Evict) and e.op is None:
-            e.op = asyncio.create_task(self._evict(e, action.level))
+            self._start_evict(e, action.level)
 
     def host_sleep_used(self) -> dict[str, int]:
         """Per host: the host RAM its level-1 sleepers hold."""
@@ -272,7 +337,7 @@ class Manager:
         used = self.host_sleep_used()
         return {gpu: max(0, h.sleep_budget_bytes - used[h.id]) for gpu, h in self.host_of.items()}
 
-    async def _load(self, e: Entry) -> None:
+    def _start_load(self, e: Entry) -> None:
         waking = e.phase is Phase.SLEEPING
         e.phase, e.error = Phase.LOADING, ""
         if not waking:
@@ -280,10 +345,24 @@ class Manager:
         started = e.op_started = self._clock()
         e.op_estimate_s = e.last_wake_s if waking else e.last_load_s
         self._set_changed(e, waking=waking)
+        e.op = asyncio.create_task(self._load(e, waking, started))
+
+    async def _load(self, e: Entry, waking: bool, started: float) -> None:
+        """The Load call; its answer is applied by the decide loop, and this task ends once
+        it has been (whoever awaits `e.op` then sees the state it led to)."""
+        status, error = None, None
         try:
             status = await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
-            e.state_seq = max(e.state_seq, status.state_seq)
         except grpc.aio.AioRpcError as err:
+            error = err
+        await self.call(functools.partial(self._loaded, e, waking, started, status, error))
+
+    def _loaded(self, e: Entry, waking: bool, started: float, status, err) -> None:
+        try:
+            if err is None:
+                e.state_seq = max(e.state_seq, status.state_seq)
+                self._became_ready(e, waking, started, status)
+                return
             if any(k == grpcserver.LOAD_FAILED_KEY for k, _ in (err.trailing_metadata() or ())):
                 e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
                 log.error("residency.load_failed", model=e.spec.name, error=e.error,
@@ -292,24 +371,25 @@ class Manager:
                 # FAILED for its waiters and no backoff; it loads again once a worker reports
                 log.warning("residency.load_interrupted", model=e.spec.name, error=err.details() or err.code().name)
                 e.worker_gone("")
-        else:
-            e.phase, e.failures, e.requested = Phase.READY, 0, False
-            e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
-            took = e.resident_since - started
-            if waking and status.restart_reason:  # the wake failed its check: a cold start it was
-                log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
-                e.loads += 1
-                e.learn("load", took)
-            elif waking:
-                e.wakes += 1
-                e.learn("wake", took)
-            else:
-                e.learn("load", took)
         finally:
             e.op = None
-        self._set_changed(e)
+            self._set_changed(e)
 
-    async def _evict(self, e: Entry, level: int = 0) -> None:
+    def _became_ready(self, e: Entry, waking: bool, started: float, status) -> None:
+        e.phase, e.failures, e.requested = Phase.READY, 0, False
+        e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
+        took = e.resident_since - started
+        if waking and status.restart_reason:  # the wake failed its check: a cold start it was
+            log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
+            e.loads += 1
+            e.learn("load", took)
+        elif waking:
+            e.wakes += 1
+            e.learn("wake", took)
+        else:
+            e.learn("load", took)
+
+    def _start_evict(self, e: Entry, level: int = 0) -> None:
         """Drains it, then puts its engine to sleep at `level` (1, 2) or stops it (0). A sleeping
         model evicted again is stopped."""
         if e.phase is Phase.SLEEPING:
@@ -318,22 +398,35 @@ class Manager:
             e.evictions += 1
         e.phase = Phase.EVICTING
         self._set_changed(e, level=level)
+        e.op = asyncio.create_task(self._evict(e, level))
+
+    async def _evict(self, e: Entry, level: int) -> None:
+        """The Evict call; its answer is applied by the decide loop (see `_load`)."""
+        status, error = None, None
         try:
             status = await self._worker(e).Evict(
                 worker_pb2.EvictRequest(drain_timeout_s=self.settings.drain_timeout_s, sleep_level=level),
                 timeout=self.settings.drain_timeout_s + 120)
+        except grpc.aio.AioRpcError as err:
+            error = err
+        await self.call(functools.partial(self._evicted, e, status, error))
+
+    def _evicted(self, e: Entry, status, err) -> None:
+        try:
+            if err is not None:
+                raise err
             e.state_seq = max(e.state_seq, status.state_seq)
             asleep = status.state == worker_pb2.ENGINE_STATE_SLEEPING
             e.phase, e.reported_at = (Phase.SLEEPING if asleep else Phase.UNLOADED), self._clock()
             e.evicted_at = e.reported_at
             e.sleep_level = status.sleep_level if asleep else 0
-        except grpc.aio.AioRpcError as err:
-            log.error("residency.evict_failed", model=e.spec.name, error=err.details())
+        except grpc.aio.AioRpcError as failed:
+            log.error("residency.evict_failed", model=e.spec.name, error=failed.details())
             e.phase = Phase.FAILED
-            e.error = err.details() or err.code().name
+            e.error = failed.details() or failed.code().name
         finally:
             e.op = None
-        self._set_changed(e)
+            self._set_changed(e)
 
     def _worker(self, e: Entry) -> worker_pb2_grpc.WorkerStub:
         ch = self._channels.get(e.address)
@@ -379,12 +472,20 @@ class Manager:
             raise ModelNotFound(f"model {model!r} is not in the catalogue")
         return e
 
+    async def pin(self, model: str, pinned: bool) -> Entry:
+        e = self.entry(model)
+        await self.call(functools.partial(setattr, e, "pinned", pinned))
+        return e
+
     async def load_by_hand(self, model: str) -> Entry:
         e = self.entry(model)
-        e.requested, e.draining, e.backoff_until = True, False, 0.0
-        self._wake.set()
+
+        def request() -> None:
+            e.requested, e.draining, e.backoff_until = True, False, 0.0
+
+        await self.call(request)
         await self.wait_until(e, Phase.READY, Phase.FAILED)
-        e.requested = False
+        await self.call(functools.partial(setattr, e, "requested", False))
         if e.phase is Phase.FAILED:
             raise Unavailable(f"model {model} failed to load: {e.error or e.broken}")
         return e
@@ -401,18 +502,30 @@ class Manager:
         """Stops its engine once its requests are done (not to sleep: a drained model is taken
         out of service)."""
         e = self.entry(model)
-        e.draining = True
+        await self.call(functools.partial(setattr, e, "draining", True))
         return await self._unload(e, sleep=False)
 
     async def _unload(self, e: Entry, sleep: bool) -> Entry:
         """Returns once its eviction (this call's, or the one under way) has ended, whatever
         the policy decides for the model right after (a wake can follow in milliseconds)."""
-        if e.op is not None:
-            await asyncio.shield(e.op)
-        if e.phase in (Phase.READY, Phase.SLEEPING) and e.op is None:
-            asleep = e.phase is Phase.SLEEPING
-            level = sleep_level_for(e.view(self._clock()), self.host_free()[e.spec.gpu]) if sleep and not asleep else 0
-            e.op = op = asyncio.create_task(self._evict(e, level))
+        while True:
+            op = await self.call(functools.partial(self._start_unload, e, sleep))
+            if op is None:
+                return e
             await asyncio.shield(op)
-        return e
+            if op is e.last_unload:
+                return e
+
+    def _start_unload(self, e: Entry, sleep: bool) -> asyncio.Task | None:
+        """The task to wait for: a Load or Evict under way (then this is asked again), or the
+        eviction started now; None when there is nothing to evict."""
+        if e.op is not None:
+            return e.op
+        if e.phase not in (Phase.READY, Phase.SLEEPING):
+            return None
+        asleep = e.phase is Phase.SLEEPING
+        level = sleep_level_for(e.view(self._clock()), self.host_free()[e.spec.gpu]) if sleep and not asleep else 0
+        self._start_evict(e, level)
+        e.last_unload = e.op
+        return e.op
 

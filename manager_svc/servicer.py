@@ -37,10 +37,10 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
         return out
 
     async def Pin(self, request, context):
-        return await self._admin(context, self._pin, request.model, True)
+        return await self._admin(context, self._m.pin, request.model, True)
 
     async def Unpin(self, request, context):
-        return await self._admin(context, self._pin, request.model, False)
+        return await self._admin(context, self._m.pin, request.model, False)
 
     async def LoadModel(self, request, context):
         return await self._admin(context, self._m.load_by_hand, request.model)
@@ -50,11 +50,6 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
 
     async def Drain(self, request, context):
         return await self._admin(context, self._m.drain, request.model)
-
-    async def _pin(self, model: str, pinned: bool):
-        e = self._m.entry(model)
-        e.pinned = pinned
-        return e
 
     async def _admin(self, context, fn, *args) -> manager_pb2.ModelResidency:
         try:

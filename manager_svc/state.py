@@ -68,6 +68,7 @@ class Entry:
     reading: asyncio.Task | None = None   # a read of its queue, started by a request event
     reread: bool = False              # events came during that read: read once more
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way
+    last_unload: asyncio.Task | None = None   # the last eviction an admin call started
 
     @property
     def footprint(self) -> int:
@@ -195,7 +196,7 @@ class Entry:
             sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
             residue=self.overhead_bytes,
             weight_bytes=self.weight_bytes,
-            counting=self.reading is not None and not self.reading.done(),
+            counting=self.reading is not None,
             swap_s=self.comeback_s(now),
         )
 

@@ -1,4 +1,5 @@
 """The manager's admin calls that decide before touching any worker (no processes)."""
+import asyncio
 import pathlib
 
 import pytest
@@ -36,7 +37,7 @@ async def test_a_worker_that_stops_reporting_is_lost_and_its_replacement_is_used
     limit = CAT.manager.worker_timeout_s
 
     def report(address: str, state=worker_pb2.ENGINE_STATE_READY) -> None:
-        manager.on_report(manager_pb2.WorkerReport(worker_id=address, model="m", address=address, state=state, in_flight=3))
+        manager.apply_report(manager_pb2.WorkerReport(worker_id=address, model="m", address=address, state=state, in_flight=3))
 
     report("10.0.0.1:7000")
     e = manager.entry("m")
@@ -87,11 +88,15 @@ async def test_a_load_that_breaks_because_the_worker_died_is_not_a_model_failure
             raise aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), trailing, details)
 
     manager = Manager(CAT, "nats://unused")
-    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000",
+    manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000",
                                                state=worker_pb2.ENGINE_STATE_UNLOADED))
     manager._worker = lambda e: DyingWorker()
     e = manager.entry("m")
-    await manager._load(e)
+    manager._start_load(e)
+    async with asyncio.timeout(5):       # the decide loop's part: apply the Load's answer
+        while e.op is not None:
+            manager._apply_inbox()
+            await asyncio.sleep(0)
     if marked:
         assert e.phase is Phase.FAILED and e.backoff_until > 0 and "bad weights" in e.error
     else:
@@ -112,7 +117,7 @@ def test_an_engine_that_dies_is_reloaded_after_a_backoff_that_grows_with_each_de
     e = manager.entry("m")
 
     def report(state, error: str = "") -> None:
-        manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000", state=state, error=error))
+        manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="10.0.0.1:7000", state=state, error=error))
 
     waits = []
     for _ in range(3):
@@ -141,11 +146,11 @@ def test_a_model_the_manager_failed_stays_failed_while_its_worker_reports_it_unl
 
     manager = Manager(CAT, "nats://unused", clock=lambda: 1000.0)
     e = manager.entry("m")
-    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
+    manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
     e.failed("weights are corrupt", 1000.0, CAT.manager.load_backoff_s)
-    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
+    manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_UNLOADED))
     assert e.phase is Phase.FAILED and e.error == "weights are corrupt"
-    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_LOADING))
+    manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_LOADING))
     assert e.phase is Phase.LOADING, "a load under way is news"
 
 
@@ -160,7 +165,7 @@ async def test_a_report_older_than_the_last_answer_of_its_worker_is_not_its_stat
     e = manager.entry("m")
 
     def report(worker: str, state, seq: int) -> None:
-        manager.on_report(manager_pb2.WorkerReport(worker_id=worker, model="m", address="a:1", state=state, state_seq=seq))
+        manager.apply_report(manager_pb2.WorkerReport(worker_id=worker, model="m", address="a:1", state=state, state_seq=seq))
 
     report("w1", worker_pb2.ENGINE_STATE_SLEEPING, 4)
     assert e.phase is Phase.SLEEPING
@@ -193,3 +198,20 @@ def test_load_and_wake_estimates_are_learned_and_say_how_soon_a_model_serves():
     assert e.ready_in(110.0) == 5.0 and e.event(110.0).ready_in_s == 5.0
     e.phase = Phase.READY
     assert e.ready_in(0) == 0.0
+
+
+async def test_inputs_change_nothing_until_the_decide_loop_applies_them_in_order():
+    """One writer: a report (gRPC handler) and a pin (admin call) are posted to the manager's
+    inbox; the entry changes only when the decide loop applies them, in arrival order."""
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+
+    manager = Manager(CAT, "nats://unused")
+    e = manager.entry("m")
+    manager.on_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1", state=worker_pb2.ENGINE_STATE_READY))
+    pin = asyncio.ensure_future(manager.pin("m", False))
+    await asyncio.sleep(0)
+    assert e.phase is Phase.UNLOADED and not e.address and e.pinned and not pin.done(), "posted, not applied"
+    manager._apply_inbox()
+    assert e.phase is Phase.READY and e.address == "a:1"
+    assert (await asyncio.wait_for(pin, 5)) is e and not e.pinned
