@@ -160,7 +160,7 @@ class Manager:
             self._read_soon(e)   # its queue's ack-pending count may still hold what it just settled
         e.reported_in_flight = r.in_flight
         e.broken = r.preflight_error
-        e.worker_can_sleep, e.sleep_frees_memory = r.can_sleep, r.sleep_frees_memory
+        e.worker_can_sleep = r.can_sleep
         if e.op is None and not stale:  # while a Load / Evict is under way, that call is the truth
             phase = PHASE_OF.get(r.state, Phase.UNLOADED)
             error = r.error if phase in (Phase.FAILED, Phase.UNLOADED) else ""
@@ -169,6 +169,8 @@ class Manager:
                 phase, error = Phase.FAILED, e.error
             if phase is Phase.READY and e.phase is not Phase.READY:
                 e.resident_since = self._clock()
+            if phase is Phase.LOADING and e.phase is not Phase.LOADING:  # a load this manager did not start
+                e.op_started, e.op_estimate_s = self._clock(), e.last_load_s
             if phase is Phase.SLEEPING:
                 e.sleep_level = r.sleep_level
             changed = phase is not e.phase
@@ -194,29 +196,39 @@ class Manager:
         e.touch(self._clock())
         if e.phase in (Phase.READY, Phase.LOADING):
             self._read_soon(e)           # keeps its in-flight count fresh
-        elif self._sweep is None or self._sweep.done():
+        else:
+            self._sweep_soon()
+
+    def _sweep_soon(self) -> None:
+        """Reads every model's queue EVENT_SETTLE_S from now (once more after a sweep under way:
+        asks coalesce, as in `_read_soon`)."""
+        if self._sweep is None:
             self._sweep = asyncio.create_task(self._sweep_queues())
         else:
             self._sweep_again = True
 
     async def _sweep_queues(self) -> None:
-        """Reads every model's queue, EVENT_SETTLE_S after a request event for a model with no
-        engine (once more if more such events came meanwhile); the depths are applied together,
-        so the decision that follows sees one picture."""
-        self._sweep_again = True
-        while self._sweep_again:
-            self._sweep_again = False
-            await asyncio.sleep(EVENT_SETTLE_S)  # a settling period (see EVENT_SETTLE_S)
-            await self._read_all()
+        await asyncio.sleep(EVENT_SETTLE_S)  # a settling period (see EVENT_SETTLE_S)
+        await self._read_all(self._swept)
 
-    async def _read_all(self) -> None:
+    def _swept(self) -> None:
+        self._sweep = None
+        if self._sweep_again:
+            self._sweep_again = False
+            self._sweep_soon()
+
+    async def _read_all(self, then: Callable[[], None] | None = None) -> None:
+        """Reads every model's queue; the depths are applied together (then `then`), so the
+        decision that follows sees one picture."""
         now = self._clock()
         infos = [(e, await self._queue_info(e)) for e in self.entries.values()]
-        self._post(functools.partial(self._set_queues, infos, now))
+        self._post(functools.partial(self._set_queues, infos, now, then))
 
-    def _set_queues(self, infos, now: float) -> None:
+    def _set_queues(self, infos, now: float, then: Callable[[], None] | None) -> None:
         for e, info in infos:
             self._set_queue(e, info, now)
+        if then is not None:
+            then()
 
     def _read_soon(self, e: Entry) -> None:
         """Reads its queue now (once more after a read under way: asks coalesce)."""
@@ -342,12 +354,12 @@ class Manager:
         e.phase, e.error = Phase.LOADING, ""
         if not waking:
             e.loads += 1
-        started = e.op_started = self._clock()
+        e.op_started = self._clock()
         e.op_estimate_s = e.last_wake_s if waking else e.last_load_s
         self._set_changed(e, waking=waking)
-        e.op = asyncio.create_task(self._load(e, waking, started))
+        e.op = asyncio.create_task(self._load(e, waking))
 
-    async def _load(self, e: Entry, waking: bool, started: float) -> None:
+    async def _load(self, e: Entry, waking: bool) -> None:
         """The Load call; its answer is applied by the decide loop, and this task ends once
         it has been (whoever awaits `e.op` then sees the state it led to)."""
         status, error = None, None
@@ -355,13 +367,13 @@ class Manager:
             status = await self._worker(e).Load(worker_pb2.LoadRequest(), timeout=LOAD_RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
             error = err
-        await self.call(functools.partial(self._loaded, e, waking, started, status, error))
+        await self.call(functools.partial(self._loaded, e, waking, status, error))
 
-    def _loaded(self, e: Entry, waking: bool, started: float, status, err) -> None:
+    def _loaded(self, e: Entry, waking: bool, status, err) -> None:
         try:
             if err is None:
                 e.state_seq = max(e.state_seq, status.state_seq)
-                self._became_ready(e, waking, started, status)
+                self._became_ready(e, waking, status)
                 return
             if any(k == grpcserver.LOAD_FAILED_KEY for k, _ in (err.trailing_metadata() or ())):
                 e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
@@ -375,10 +387,10 @@ class Manager:
             e.op = None
             self._set_changed(e)
 
-    def _became_ready(self, e: Entry, waking: bool, started: float, status) -> None:
+    def _became_ready(self, e: Entry, waking: bool, status) -> None:
         e.phase, e.failures, e.requested = Phase.READY, 0, False
         e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
-        took = e.resident_since - started
+        took = e.resident_since - e.op_started
         if waking and status.restart_reason:  # the wake failed its check: a cold start it was
             log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
             e.loads += 1
@@ -439,15 +451,15 @@ class Manager:
     def _set_changed(self, e: Entry, **why) -> None:
         """`why`: what the transition is (waking=True, level=N), logged with it."""
         log.info("residency.changed", model=e.spec.name, state=e.phase.name, loads=e.loads, evictions=e.evictions,
-                 wakes=e.wakes, **({"sleep_level": e.sleep_level} if e.phase is Phase.SLEEPING else {}),
+                 wakes=e.wakes, **({"sleep_level": e.tier} if e.tier else {}),
                  **why, **({"error": e.error} if e.error else {}))
-        self._publish(e, waking=bool(why.get("waking")))
+        self._publish(e)
         self._notify()
 
-    def _publish(self, e: Entry, waking: bool = False) -> None:
+    def _publish(self, e: Entry) -> None:
         if self._nc is None or not self._nc.is_connected:
             return
-        event = e.event(self._clock(), waking)
+        event = e.event(self._clock())
         asyncio.ensure_future(self._nc.publish(subjects.model_event_subject(e.spec.name), event.SerializeToString()))
 
     def _notify(self) -> None:

@@ -172,23 +172,8 @@ def starving_after(target: ModelView, starvation_s: float) -> float:
 def evictions_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, host_free: int,
                   allow_busy: bool = False) -> list[Evict]:
     """The evictions (each with its sleep level) that free `need` more bytes; [] when none do.
-    Ready models first (each to sleep where it can), then sleeping ones stopped."""
-    plans: list[Evict] = []
-    by_name = {m.name: m for m in on_gpu}
-    for name in eviction_for(target, on_gpu, need, now, allow_busy, host_free):
-        m = by_name[name]
-        level = sleep_level_for(m, host_free) if m.phase is Phase.READY else 0
-        if level == 1:
-            host_free -= m.weight_bytes
-        plans.append(Evict(name, level))
-    return plans
-
-
-def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now: float, allow_busy: bool = False,
-                 host_free: int = 0) -> list[str]:
-    """The models to evict so that `need` more bytes are free; [] when no choice frees enough.
-    A ready model that can sleep frees its footprint less its residue; a sleeping one, stopped,
-    its residue."""
+    Ready models first, each to sleep where it can (a ready model that sleeps frees its
+    footprint less its residue), then sleeping ones stopped (each frees its residue)."""
     def evictable(m: ModelView) -> bool:
         return (
             m.phase is Phase.READY
@@ -206,27 +191,22 @@ def eviction_for(target: ModelView, on_gpu: Sequence[ModelView], need: int, now:
     def idle(m: ModelView) -> bool:
         return m.in_flight == 0 and m.queue_depth == 0 and not m.counting
 
-    def frees(m: ModelView) -> int:
-        nonlocal host_free
-        if m.phase is Phase.SLEEPING:
-            return m.residue
-        level = sleep_level_for(m, host_free)
-        if level == 1:
-            host_free -= m.weight_bytes
-        return m.footprint - (m.residue if level else 0)
-
     order = lambda m: (m.priority, m.frequency, m.last_used, m.name)  # noqa: E731
     candidates = sorted((m for m in on_gpu if evictable(m) and idle(m)), key=order)
     if allow_busy:
         candidates += sorted((m for m in on_gpu if evictable(m) and not idle(m)), key=lambda m: (m.queue_depth, *order(m)))
     sleepers = sorted((m for m in on_gpu if m.phase is Phase.SLEEPING and m.name != target.name and m.residue > 0),
                       key=lambda m: (m.last_used, m.name))
-    chosen, freed = [], 0
+    chosen: list[Evict] = []
+    freed = 0
     for m in [*candidates, *sleepers]:
         if freed >= need:
             break
-        chosen.append(m.name)
-        freed += frees(m)
+        level = sleep_level_for(m, host_free) if m.phase is Phase.READY else 0
+        if level == 1:
+            host_free -= m.weight_bytes
+        chosen.append(Evict(m.name, level))
+        freed += m.footprint - (m.residue if level else 0) if m.phase is Phase.READY else m.residue
     return chosen if freed >= need else []
 
 

@@ -54,14 +54,13 @@ class Entry:
     resident_since: float = 0.0
     last_load_s: float = 30.0         # a cold load's expected seconds (learned: see learn)
     swap: str = "auto"                # its GPU's swap setting (catalogue)
-    worker_can_sleep: bool = False    # its worker says the engine can sleep (CUDA sleep mode)
-    sleep_frees_memory: bool = False  # its worker says a sleep frees memory (false on CPU)
+    worker_can_sleep: bool = False    # its worker says a sleep frees memory (CUDA sleep mode; not CPU)
     sleep_level: int = 0              # SLEEPING: 1 or 2
     wakes: int = 0
     last_wake_s: float = 5.0          # a wake's expected seconds (learned: see learn)
     last_transition_s: float = 0.0    # its last load or wake took this long
     measured: frozenset = frozenset()  # which of "load", "wake" it has measured
-    op_started: float = 0.0           # when the load or wake under way started
+    op_started: float = 0.0           # when the load or wake under way (LOADING) started
     op_estimate_s: float = 0.0        # and how long it was expected to take
     queue_read_at: float = 0.0        # when its queue depth was last asked for
     evicted_at: float = 0.0           # when its last eviction ended
@@ -81,9 +80,14 @@ class Entry:
         return self.swap == "sleep" or (self.swap == "auto" and self.worker_can_sleep)
 
     @property
+    def tier(self) -> int:
+        """The level it sleeps at now (1 or 2); 0 when it is not asleep."""
+        return self.sleep_level if self.phase is Phase.SLEEPING else 0
+
+    @property
     def host_bytes(self) -> int:
         """Host RAM its sleep holds: its weights at level 1."""
-        return self.weight_bytes if self.phase is Phase.SLEEPING and self.sleep_level == 1 else 0
+        return self.weight_bytes if self.tier == 1 else 0
 
     @property
     def demand(self) -> int:
@@ -118,8 +122,8 @@ class Entry:
             return self.last_wake_s if self.can_sleep else self.last_load_s
         return self.ready_in(now)
 
-    def event(self, now: float, waking: bool = False) -> manager_pb2.ModelEvent:
-        estimate = (self.last_wake_s if waking else self.last_load_s) if self.phase is Phase.LOADING else 0.0
+    def event(self, now: float) -> manager_pb2.ModelEvent:
+        estimate = self.op_estimate_s if self.phase is Phase.LOADING else 0.0
         return manager_pb2.ModelEvent(model=self.spec.name, state=STATE_OF[self.phase], error=self.error,
                                       estimate_s=estimate, ready_in_s=self.ready_in(now))
 
@@ -193,7 +197,7 @@ class Entry:
             draining=self.draining,
             broken=self.broken,
             can_sleep=self.can_sleep,
-            sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
+            sleep_level=self.tier,
             residue=self.overhead_bytes,
             weight_bytes=self.weight_bytes,
             counting=self.reading is not None,
@@ -206,7 +210,7 @@ class Entry:
             footprint_bytes=self.footprint, queue_depth=self.queue_depth, in_flight=self.in_flight,
             last_used_unix=self.last_used, loads=self.loads, evictions=self.evictions, pinned=self.pinned,
             priority=self.spec.priority, error=self.error or self.broken, backoff_until_unix=self.backoff_until,
-            draining=self.draining, sleep_level=self.sleep_level if self.phase is Phase.SLEEPING else 0,
+            draining=self.draining, sleep_level=self.tier,
             wakes=self.wakes, last_transition_s=self.last_transition_s, host_bytes=self.host_bytes,
-            sleep_frees_memory=self.sleep_frees_memory,
+            sleep_frees_memory=self.worker_can_sleep,
         )

@@ -109,16 +109,20 @@ def kill(procs: list, timeout: float) -> list[int]:
     for p in left:
         with contextlib.suppress(psutil.Error):
             p.kill()
-
-    def gone(p) -> bool:
-        with contextlib.suppress(psutil.Error):
-            return p.status() == psutil.STATUS_ZOMBIE
-        return True
-
     deadline = time.monotonic() + timeout
     while not all(gone(p) for p in left) and time.monotonic() < deadline:
         time.sleep(0.01)  # other processes' exit, polled: they need not be our children
     return [p.pid for p in left]
+
+
+def gone(p) -> bool:
+    """Whether the process behind psutil handle `p` has exited (or is a zombie, which holds no
+    memory and is its parent's to reap)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return p.status() == psutil.STATUS_ZOMBIE
+    return True
 
 
 def shared_memory(pid: int) -> set[str]:

@@ -191,7 +191,7 @@ def _engine_processes(before: set[int]) -> list:
 
 
 class Engine:
-    def __init__(self, llm, spec: EngineSpec, null_adapter: str = "", processes: list = ()):
+    def __init__(self, llm, spec: EngineSpec, null_adapter: str = "", processes: list = (), on_cpu: bool = True):
         from vllm.lora.request import LoRARequest
 
         self._llm = llm
@@ -206,7 +206,7 @@ class Engine:
         # Base-model requests: no adapter, or (CPU) the all-zero one, see _null_adapter.
         self._base_lora = LoRARequest(_NULL_ADAPTER, len(spec.adapters) + 1, null_adapter) if null_adapter else None
         self.probe_tokens: list[int] = []   # the probe's tokens at first load
-        self.on_cpu = True
+        self.on_cpu = on_cpu
         self.sleep_level = 0                # asleep at this level (0: awake)
 
     @classmethod
@@ -247,8 +247,7 @@ class Engine:
         except BaseException:
             _remove(null_adapter)
             raise
-        engine = cls(llm, spec, null_adapter, await asyncio.to_thread(_engine_processes, before))
-        engine.on_cpu = on_cpu
+        engine = cls(llm, spec, null_adapter, await asyncio.to_thread(_engine_processes, before), on_cpu)
         try:
             engine.probe_tokens = await engine.probe()   # also the warm-up
         except BaseException:
@@ -282,8 +281,9 @@ class Engine:
     async def wake(self) -> str:
         """Wakes a sleeping engine and checks it; returns "" when it serves as it did at first
         load, else why not (then the caller restarts it). On CPU level 2 really reloads the
-        weights from disk (vLLM's `reload_weights`), though its sleep had freed nothing. Re-registers its LoRA adapters: vLLM
-        forgets to apply adapters loaded before a sleep (vllm-project/vllm#53888)."""
+        weights from disk (vLLM's `reload_weights`), though its sleep had freed nothing.
+        Re-registers its LoRA adapters: vLLM forgets to apply adapters loaded before a sleep
+        (vllm-project/vllm#53888)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._llm is None:
@@ -314,15 +314,7 @@ class Engine:
     def _a_process_is_gone(self) -> bool:
         """Whether one of the engine's processes has exited (vLLM notices a dead EngineCore
         only when it next reads from it, and reports it then as a failed call)."""
-        import psutil
-
-        def gone(p) -> bool:
-            try:
-                return p.status() == psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                return True
-
-        return any(gone(p) for p in self._processes)
+        return any(reaper.gone(p) for p in self._processes)
 
     async def _register_adapters(self) -> None:
         loras = [*self._loras.values(), *([self._base_lora] if self._base_lora else [])]

@@ -488,7 +488,7 @@ class ModelWorker:
             worker_id=self.config.worker_id, model=self.model, address=address, gpu=spec.gpu,
             weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=self.sleep_frees_memory,
             state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active) + len(self.waiting),
-            preflight_error=preflight_error, sleep_level=self.sleep_level, sleep_frees_memory=self.sleep_frees_memory,
+            preflight_error=preflight_error, sleep_level=self.sleep_level,
             state_seq=self.residency.seq,
         )
 

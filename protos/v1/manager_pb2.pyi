@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error", "sleep_level", "sleep_frees_memory", "state_seq")
+    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error", "sleep_level", "state_seq")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -23,7 +23,6 @@ class WorkerReport(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PREFLIGHT_ERROR_FIELD_NUMBER: _ClassVar[int]
     SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
-    SLEEP_FREES_MEMORY_FIELD_NUMBER: _ClassVar[int]
     STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
@@ -37,9 +36,8 @@ class WorkerReport(_message.Message):
     in_flight: int
     preflight_error: str
     sleep_level: int
-    sleep_frees_memory: bool
     state_seq: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ..., sleep_level: _Optional[int] = ..., sleep_frees_memory: _Optional[bool] = ..., state_seq: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ..., sleep_level: _Optional[int] = ..., state_seq: _Optional[int] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ()

@@ -1,7 +1,7 @@
 """Table tests of the residency policy (no processes, no clock)."""
 import pytest
 
-from manager_svc.policy import Evict, Fail, Load, ModelView, Phase, eviction_for, plan
+from manager_svc.policy import Evict, Fail, Load, ModelView, Phase, evictions_for, plan
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +74,7 @@ def test_gpus_are_planned_independently():
 
 
 def test_eviction_for_returns_nothing_when_it_cannot_free_enough():
-    assert eviction_for(cold("c"), [ready("a")], need=200 * MB, now=NOW) == []
+    assert evictions_for(cold("c"), [ready("a")], need=200 * MB, now=NOW, host_free=0) == []
 
 
 

@@ -55,7 +55,7 @@ async def test_sleep_then_wake_reuses_the_engine(worker):
     await worker.evict(sleep_level=1)
     assert worker.residency.state is State.SLEEPING and first.sleeps == [1] and not first.stopped
     assert worker.status().sleep_level == 1 and worker.report("a:1", "").sleep_level == 1
-    assert not worker.report("a:1", "").sleep_frees_memory, "a cpu model's sleep frees nothing"
+    assert not worker.report("a:1", "").can_sleep, "a cpu model's sleep frees nothing"
     await worker.load()
     s = worker.status()
     assert worker.residency.state is State.READY and worker.engine is first
