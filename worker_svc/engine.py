@@ -13,10 +13,12 @@ EngineCore, then vLLM's 5 s grace ran out and it killed the EngineCore. So on CP
   - EngineCores are forked from a fork server that has vLLM imported (`use_fork_server`);
   - the compile cache that loads is used;
   - a stop gives vLLM STOP_GRACE_S, then kills what is left of the engine's processes.
-The model-runner is still spawned: forked (from its EngineCore, tried) it inherits an OpenMP
+The model-runner was still spawned (~7 s): forked from its EngineCore it inherited an OpenMP
 runtime set up before vLLM's thread binding (OMP_NUM_THREADS, GOMP_CPU_AFFINITY, read once when
-libgomp loads), so it ran unbound on both cores, beside its EngineCore, at half the speed now
-and then. On a GPU vLLM already forks (unless CUDA is initialised) and none of this is used.
+libgomp loads) and ran unbound. It now forks from a second fork server that the worker starts
+with the runner's own environment (see `runner_server_for`): a reload went from 12.1-12.9 s to
+5.6-5.7 s (tests/bench/bench_engine_start), its threads bound to the same core as a spawned
+runner's. On a GPU vLLM already forks (unless CUDA is initialised) and none of this is used.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import dataclasses
 import itertools
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.popen_forkserver
 import os
 from collections.abc import AsyncIterator, Sequence
 
@@ -136,6 +139,7 @@ class _EngineProcess(multiprocessing.context.ForkServerProcess):
     def run(self) -> None:
         os.environ.clear()
         os.environ.update(self._environ)
+        _fork_runners_from_server()
         super().run()
 
 
@@ -170,6 +174,192 @@ def use_fork_server() -> bool:
     return True
 
 
+# ---- The model-runner's fork server (CPU) ----------------------------------------------------
+#
+# vLLM's CPU platform spawns the model-runner under each EngineCore: a fresh interpreter that
+# imports torch and vLLM again (~7 s of every start here). Forking it from its EngineCore was
+# tried and dropped: libgomp reads OMP_NUM_THREADS / GOMP_CPU_AFFINITY and the LD_PRELOAD'ed
+# allocator once, when it loads, and the EngineCore had loaded them with the worker's variables,
+# not the runner's, so the runner ran unbound. Here the worker starts a second fork server whose
+# interpreter starts with exactly the environment vLLM gives the runner (its platform's variables
+# and the OpenMP binding vLLM computes for rank 0) and has the runner's modules imported, and no
+# OpenMP thread started; each EngineCore's executor then forks its runner from that server.
+# Should the environment at the runner's start differ in any variable from the server's (a
+# config that binds other cores, say), the runner is spawned as before and the log says which
+# variables differed. multiprocessing's own fork server is used for the protocol (the fds, the
+# pid and exit code, the pickled process); only its launch (with an environment of our choice)
+# and its lookup from a process that did not start it are written here, as no library does that.
+
+_RUNNER_PRELOAD = ["vllm.v1.executor.multiproc_executor", "vllm.v1.worker.cpu_worker",
+                   "vllm.v1.worker.cpu_model_runner", "vllm.model_executor.models.llama"]
+_RUNNER_SERVER = "ROUNDHOUSE_RUNNER_SERVER"    # env, for the EngineCores: "<socket> <env digest>"
+_RUNNER_ENV_IGNORED = frozenset({_RUNNER_SERVER, "VLLM_DIST_IDENT"})  # set per engine or runner
+
+
+def _env_digest(env) -> str:
+    import hashlib
+
+    items = sorted((k, v) for k, v in env.items() if k not in _RUNNER_ENV_IGNORED)
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+class _RunnerServer(multiprocessing.forkserver.ForkServer):
+    """A fork server for model-runners, started by the worker with the runner's environment
+    (`launch`) or looked up by an EngineCore from _RUNNER_SERVER (`attach`)."""
+
+    def __init__(self, address: str, alive_fd: int, digest: str, env: dict | None = None, proc=None):
+        super().__init__()
+        self._forkserver_address = address
+        self._forkserver_alive_fd = alive_fd   # the worker's: the server exits when it closes
+        self.digest = digest
+        self.env = env or {}
+        self.proc = proc                       # subprocess.Popen, in the worker only
+
+    @classmethod
+    def launch(cls, env: dict) -> "_RunnerServer":
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing import connection, util
+
+        data = {"sys_path": sys.path}
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()
+            cmd = ("from multiprocessing.forkserver import main; main(%d, %d, %r, **%r)"
+                   % (listener.fileno(), alive_r, _RUNNER_PRELOAD, data))
+            try:
+                proc = subprocess.Popen([sys.executable, *util._args_from_interpreter_flags(), "-c", cmd],
+                                        pass_fds=(listener.fileno(), alive_r), env=env, stdin=subprocess.DEVNULL)
+            except BaseException:
+                os.close(alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+        return cls(address, alive_w, _env_digest(env), env, proc)
+
+    @classmethod
+    def attach(cls) -> "_RunnerServer | None":
+        address, _, digest = os.environ.get(_RUNNER_SERVER, "").partition(" ")
+        if not address:
+            return None
+        return cls(address, os.open(os.devnull, os.O_RDONLY), digest)
+
+    def ensure_running(self) -> None:
+        # Started by the worker, not by whoever forks from it (multiprocessing's would start its
+        # own); a server that is gone makes the connect fail, and the runner is spawned.
+        multiprocessing.resource_tracker.ensure_running()
+
+    def close(self) -> None:
+        os.close(self._forkserver_alive_fd)
+        self.proc.wait(5)
+
+
+class _RunnerPopen(multiprocessing.popen_forkserver.Popen):
+    """A process forked from the runner server (multiprocessing's forkserver Popen, pointed at it)."""
+
+    server: _RunnerServer
+
+    def _launch(self, process_obj):
+        # popen_forkserver.Popen._launch with the runner server in place of the module's own.
+        import io
+        from multiprocessing import reduction, spawn, util
+        from multiprocessing.context import set_spawning_popen
+
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = self.server.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+
+class _RunnerProcess(multiprocessing.context.SpawnProcess):
+    """A model-runner: forked from the runner server when its environment is the server's, else
+    spawned as vLLM would."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        server = _RunnerPopen.server
+        if _env_digest(os.environ) != server.digest:
+            log.warning("engine.runner_spawned", reason="its environment differs from the runner server's")
+        else:
+            try:
+                popen = _RunnerPopen(process_obj)
+                log.info("engine.runner_forked", pid=popen.pid)
+                return popen
+            except OSError as e:
+                log.warning("engine.runner_spawned", reason=f"the runner server is unreachable: {e}")
+        return multiprocessing.context.SpawnProcess._Popen(process_obj)
+
+
+class _RunnerContext(multiprocessing.context.SpawnContext):
+    Process = _RunnerProcess
+
+
+def _fork_runners_from_server() -> None:
+    """In an EngineCore: its executor's model-runners fork from the worker's runner server (see
+    _RunnerProcess), if the worker named one."""
+    server = _RunnerServer.attach()
+    if server is None:
+        return
+    import vllm.v1.executor.multiproc_executor as executor
+
+    _RunnerPopen.server = server
+    vllm_context = executor.get_mp_context
+
+    def get_mp_context():
+        context = vllm_context()   # still called: it may set vLLM's variables
+        return _RunnerContext() if context.get_start_method() == "spawn" else context
+
+    executor.get_mp_context = get_mp_context
+
+
+_runner_servers: list[_RunnerServer] = []   # this worker's (one, for the environment last asked)
+
+
+def runner_server_for(vllm_config) -> None:
+    """In the worker, before an engine starts on CPU: makes sure a runner server with the
+    environment vLLM will give this engine's model-runner is running (started now, once per
+    environment: it imports for ~7 s while the EngineCore starts) and tells the EngineCore where
+    it is. `vllm_config` has been through the platform's config check, which sets vLLM's process
+    variables in this process's environment."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    env = dict(os.environ)
+    env.pop(_RUNNER_SERVER, None)
+    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+        env.update(os.environ)   # the binding vLLM sets around its runner's start
+    digest = _env_digest(env)
+    if _runner_servers and (_runner_servers[0].digest != digest or _runner_servers[0].proc.poll() is not None):
+        _runner_servers.pop().close()
+    if not _runner_servers:
+        _runner_servers.append(_RunnerServer.launch(env))
+        log.info("engine.runner_server_started", pid=_runner_servers[0].proc.pid)
+    os.environ[_RUNNER_SERVER] = f"{_runner_servers[0]._forkserver_address} {digest}"
+
+
+def _helper_pids() -> set[int]:
+    """multiprocessing's helpers that serve the whole worker and must live on: its fork server,
+    resource tracker and the runner server."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid}
+    pids.update(s.proc.pid for s in _runner_servers)
+    return {p for p in pids if p}
+
+
 def _descendants() -> list:
     """This process's descendants now (psutil handles: pid and start time, never a reused pid)."""
     import psutil
@@ -178,16 +368,11 @@ def _descendants() -> list:
 
 
 def _engine_processes(before: set[int]) -> list:
-    """The descendants that a start made (not in `before`), but for multiprocessing's own
-    helpers (its resource tracker serves the whole worker and must live on)."""
-    import psutil
-
-    def helper(p) -> bool:
-        with contextlib.suppress(psutil.Error):
-            return any("resource_tracker" in part or "forkserver" in part for part in p.cmdline())
-        return True  # gone already: nothing to stop
-
-    return [p for p in _descendants() if p.pid not in before and not helper(p)]
+    """The descendants that a start made (not in `before`, and not the helpers that serve the
+    whole worker: `_helper_pids`), with their own descendants (a runner forked from the runner
+    server is that server's child)."""
+    helpers = _helper_pids()
+    return [p for p in _descendants() if p.pid not in before and p.pid not in helpers]
 
 
 class Engine:
@@ -243,7 +428,10 @@ class Engine:
             **({"max_loras": spec.max_loras + bool(null_adapter), "max_lora_rank": spec.max_lora_rank} if spec.adapters else {}),
         )
         try:
-            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            vllm_config = await asyncio.to_thread(args.create_engine_config)
+            if on_cpu and _fork_server[0]:
+                await asyncio.to_thread(runner_server_for, vllm_config)
+            llm = await asyncio.to_thread(AsyncLLM.from_vllm_config, vllm_config, disable_log_stats=True)
         except BaseException:
             _remove(null_adapter)
             raise

@@ -12,6 +12,7 @@ check, not a weight transfer; the CUDA tiers are in tests/gpu (marked `gpu`).
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 
 import grpc
@@ -128,6 +129,18 @@ def _engine_processes(worker: stack.WorkerProcess) -> list[psutil.Process]:
     return out
 
 
+def _check_runner_forked_and_bound(worker: stack.WorkerProcess) -> None:
+    """The engine's model-runner was forked from the worker's runner server (not spawned, not
+    forked from its EngineCore) and vLLM's OpenMP binding holds in it: every thread on the same
+    cores, not all of them (vLLM keeps one for the EngineCore)."""
+    runners = [p for p in _engine_processes(worker) if p.cmdline()[0].startswith("VLLM::Worker")]
+    assert len(runners) == 1, runners
+    server = runners[0].parent()
+    assert server.ppid() == worker.process.pid and "forkserver" in " ".join(server.cmdline()), server.cmdline()
+    cores = {frozenset(os.sched_getaffinity(t.id)) for t in runners[0].threads()}
+    assert len(cores) == 1 and (os.cpu_count() == 1 or len(next(iter(cores))) < os.cpu_count()), cores
+
+
 async def test_an_evicted_model_sleeps_and_wakes_with_the_same_output_and_a_dead_sleeper_restarts(sl):
     # 1. Cold loads: A, then B, which puts A to sleep at level 1 (the host has room for its weights).
     a_tokens = await sl.generate(A)
@@ -140,6 +153,7 @@ async def test_an_evicted_model_sleeps_and_wakes_with_the_same_output_and_a_dead
     assert sl.gpu.host_sleep_used_bytes == r[A].host_bytes
     a_engine = {p.pid for p in _engine_processes(sl.workers[A])}
     assert a_engine, "A's engine processes live on while it sleeps"
+    _check_runner_forked_and_bound(sl.workers[A])
 
     # 2. A again: B sleeps, at level 2 (A's level-1 sleep held the host's room when B was chosen),
     #    and A wakes: the same engine processes, the same greedy tokens, no cold load.
@@ -160,6 +174,7 @@ async def test_an_evicted_model_sleeps_and_wakes_with_the_same_output_and_a_dead
     assert await sl.generate(B) == b_tokens
     status = await sl.workers[B].status()
     assert "died while asleep" in status.restart_reason, status
+    _check_runner_forked_and_bound(sl.workers[B])   # its second runner, from the same server
     r = await sl.residency()
     assert r[B].state == READY and (r[B].loads, r[B].wakes) == (2, 0), r[B]
     assert r[A].state == SLEEPING and r[A].sleep_level == 1
