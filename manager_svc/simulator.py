@@ -110,8 +110,8 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
-        "cpu", SwapCosts(cold_load_s=27.0, warm_load_s=14.0, evict_s=0.7), service_s=2.0, max_num_seqs=4, slo_s=60.0,
-        note="measured on this CPU (vLLM CPU build): first load 27 s, reload 14 s, eviction 0.7 s; "
+        "cpu", SwapCosts(cold_load_s=20.0, warm_load_s=6.5, evict_s=0.6), service_s=2.0, max_num_seqs=4, slo_s=60.0,
+        note="measured on this CPU (vLLM CPU build, bench_swap): first load 20 s, reload 6.5 s, eviction 0.6 s; "
              "SLO 60 s = a request may wait for about three swaps"),
     "gpu": Profile(
         "gpu", SwapCosts(cold_load_s=48.0, warm_load_s=0.8, evict_s=1.0), service_s=4.0, max_num_seqs=32, slo_s=20.0,
