@@ -159,6 +159,8 @@ class Manager:
         if r.in_flight == 0 and e.in_flight > 0:
             self._read_soon(e)   # its queue's ack-pending count may still hold what it just settled
         e.reported_in_flight = r.in_flight
+        if r.request_s > 0:
+            e.request_s = r.request_s
         e.broken = r.preflight_error
         e.worker_can_sleep = r.can_sleep
         if e.op is None and not stale:  # while a Load / Evict is under way, that call is the truth

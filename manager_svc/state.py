@@ -53,6 +53,7 @@ class Entry:
     backoff_until: float = 0.0
     resident_since: float = 0.0
     last_load_s: float = 30.0         # a cold load's expected seconds (learned: see learn)
+    request_s: float = 0.0            # one request's time in its engine, as its worker learned it (0: unknown)
     swap: str = "auto"                # its GPU's swap setting (catalogue)
     worker_can_sleep: bool = False    # its worker says a sleep frees memory (CUDA sleep mode; not CPU)
     sleep_level: int = 0              # SLEEPING: 1 or 2
@@ -115,6 +116,16 @@ class Entry:
             return max(0.0, self.op_started + self.op_estimate_s - now)
         return self.last_wake_s if self.phase is Phase.SLEEPING else self.last_load_s
 
+    @property
+    def queue_s(self) -> float:
+        """Seconds a request sent now would wait, once its model serves, for those queued ahead
+        of it (and, when it is READY, those it runs): a round of max_num_seqs requests takes the
+        learned request time, and a request gets a slot in round `ahead // max_num_seqs` (the
+        requests a load releases start together). 0 while a slot is free, or while the request
+        time is unknown."""
+        ahead = self.queue_depth + (self.in_flight if self.phase is Phase.READY else 0)
+        return (ahead // max(1, self.spec.max_num_seqs)) * self.request_s
+
     def comeback_s(self, now: float) -> float:
         """What bringing it (back) would cost: a wake where it sleeps or would sleep when
         evicted, else a load; what is left of one under way."""
@@ -124,8 +135,9 @@ class Entry:
 
     def event(self, now: float) -> manager_pb2.ModelEvent:
         estimate = self.op_estimate_s if self.phase is Phase.LOADING else 0.0
+        queue_s = self.queue_s
         return manager_pb2.ModelEvent(model=self.spec.name, state=STATE_OF[self.phase], error=self.error,
-                                      estimate_s=estimate, ready_in_s=self.ready_in(now))
+                                      estimate_s=estimate, ready_in_s=self.ready_in(now) + queue_s, queue_s=queue_s)
 
     def touch(self, now: float) -> None:
         """One request for this model was seen."""

@@ -85,10 +85,12 @@ class Route:
 
 @dataclasses.dataclass(frozen=True)
 class Readiness:
-    """How soon a model could serve, as the manager last said: 0 s when it is ready, else the
-    load or wake it would take (learned from its own past transitions)."""
+    """How soon a request sent to a model now would start, as the manager last said: the load or
+    wake it would take (learned from its own past transitions; none when it is ready), plus
+    `queue_s` for the requests queued ahead of it."""
     ready: bool
     wait_s: float
+    queue_s: float = 0.0
 
 
 def classify(spec: RoutingSpec, req: RequestView) -> Route:
@@ -102,16 +104,20 @@ def classify(spec: RoutingSpec, req: RequestView) -> Route:
 
 def prefer_resident(route: Route, readiness: Mapping[str, Readiness], budget_s: float) -> Route:
     """`route` as it is when its model is ready, unknown, or would serve within `budget_s`;
-    else the first of its fallbacks that would (a model's wait unknown counts as too long),
-    the reason saying so. No fallback fits: `route` as it is (the request waits)."""
+    else the first of its fallbacks that would, its queue included (a model's wait unknown
+    counts as too long), the reason saying so. No fallback fits: `route` as it is (the request
+    waits)."""
     chosen = readiness.get(route.model)
     if not route.fallbacks or chosen is None or chosen.ready or chosen.wait_s <= budget_s:
         return route
     for name in route.fallbacks:
         r = readiness.get(name)
-        if r is not None and (r.ready or r.wait_s <= budget_s):
-            now = "resident" if r.ready else f"~{r.wait_s:.1f} s to wake"
-            return Route(name, f"{route.reason}; {route.model} would take ~{chosen.wait_s:.0f} s to serve "
+        if r is not None and r.wait_s <= budget_s:
+            now = "resident" if r.ready else f"~{r.wait_s - r.queue_s:.1f} s to wake"
+            if r.queue_s >= 0.5:
+                now += f", ~{r.queue_s:.0f} s of queue"
+            queue = f", ~{chosen.queue_s:.0f} s of it for the requests queued ahead" if chosen.queue_s >= 0.5 else ""
+            return Route(name, f"{route.reason}; {route.model} would take ~{chosen.wait_s:.0f} s to serve{queue} "
                                f"(over {budget_s:.0f} s): fallback {name} ({now})")
     return route
 

@@ -18,7 +18,8 @@ class ReadinessBook:
         self._models: dict[str, Readiness] = {}
 
     def on_event(self, ev: manager_pb2.ModelEvent) -> None:
-        self._models[ev.model] = Readiness(ready=ev.state == worker_pb2.ENGINE_STATE_READY, wait_s=ev.ready_in_s)
+        self._models[ev.model] = Readiness(ready=ev.state == worker_pb2.ENGINE_STATE_READY, wait_s=ev.ready_in_s,
+                                            queue_s=ev.queue_s)
 
     def on_snapshot(self, snapshot: manager_pb2.ResidencySnapshot) -> None:
         for ev in snapshot.models:

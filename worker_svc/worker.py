@@ -70,6 +70,15 @@ class Counters:
     wakes: int = 0
     wake_seconds: float = 0.0
     restart_reason: str = ""          # why the last wake fell back to a cold start
+    request_s: float = 0.0            # learned time of one request in the engine (0: none yet)
+
+    def learn_request(self, seconds: float) -> None:
+        """A request completed in `seconds`: the mean moves REQUEST_WEIGHT of the way to it
+        (the first one sets it)."""
+        self.request_s = seconds if self.request_s == 0.0 else self.request_s + REQUEST_WEIGHT * (seconds - self.request_s)
+
+
+REQUEST_WEIGHT = 0.2   # of each completed request in the learned request time
 
 
 Republish = Callable[[str, bytes, dict], Awaitable[object]]   # (subject, payload, headers)
@@ -361,6 +370,7 @@ class ModelWorker:
     async def _generate(self, engine: Engine, req, active: Active, remaining: float | None, bound):
         """Runs the generation; returns (outcome, receipt of the last chunk or None)."""
         rid, delivery, link = req.request_id, active.delivery, active.link
+        started = time.monotonic()
         outcome = "ack"
         receipt: asyncio.Future | None = None
         try:
@@ -388,6 +398,7 @@ class ModelWorker:
                         return "hand back", None
                     if step.finished:
                         self.counters.completed += 1
+                        self.counters.learn_request(time.monotonic() - started)
                         receipt = link.push_last(_finished(rid, delivery, step.finish_reason, step.prompt_tokens, step.completion_tokens))
         except asyncio.CancelledError:
             if not active.stop:
@@ -489,7 +500,7 @@ class ModelWorker:
             weight_bytes=self.weight_bytes, kv_cache_bytes=spec.kv_cache_bytes, can_sleep=self.sleep_frees_memory,
             state=self.residency.state.value, error=self.residency.error, in_flight=len(self.active) + len(self.waiting),
             preflight_error=preflight_error, sleep_level=self.sleep_level,
-            state_seq=self.residency.seq,
+            state_seq=self.residency.seq, request_s=self.counters.request_s,
         )
 
     @property

@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import worker_pb2 as protos_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/v1/manager.proto\x12\rroundhouse.v1\x1a\x16protos/v1/worker.proto\"\xa3\x02\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x03\x12\x11\n\tcan_sleep\x18\x07 \x01(\x08\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x17\n\x0fpreflight_error\x18\x0b \x01(\t\x12\x13\n\x0bsleep_level\x18\x0c \x01(\x05\x12\x11\n\tstate_seq\x18\x0e \x01(\x03J\x04\x08\r\x10\x0e\"\x0b\n\tReportAck\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x16\n\x14ListResidencyRequest\"\xb3\x03\n\x0eModelResidency\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x05 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x16\n\x0elast_used_unix\x18\x08 \x01(\x01\x12\r\n\x05loads\x18\t \x01(\x03\x12\x11\n\tevictions\x18\n \x01(\x03\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x1a\n\x12\x62\x61\x63koff_until_unix\x18\x0e \x01(\x01\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x13\n\x0bsleep_level\x18\x10 \x01(\x05\x12\r\n\x05wakes\x18\x11 \x01(\x03\x12\x19\n\x11last_transition_s\x18\x12 \x01(\x01\x12\x12\n\nhost_bytes\x18\x13 \x01(\x03\x12\x1a\n\x12sleep_frees_memory\x18\x14 \x01(\x08\"\x9e\x01\n\tGpuBudget\x12\x0b\n\x03gpu\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04swap\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x1f\n\x17host_sleep_budget_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15host_sleep_used_bytes\x18\x07 \x01(\x03\"n\n\x15ListResidencyResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.roundhouse.v1.ModelResidency\x12&\n\x04gpus\x18\x02 \x03(\x0b\x32\x18.roundhouse.v1.GpuBudget\"}\n\nModelEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\x12\n\nestimate_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nready_in_s\x18\x05 \x01(\x01\">\n\x11ResidencySnapshot\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.ModelEvent2\x86\x04\n\x07Manager\x12?\n\x06Report\x12\x1b.roundhouse.v1.WorkerReport\x1a\x18.roundhouse.v1.ReportAck\x12Z\n\rListResidency\x12#.roundhouse.v1.ListResidencyRequest\x1a$.roundhouse.v1.ListResidencyResponse\x12\x41\n\x03Pin\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12\x43\n\x05Unpin\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12G\n\tLoadModel\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12H\n\nEvictModel\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12\x43\n\x05\x44rain\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidencyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/v1/manager.proto\x12\rroundhouse.v1\x1a\x16protos/v1/worker.proto\"\xb6\x02\n\x0cWorkerReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x03\x12\x11\n\tcan_sleep\x18\x07 \x01(\x08\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x17\n\x0fpreflight_error\x18\x0b \x01(\t\x12\x13\n\x0bsleep_level\x18\x0c \x01(\x05\x12\x11\n\tstate_seq\x18\x0e \x01(\x03\x12\x11\n\trequest_s\x18\x0f \x01(\x01J\x04\x08\r\x10\x0e\"\x0b\n\tReportAck\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x16\n\x14ListResidencyRequest\"\xb3\x03\n\x0eModelResidency\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x05 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x16\n\x0elast_used_unix\x18\x08 \x01(\x01\x12\r\n\x05loads\x18\t \x01(\x03\x12\x11\n\tevictions\x18\n \x01(\x03\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x1a\n\x12\x62\x61\x63koff_until_unix\x18\x0e \x01(\x01\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x13\n\x0bsleep_level\x18\x10 \x01(\x05\x12\r\n\x05wakes\x18\x11 \x01(\x03\x12\x19\n\x11last_transition_s\x18\x12 \x01(\x01\x12\x12\n\nhost_bytes\x18\x13 \x01(\x03\x12\x1a\n\x12sleep_frees_memory\x18\x14 \x01(\x08\"\x9e\x01\n\tGpuBudget\x12\x0b\n\x03gpu\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04swap\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x1f\n\x17host_sleep_budget_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15host_sleep_used_bytes\x18\x07 \x01(\x03\"n\n\x15ListResidencyResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.roundhouse.v1.ModelResidency\x12&\n\x04gpus\x18\x02 \x03(\x0b\x32\x18.roundhouse.v1.GpuBudget\"\x8e\x01\n\nModelEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.roundhouse.v1.EngineState\x12\x12\n\nestimate_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nready_in_s\x18\x05 \x01(\x01\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\">\n\x11ResidencySnapshot\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.roundhouse.v1.ModelEvent2\x86\x04\n\x07Manager\x12?\n\x06Report\x12\x1b.roundhouse.v1.WorkerReport\x1a\x18.roundhouse.v1.ReportAck\x12Z\n\rListResidency\x12#.roundhouse.v1.ListResidencyRequest\x1a$.roundhouse.v1.ListResidencyResponse\x12\x41\n\x03Pin\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12\x43\n\x05Unpin\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12G\n\tLoadModel\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12H\n\nEvictModel\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidency\x12\x43\n\x05\x44rain\x12\x1b.roundhouse.v1.ModelRequest\x1a\x1d.roundhouse.v1.ModelResidencyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.manager_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERREPORT']._serialized_start=67
-  _globals['_WORKERREPORT']._serialized_end=358
-  _globals['_REPORTACK']._serialized_start=360
-  _globals['_REPORTACK']._serialized_end=371
-  _globals['_MODELREQUEST']._serialized_start=373
-  _globals['_MODELREQUEST']._serialized_end=402
-  _globals['_LISTRESIDENCYREQUEST']._serialized_start=404
-  _globals['_LISTRESIDENCYREQUEST']._serialized_end=426
-  _globals['_MODELRESIDENCY']._serialized_start=429
-  _globals['_MODELRESIDENCY']._serialized_end=864
-  _globals['_GPUBUDGET']._serialized_start=867
-  _globals['_GPUBUDGET']._serialized_end=1025
-  _globals['_LISTRESIDENCYRESPONSE']._serialized_start=1027
-  _globals['_LISTRESIDENCYRESPONSE']._serialized_end=1137
-  _globals['_MODELEVENT']._serialized_start=1139
-  _globals['_MODELEVENT']._serialized_end=1264
-  _globals['_RESIDENCYSNAPSHOT']._serialized_start=1266
-  _globals['_RESIDENCYSNAPSHOT']._serialized_end=1328
-  _globals['_MANAGER']._serialized_start=1331
-  _globals['_MANAGER']._serialized_end=1849
+  _globals['_WORKERREPORT']._serialized_end=377
+  _globals['_REPORTACK']._serialized_start=379
+  _globals['_REPORTACK']._serialized_end=390
+  _globals['_MODELREQUEST']._serialized_start=392
+  _globals['_MODELREQUEST']._serialized_end=421
+  _globals['_LISTRESIDENCYREQUEST']._serialized_start=423
+  _globals['_LISTRESIDENCYREQUEST']._serialized_end=445
+  _globals['_MODELRESIDENCY']._serialized_start=448
+  _globals['_MODELRESIDENCY']._serialized_end=883
+  _globals['_GPUBUDGET']._serialized_start=886
+  _globals['_GPUBUDGET']._serialized_end=1044
+  _globals['_LISTRESIDENCYRESPONSE']._serialized_start=1046
+  _globals['_LISTRESIDENCYRESPONSE']._serialized_end=1156
+  _globals['_MODELEVENT']._serialized_start=1159
+  _globals['_MODELEVENT']._serialized_end=1301
+  _globals['_RESIDENCYSNAPSHOT']._serialized_start=1303
+  _globals['_RESIDENCYSNAPSHOT']._serialized_end=1365
+  _globals['_MANAGER']._serialized_start=1368
+  _globals['_MANAGER']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

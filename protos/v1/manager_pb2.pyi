@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error", "sleep_level", "state_seq")
+    __slots__ = ("worker_id", "model", "address", "gpu", "weight_bytes", "kv_cache_bytes", "can_sleep", "state", "error", "in_flight", "preflight_error", "sleep_level", "state_seq", "request_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class WorkerReport(_message.Message):
     PREFLIGHT_ERROR_FIELD_NUMBER: _ClassVar[int]
     SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
     STATE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     address: str
@@ -37,7 +38,8 @@ class WorkerReport(_message.Message):
     preflight_error: str
     sleep_level: int
     state_seq: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ..., sleep_level: _Optional[int] = ..., state_seq: _Optional[int] = ...) -> None: ...
+    request_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., gpu: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., can_sleep: _Optional[bool] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., preflight_error: _Optional[str] = ..., sleep_level: _Optional[int] = ..., state_seq: _Optional[int] = ..., request_s: _Optional[float] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ()
@@ -124,18 +126,20 @@ class ListResidencyResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelResidency, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuBudget, _Mapping]]] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("model", "state", "estimate_s", "error", "ready_in_s")
+    __slots__ = ("model", "state", "estimate_s", "error", "ready_in_s", "queue_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     READY_IN_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _worker_pb2.EngineState
     estimate_s: float
     error: str
     ready_in_s: float
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., estimate_s: _Optional[float] = ..., error: _Optional[str] = ..., ready_in_s: _Optional[float] = ...) -> None: ...
+    queue_s: float
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_worker_pb2.EngineState, str]] = ..., estimate_s: _Optional[float] = ..., error: _Optional[str] = ..., ready_in_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class ResidencySnapshot(_message.Message):
     __slots__ = ("models",)

@@ -179,6 +179,10 @@ async def test_an_evicted_model_sleeps_and_wakes_with_the_same_output_and_a_dead
     assert r[B].state == READY and (r[B].loads, r[B].wakes) == (2, 0), r[B]
     assert r[A].state == SLEEPING and r[A].sleep_level == 1
 
+    # Its worker has learned how long a request takes in its engine (for the queue-ahead part of
+    # the routing estimate) and reported it.
+    await eventually(lambda: sl.manager.manager.entries[B].request_s > 0, 10, "B's request time reached the manager")
+
     # 4. Residency-aware routing: an "auto" request for A, asleep with a wake learned at well
     #    under max_swap_wait_s, goes to A (which wakes).
     await eventually(lambda: sl.router.readiness.view.get(A) is not None and sl.router.readiness.view[A].wait_s < 10, 10,

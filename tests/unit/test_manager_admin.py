@@ -200,6 +200,35 @@ def test_load_and_wake_estimates_are_learned_and_say_how_soon_a_model_serves():
     assert e.ready_in(0) == 0.0
 
 
+def test_the_queue_ahead_counts_in_how_soon_a_model_serves():
+    """Residency-aware routing's estimate: the load or wake, plus a round of the worker's
+    learned request time for each full set of slots queued ahead."""
+    from manager_svc.policy import Phase
+    from protos.v1 import manager_pb2, worker_pb2
+
+    manager = Manager(CAT, "nats://unused")
+    e = manager.entry("m")
+    slots = e.spec.max_num_seqs
+
+    def report(request_s: float) -> None:
+        manager.apply_report(manager_pb2.WorkerReport(worker_id="w", model="m", address="a:1",
+                                                      state=worker_pb2.ENGINE_STATE_UNLOADED, request_s=request_s))
+
+    report(0.0)
+    e.learn("load", 20.0)
+    e.set_queue(3 * slots, 0, 1.0)
+    assert (e.event(1.0).ready_in_s, e.event(1.0).queue_s) == (20.0, 0.0), "no request time learned yet: the load only"
+    report(2.0)
+    assert e.event(1.0).queue_s == 6.0 and e.event(1.0).ready_in_s == 26.0, "three full rounds ahead"
+    e.set_queue(slots - 1, 0, 2.0)
+    assert e.event(2.0).queue_s == 0.0, "a slot is left for it"
+    report(0.0)
+    assert e.request_s == 2.0, "a worker that has learned nothing (a restart) does not erase the estimate"
+    e.phase = Phase.READY
+    e.set_queue(0, slots, 3.0)
+    assert e.event(3.0).queue_s == 2.0 and e.event(3.0).ready_in_s == 2.0, "resident, every slot busy: one round"
+
+
 async def test_inputs_change_nothing_until_the_decide_loop_applies_them_in_order():
     """One writer: a report (gRPC handler) and a pin (admin call) are posted to the manager's
     inbox; the entry changes only when the decide loop applies them, in arrival order."""

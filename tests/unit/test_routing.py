@@ -125,6 +125,12 @@ RESIDENCY_CASES = [
     ("no fallback fits: the request waits for its model", {"code": R(False, 28.0), "reasoning": R(False, 30.0)}, 10, "code"),
     ("nothing known of the model: as classified", {"chat": R(True, 0.0)}, 10, "code"),
     ("a budget that holds the load: as classified", FAR, 60, "code"),
+    ("a short wake, but the queue ahead makes it too long: a fallback",
+     {"code": R(False, 28.0, queue_s=27.6), "reasoning": R(False, 30.0), "chat": R(True, 0.0)}, 10, "chat"),
+    ("a resident fallback whose queue is over the budget is passed over for one that fits",
+     {"code": R(False, 28.0), "reasoning": R(True, 12.0, queue_s=12.0), "chat": R(True, 0.0)}, 10, "chat"),
+    ("every fallback's queue is over the budget: the request waits for its model",
+     {"code": R(False, 28.0), "reasoning": R(True, 12.0, queue_s=12.0), "chat": R(True, 11.0, queue_s=11.0)}, 10, "code"),
 ]
 
 
@@ -134,6 +140,8 @@ def test_residency_aware_fallbacks(readiness, budget, model):
     assert route.model == model
     if model != "code":
         assert "fallback " + model in route.reason and "code would take ~28 s" in route.reason, route.reason
+    if "code" in readiness and readiness["code"].queue_s and model != "code":
+        assert "~28 s of it for the requests queued ahead" in route.reason, route.reason
 
 
 def test_the_budget_is_the_smaller_of_max_swap_wait_and_the_time_left():

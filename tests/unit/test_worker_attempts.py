@@ -64,3 +64,13 @@ async def test_a_redelivery_adopted_while_a_suspect_waits_is_no_attempt(tmp_path
     assert d.attempts == 1, "the adopted redelivery was no attempt"
     assert d.number == 4 + 2 + 1, "numbers still increase past every delivery the router may have seen"
     assert d.suspect
+
+
+def test_a_worker_learns_how_long_a_request_takes_in_its_engine():
+    from worker_svc.worker import REQUEST_WEIGHT, Counters
+
+    c = Counters()
+    c.learn_request(4.0)
+    assert c.request_s == 4.0, "the first completed request sets it"
+    c.learn_request(9.0)
+    assert c.request_s == pytest.approx(4.0 + REQUEST_WEIGHT * 5.0), "later ones move it part of the way"
