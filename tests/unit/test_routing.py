@@ -3,8 +3,11 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protos.v1 import router_pb2
 from roundhouse import catalogue, routing, stack
@@ -53,6 +56,7 @@ def test_metadata_star_means_present_with_any_value():
 @pytest.mark.parametrize("rules, key", [
     ([{"name": "x", "model": "nope"}], "routing.rules[0].model"),
     ([{"name": "x", "model": "code", "patterns": ["("]}], "routing.rules[0].patterns[0]"),
+    ([{"name": "x", "model": "code", "patterns": ["ok", r"(a)\1"]}], "routing.rules[0].patterns[1]"),   # RE2: no backreference
     ([{"name": "x", "model": "code", "endpoint": "embeddings"}], "routing.rules[0].endpoint"),
     ([{"name": "x", "model": "code", "colour": "red"}], "routing.rules[0].colour"),
     ([{"name": "x", "model": "code"}, {"name": "x", "model": "chat"}], "routing.rules[1].name"),
@@ -152,3 +156,49 @@ def test_the_budget_is_the_smaller_of_max_swap_wait_and_the_time_left():
     assert resolve_route(req, _cat(FENCE), FAR, time_left_s=600)[0] == "code", "max_swap_wait_s 0: the deadline only"
     named = router_pb2.GenerateRequest(model="code", prompt="```x```")
     assert resolve_route(named, cat, FAR, time_left_s=1)[0] == "code", "a model asked for by name is never replaced"
+
+
+def test_a_pattern_re2_cannot_run_is_refused_saying_why():
+    with pytest.raises(ConfigError, match=r"patterns\[0\].*RE2.*no backreferences or lookaround"):
+        _cat([{"name": "x", "model": "code", "patterns": ["(?=lookahead)"]}])
+
+
+DEFAULT_ROUTING = catalogue.load(pathlib.Path(routing.__file__).parent / "defaults" / "cpu.yaml").routing
+
+# Bodies that made the backtracking patterns take seconds (issue 10), and bigger ones.
+PATHOLOGICAL = [
+    ("8,000 newlines", "\n" * 8000),
+    ("'select ' x 4,000", "select " * 4000),
+    ("stack-frame prefixes x 100,000", "  at x(" * 100_000),
+    ("16 MiB of newlines", "\n" * 2**24),
+    ("16 MiB on one line", "a (" * (2**24 // 3)),
+]
+
+
+@pytest.mark.parametrize("text", [t for _, t in PATHOLOGICAL], ids=[n for n, _ in PATHOLOGICAL])
+def test_known_pathological_bodies_classify_in_milliseconds(text):
+    req = routing.RequestView("chat", (text,), {})
+    best = min(_timed(routing.classify, DEFAULT_ROUTING, req) for _ in range(3))  # best of 3: this VM stalls
+    assert best < 0.010, f"{best * 1e3:.1f} ms (measured ~0.3 ms; issue 10's bound for a 16 MiB body is 10 ms)"
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def test_a_long_conversation_is_scanned_latest_first_within_the_limit():
+    texts = ("```old code```", *["plain words " * 100] * 20, "please prove this lemma")
+    parts = routing.scanned(texts)
+    assert parts[0] == "please prove this lemma" and "```old code```" not in parts, "the latest messages fill the limit"
+    head_and_tail = routing.scanned(("```" + "x" * 50_000 + "Traceback (most recent call last)",))
+    assert head_and_tail[0].startswith("```") and head_and_tail[0].endswith("last)"), "a long message: its head and tail"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=3000), max_size=30), st.integers(min_value=1, max_value=20_000))
+def test_what_patterns_look_at_is_bounded(texts, limit):
+    parts = routing.scanned(tuple(texts), limit)
+    assert sum(len(p) for p in parts) <= limit + len(parts), "the limit, plus one joining newline per cut message"
+    assert all(p in texts or "\n" in p for p in parts)
