@@ -167,7 +167,8 @@ def _cmd_classify(a: argparse.Namespace) -> int:
     this command runs every service: the shared package never imports the services."""
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "router_svc.classify", *(["--config", a.config] if a.config else [])])
+    return subprocess.call([sys.executable, "-m", "router_svc.classify", *(["--config", a.config] if a.config else []),
+                            *(["--eval", a.eval] if a.eval else [])])
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
@@ -280,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--log-level", default="info")
     cl = sub.add_parser("classify", help="route JSON-lines requests from stdin offline: prints model and reason")
     cl.add_argument("--config", help="models YAML with a routing section (default: the embedded one)")
+    cl.add_argument("--eval", metavar="FILE", help="labelled JSON lines (`expect`): accuracy, precision / recall, confusion, slowest")
     mm = sub.add_parser("make-models", help="write deterministic tiny models and a catalogue")
     mm.add_argument("dir")
     mm.add_argument("--count", type=int, default=3)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import re2
 
@@ -98,11 +98,31 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+    """`routing.classifier`: the router's learned classifier, asked after the rules that read
+    metadata and before the others."""
+    model_file: str = ""                                       # "": the model the router ships with
+    min_confidence: float = 0.5                                # below it, the other rules decide
+    labels: tuple[tuple[str, str], ...] = ()                   # its label -> a model (default: the same name)
+    fallbacks: tuple[tuple[str, tuple[str, ...]], ...] = ()    # its label -> fallbacks (as a rule's)
+
+    def model_for(self, label: str) -> str:
+        return dict(self.labels).get(label, label)
+
+
+@dataclasses.dataclass(frozen=True)
 class RoutingSpec:
     fallback: str
     rules: tuple[Rule, ...] = ()
     default_model: str = AUTO
     max_swap_wait_s: float = 0.0                               # 0: the request's deadline only
+    classifier: ClassifierSpec | None = None
+
+
+class Predictor(Protocol):
+    """A learned classifier (router_svc.classifier): (label, confidence 0-1, why)."""
+
+    def predict(self, view: "RequestView") -> tuple[str, float, str]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +154,30 @@ class Readiness:
     queue_s: float = 0.0
 
 
-def classify(spec: RoutingSpec, req: RequestView) -> Route:
-    """The model for `req` and why: the first rule that holds, else the fallback."""
+def classify(spec: RoutingSpec, req: RequestView, predictor: Predictor | None = None) -> Route:
+    """The model for `req` and why. Without a classifier: the first rule that holds, else the
+    fallback. With one (`spec.classifier` and its `predictor`): the rules that read metadata
+    first (what the caller says beats any guess), then the classifier when it is at least
+    `min_confidence` sure, then the other rules, then the fallback."""
     texts = scanned(req.texts)
-    for rule in spec.rules:
+    rules, unsure = spec.rules, ""
+    if predictor is not None and spec.classifier is not None:
+        for rule in (r for r in rules if r.metadata):
+            why = _holds(rule, req, texts)
+            if why is not None:
+                return Route(rule.model, f"rule {rule.name}: {why}", rule.fallbacks)
+        learned = spec.classifier
+        label, confidence, why = predictor.predict(req)
+        if confidence >= learned.min_confidence:
+            because = f"; {why}" if why else ""
+            return Route(learned.model_for(label), f"classifier: {label} ({confidence:.0%} sure{because})",
+                         dict(learned.fallbacks).get(label, ()))
+        rules, unsure = tuple(r for r in rules if not r.metadata), f"; classifier unsure ({label} {confidence:.0%})"
+    for rule in rules:
         why = _holds(rule, req, texts)
         if why is not None:
-            return Route(rule.model, f"rule {rule.name}: {why}", rule.fallbacks)
-    return Route(spec.fallback, "no rule matched: fallback")
+            return Route(rule.model, f"rule {rule.name}: {why}{unsure}", rule.fallbacks)
+    return Route(spec.fallback, f"no rule matched: fallback{unsure}")
 
 
 def prefer_resident(route: Route, readiness: Mapping[str, Readiness], budget_s: float) -> Route:
@@ -204,9 +240,10 @@ def parse(raw: Any, resolve) -> RoutingSpec:
     where = "routing"
     if not isinstance(raw, Mapping):
         raise RoutingError(f"{where}: must be a mapping")
-    unknown = set(raw) - {"default_model", "fallback", "rules", "max_swap_wait_s"}
+    unknown = set(raw) - {"default_model", "fallback", "rules", "max_swap_wait_s", "classifier"}
     if unknown:
-        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key (known: default_model, fallback, max_swap_wait_s, rules)")
+        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key "
+                           "(known: classifier, default_model, fallback, max_swap_wait_s, rules)")
     max_wait = raw.get("max_swap_wait_s", 0.0)
     if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or max_wait < 0:
         raise RoutingError(f"{where}.max_swap_wait_s: must be a number of seconds >= 0, got {max_wait!r}")
@@ -252,7 +289,41 @@ def parse(raw: Any, resolve) -> RoutingSpec:
             patterns=_patterns(f"{w}.patterns", r.get("patterns")),
             fallbacks=_fallbacks(f"{w}.fallbacks", r.get("fallbacks"), model),
         ))
-    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default, max_swap_wait_s=float(max_wait))
+    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default, max_swap_wait_s=float(max_wait),
+                       classifier=_classifier(f"{where}.classifier", raw.get("classifier"), model))
+
+
+_CLASSIFIER_KEYS = {"model_file", "min_confidence", "labels", "fallbacks"}
+
+
+def _classifier(where: str, value: Any, model) -> ClassifierSpec | None:
+    """`routing.classifier`: absent or false for none; true or a mapping for the learned one."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise RoutingError(f"{where}: must be true, false or a mapping (keys: {', '.join(sorted(_CLASSIFIER_KEYS))})")
+    bad = set(value) - _CLASSIFIER_KEYS
+    if bad:
+        raise RoutingError(f"{where}.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(_CLASSIFIER_KEYS))})")
+    path = value.get("model_file", "")
+    if not isinstance(path, str):
+        raise RoutingError(f"{where}.model_file: must be a path")
+    confidence = value.get("min_confidence", 0.5)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
+        raise RoutingError(f"{where}.min_confidence: must be a number from 0 to 1, got {confidence!r}")
+    labels = value.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise RoutingError(f"{where}.labels: must map the classifier's labels to model names")
+    fallbacks = value.get("fallbacks") or {}
+    if not isinstance(fallbacks, Mapping):
+        raise RoutingError(f"{where}.fallbacks: must map the classifier's labels to lists of models")
+    return ClassifierSpec(
+        model_file=path, min_confidence=float(confidence),
+        labels=tuple((str(k), model(f"{where}.labels.{k}", v)) for k, v in labels.items()),
+        fallbacks=tuple((str(k), _fallbacks(f"{where}.fallbacks.{k}", v, model)) for k, v in fallbacks.items()),
+    )
 
 
 def _fallbacks(where: str, value: Any, model) -> tuple[str, ...]:

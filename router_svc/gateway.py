@@ -24,6 +24,7 @@ from protos.v1 import router_pb2
 from roundhouse import subjects
 from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
+from router_svc import classifier
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
 from router_svc.tracker import REQUEUE, Tracker, error_event
@@ -46,6 +47,7 @@ class Gateway:
         self._reply_to = reply_to
         self._readiness = readiness or ReadinessBook()
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
+        self._predictor = classifier.for_routing(config.catalogue.routing, config.catalogue.resolve)
 
     def _tokenize(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> list[int] | None:
         counter = self._counters[spec.name]
@@ -61,7 +63,7 @@ class Gateway:
         admitted = admit(  # a deadline less than a whole millisecond away is already past
             request, self.catalogue, self._tokenize,
             now_ms=now_ms, deadline_ms=now_ms + int(timeout * 1000), reply_to=self._reply_to,
-            readiness=self._readiness.view,
+            readiness=self._readiness.view, predictor=self._predictor,
         )
         q = admitted.queued
         if admitted.route_reason != BY_NAME:

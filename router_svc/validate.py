@@ -42,6 +42,7 @@ def admit(
     deadline_ms: int,
     reply_to: str,
     readiness: Mapping[str, routing.Readiness] | None = None,
+    predictor: routing.Predictor | None = None,
 ) -> Admitted:
     """Validates `req` and returns the fully resolved request to publish, or raises a RequestError.
     `readiness`: how soon each model could serve (the manager's word), for "auto" requests whose
@@ -50,7 +51,7 @@ def admit(
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
     # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
-    name, reason = resolve_route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000)
+    name, reason = resolve_route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000, predictor)
     spec = catalogue.resolve(name)
     if spec is None:
         raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
@@ -136,7 +137,8 @@ def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:
 
 
 def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue,
-                  readiness: Mapping[str, routing.Readiness] | None = None, time_left_s: float = math.inf) -> tuple[str, str]:
+                  readiness: Mapping[str, routing.Readiness] | None = None, time_left_s: float = math.inf,
+                  predictor: routing.Predictor | None = None) -> tuple[str, str]:
     """The model name the request asks for (classified when "auto") and why. A classified
     model that would take longer to load or wake than `max_swap_wait_s` or `time_left_s` gives
     way to a fallback of its rule that would not (see routing.prefer_resident)."""
@@ -149,7 +151,7 @@ def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue,
     if name == routing.AUTO:
         if rules is None:
             raise InvalidRequest("model", '"auto" needs a routing section in the configuration; name a model instead')
-        route = routing.classify(rules, request_view(req))
+        route = routing.classify(rules, request_view(req), predictor)
         if readiness:
             budget = min(time_left_s, rules.max_swap_wait_s or math.inf)
             route = routing.prefer_resident(route, readiness, budget)

@@ -96,9 +96,18 @@ def test_auto_without_routing_is_a_clear_error():
         resolve_route(router_pb2.GenerateRequest(model="auto", prompt="x"), cat)
 
 
-def test_classify_command_routes_the_examples_as_written():
+def test_classify_command_routes_the_examples_as_written(tmp_path):
+    """The embedded rules alone (the classifier off): what each rule does, in examples."""
+    import yaml
+
+    raw = yaml.safe_load(stack.DEFAULT_CONFIG.read_text())
+    raw["routing"]["classifier"] = False
+    for m in raw["models"]:   # relative model paths stay where the embedded config points
+        m["path"] = str((stack.DEFAULT_CONFIG.parent / m["path"]).resolve())
+    config = tmp_path / "rules-only.yaml"
+    config.write_text(yaml.safe_dump(raw))
     lines = EXAMPLES.read_text().splitlines()
-    done = subprocess.run([sys.executable, "-m", "roundhouse.cli", "classify", "--config", str(stack.DEFAULT_CONFIG)],
+    done = subprocess.run([sys.executable, "-m", "roundhouse.cli", "classify", "--config", str(config)],
                           input="\n".join(lines) + "\nnot json\n", capture_output=True, text=True, timeout=60)
     out = [json.loads(x) for x in done.stdout.splitlines()]
     assert len(out) == len(lines) + 1
@@ -202,3 +211,52 @@ def test_what_patterns_look_at_is_bounded(texts, limit):
     parts = routing.scanned(tuple(texts), limit)
     assert sum(len(p) for p in parts) <= limit + len(parts), "the limit, plus one joining newline per cut message"
     assert all(p in texts or "\n" in p for p in parts)
+
+
+class _Fixed:
+    """A stand-in for the learned classifier (this is a unit test of the precedence only)."""
+
+    def __init__(self, label: str, confidence: float):
+        self.answer = (label, confidence, "'x'")
+        self.asked = 0
+
+    def predict(self, view):
+        self.asked += 1
+        return self.answer
+
+
+LEARNED_RULES = [
+    {"name": "lang", "model": "code", "metadata": {"code_language": "*"}},
+    {"name": "fence", "model": "code", "patterns": ["```"]},
+]
+
+
+def test_metadata_rules_come_before_the_classifier_which_comes_before_the_other_rules():
+    cat = _cat(LEARNED_RULES, classifier={"min_confidence": 0.6, "fallbacks": {"reasoning": ["chat"]}})
+    sure, unsure = _Fixed("reasoning", 0.9), _Fixed("reasoning", 0.4)
+    route = routing.classify(cat.routing, _view("```x```", code_language="go"), sure)
+    assert route.model == "code" and route.reason.startswith("rule lang") and sure.asked == 0, "what the caller says wins"
+    route = routing.classify(cat.routing, _view("```x```"), sure)
+    assert (route.model, route.fallbacks) == ("reasoning", ("chat",)) and "classifier: reasoning (90% sure" in route.reason
+    route = routing.classify(cat.routing, _view("```x```"), unsure)
+    assert route.model == "code" and route.reason == "rule fence: content matches /```/; classifier unsure (reasoning 40%)"
+    route = routing.classify(cat.routing, _view("hello"), unsure)
+    assert route.model == "chat" and "classifier unsure" in route.reason, "nothing sure and no rule: the fallback"
+    assert routing.classify(_cat(LEARNED_RULES).routing, _view("```x```"), sure).model == "code", "not configured: not asked"
+
+
+def test_classifier_labels_map_to_models():
+    cat = _cat([], classifier={"labels": {"reasoning": "code"}})
+    assert routing.classify(cat.routing, _view("hmm"), _Fixed("reasoning", 0.99)).model == "code"
+
+
+@pytest.mark.parametrize("classifier, key", [
+    ({"min_confidence": 2}, "routing.classifier.min_confidence"),
+    ({"colour": "red"}, "routing.classifier.colour"),
+    ({"labels": {"code": "nope"}}, "routing.classifier.labels.code"),
+    ({"fallbacks": {"code": ["nope"]}}, "routing.classifier.fallbacks.code[0]"),
+    ("yes", "routing.classifier"),
+])
+def test_classifier_config_errors_name_the_key(classifier, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        _cat([], classifier=classifier)
