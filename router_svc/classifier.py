@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from roundhouse.routing import RequestView
 
 SHIPPED = pathlib.Path(__file__).with_name("classifier_model.json")
-FIRST_CHARS = 1500   # of the last message, what the model reads from its start...
-LAST_CHARS = 500     # ...and from its end
+FIRST_CHARS = 1000   # of the last message, what the model reads from its start...
+LAST_CHARS = 300     # ...and from its end
 _TOKEN = re.compile(r"[^\W\d_]+|\d+|[^\w\s]")          # words, numbers, single punctuation marks
 _WIDE = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")   # kana, CJK, hangul: no spaces
 
@@ -91,32 +91,35 @@ class Classifier:
         }, separators=(",", ":")) + "\n")
 
     def scores(self, feats: set[str]) -> list[float]:
+        return self._scores(self._found(feats))
+
+    def _found(self, feats: set[str]) -> list[tuple[str, Sequence[float]]]:
+        """The features the model has weights for, with them (each hashed once)."""
+        get, buckets = self.weights.get, self.buckets
+        return [(f, w) for f in feats if (w := get(zlib.crc32(f.encode()) % buckets)) is not None]
+
+    def _scores(self, found: list[tuple[str, Sequence[float]]]) -> list[float]:
         s = list(self.bias)
         n = len(s)
-        get = self.weights.get
-        for f in feats:
-            w = get(hashed(f, self.buckets))
-            if w is not None:
-                for i in range(n):
-                    s[i] += w[i]
+        for _, w in found:
+            for i in range(n):
+                s[i] += w[i]
         return s
 
     def predict(self, view: RequestView) -> tuple[str, float, str]:
-        """The label, its probability, and the features that pushed it most (for the reason)."""
-        feats = features(view)
-        s = self.scores(feats)
+        """The label, its probability, and the words that pushed it most (for the reason)."""
+        found = self._found(features(view))
+        s = self._scores(found)
         top = max(range(len(s)), key=s.__getitem__)
         exp = [math.exp(x - s[top]) for x in s]
         confidence = exp[top] / sum(exp)
-        return self.labels[top], confidence, self._why(feats, top)
+        return self.labels[top], confidence, self._why(found, top)
 
-    def _why(self, feats: set[str], label: int) -> str:
-        def lift(f: str) -> float:
-            w = self.weights.get(hashed(f, self.buckets))
-            return 0.0 if w is None else w[label] - max(x for i, x in enumerate(w) if i != label)
-        best = sorted((f for f in feats if "=" not in f and lift(f) > 0), key=lift, reverse=True)[:3]
-        return ", ".join(repr(f) for f in best)
-
+    @staticmethod
+    def _why(found: list[tuple[str, Sequence[float]]], label: int) -> str:
+        lifts = [(w[label] - max(x for i, x in enumerate(w) if i != label), f) for f, w in found if "=" not in f]
+        best = sorted((x for x in lifts if x[0] > 0), reverse=True)[:3]
+        return ", ".join(repr(f) for _, f in best)
 
 def for_routing(spec, resolve) -> Classifier | None:
     """The classifier `spec` (a RoutingSpec, or None) asks for, loaded, or None; ConfigError

@@ -4,7 +4,8 @@
 
 Runs `roundhouse.routing.classify` (what the router runs on its event loop for every `auto`
 request) with the embedded routing (its rules and the shipped classifier) on: a 2,000-token chat conversation (~8,000 characters of
-prose and code, then a question), and bodies built to be hard for regular expressions (the shapes that took
+prose and code, then a question), a 2,000-token last message (the classifier reads the last
+message), the same in Korean (character pairs), and bodies built to be hard for regular expressions (the shapes that took
 Python's backtracking `re` seconds, and 16 MiB bodies). Prints p50 / p99 / max per input. Issue
 10's bounds: 1 ms p99 for the conversation, 10 ms for a 16 MiB body. Asserts nothing.
 """
@@ -67,7 +68,9 @@ def timings(spec: routing.RoutingSpec, texts: tuple[str, ...], runs: int, predic
 def main(a: argparse.Namespace) -> None:
     cat = catalogue.load(pathlib.Path(routing.__file__).parent / "defaults" / "cpu.yaml")
     spec, predictor = cat.routing, classifier.for_routing(cat.routing, cat.resolve)
-    cases = {"2,000-token conversation": conversation(), **HOSTILE}
+    cases = {"2,000-token conversation": conversation(), "2,000-token last message": ("\n\n".join(TURNS) * 3,),
+             "2,000-token message, Korean": ("이 코드의 동시성 문제를 분석해 주세요. 두 요청이 같은 재고를 읽으면 " * 100,),
+             **HOSTILE}
     print("the embedded routing: metadata rules, the shipped classifier, content rules")
     print(f"{'input':<34} {'chars':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  model")
     for name, texts in cases.items():
