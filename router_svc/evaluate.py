@@ -8,6 +8,7 @@ import pathlib
 
 from protos.v1 import router_pb2
 from roundhouse import routing
+from roundhouse.errors import RoundhouseError
 from router_svc import openai_api
 from router_svc.validate import request_view
 
@@ -30,13 +31,20 @@ def parse_line(body: dict) -> router_pb2.GenerateRequest:
 
 
 def load_labelled(path: str | pathlib.Path) -> list[tuple[routing.RequestView, str, str]]:
-    """(view, expected label, id) for each line of a labelled file."""
+    """(view, expected label, id) for each line of a labelled file; ValueError naming the line
+    for one that is not a labelled request."""
     out = []
     for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        body = json.loads(line)
-        out.append((request_view(parse_line(body)), body["expect"], str(body.get("id", f"line {n}"))))
+        try:
+            body = json.loads(line)
+            view = request_view(parse_line(body))
+            if not isinstance(body.get("expect"), str):
+                raise ValueError('"expect" (the right model) is required')
+        except (ValueError, RoundhouseError) as e:
+            raise ValueError(f"line {n}: {e}") from e
+        out.append((view, body["expect"], str(body.get("id", f"line {n}"))))
     return out
 
 

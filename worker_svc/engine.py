@@ -185,8 +185,8 @@ def use_fork_server() -> bool:
 # and the OpenMP binding vLLM computes for rank 0) and has the runner's modules imported, and no
 # OpenMP thread started; each EngineCore's executor then forks its runner from that server.
 # Should the environment at the runner's start differ in any variable from the server's (a
-# config that binds other cores, say), the runner is spawned as before and the log says which
-# variables differed. multiprocessing's own fork server is used for the protocol (the fds, the
+# config that binds other cores, say: the two are compared by digest), the runner is spawned as
+# before and the log says so. multiprocessing's own fork server is used for the protocol (the fds, the
 # pid and exit code, the pickled process); only its launch (with an environment of our choice)
 # and its lookup from a process that did not start it are written here, as no library does that.
 
@@ -207,12 +207,11 @@ class _RunnerServer(multiprocessing.forkserver.ForkServer):
     """A fork server for model-runners, started by the worker with the runner's environment
     (`launch`) or looked up by an EngineCore from _RUNNER_SERVER (`attach`)."""
 
-    def __init__(self, address: str, alive_fd: int, digest: str, env: dict | None = None, proc=None):
+    def __init__(self, address: str, alive_fd: int, digest: str, proc=None):
         super().__init__()
         self._forkserver_address = address
         self._forkserver_alive_fd = alive_fd   # the worker's: the server exits when it closes
         self.digest = digest
-        self.env = env or {}
         self.proc = proc                       # subprocess.Popen, in the worker only
 
     @classmethod
@@ -239,7 +238,7 @@ class _RunnerServer(multiprocessing.forkserver.ForkServer):
                 raise
             finally:
                 os.close(alive_r)
-        return cls(address, alive_w, _env_digest(env), env, proc)
+        return cls(address, alive_w, _env_digest(env), proc)
 
     @classmethod
     def attach(cls) -> "_RunnerServer | None":

@@ -78,3 +78,7 @@ def test_classify_eval_prints_the_figures(tmp_path):
     assert done.returncode == 0, done.stderr
     for part in ("accuracy", "precision", "recall", "confusion (rows: expected, columns: got)", "slowest"):
         assert part in done.stdout, done.stdout
+    path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "no label"}) + "\n")
+    bad = subprocess.run([sys.executable, "-m", "roundhouse.cli", "classify", "--eval", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "line 2: \"expect\"" in bad.stderr, bad.stderr
