@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
 
         await serve_forever(config, stop)
 
-    entry.run("manager", config.log_level, serve)
+    entry.run("manager", config.log_level, serve, otel=config.otel)
 
 
 if __name__ == "__main__":

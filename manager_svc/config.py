@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from roundhouse import catalogue, entry
+from roundhouse import catalogue, entry, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +15,8 @@ class ManagerConfig:
     port: int = 50052
     log_level: str = "info"
     ready_file: str = ""                 # written with the port as JSON once serving
+    metrics_port: int = 0                # Prometheus /metrics (0: any free port, in the ready file; -1: off)
+    otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
 
 
 _env = entry.env_reader("manager")
@@ -28,7 +30,9 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     p.add_argument("--port", type=int, default=int(_env("PORT", str(ManagerConfig.port))))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     entry.ready_flag(p, _env)
+    metrics.metrics_flag(p, _env, ManagerConfig.metrics_port)
+    entry.otel_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
     return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
-                         ready_file=a.ready_file)
+                         ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel)

@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 
-from manager_svc import budget
+from manager_svc import budget, metrics
 from manager_svc.policy import Evict, Fail, Load, Phase, plan, sleep_level_for
 from manager_svc.state import PHASE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
@@ -109,6 +109,10 @@ class Manager:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), STOP_STEP_TIMEOUT_S)
 
+    def now(self) -> float:
+        """The manager's clock (what its entries' times are in)."""
+        return self._clock()
+
     # ---- the one writer's inbox ---------------------------------------------------------------
 
     def _post(self, change: Callable[[], object], future: asyncio.Future | None = None) -> None:
@@ -178,6 +182,7 @@ class Manager:
             changed = phase is not e.phase
             if e.phase is Phase.READY and phase is Phase.UNLOADED and r.error:  # its engine died
                 e.engine_died(r.error, self._clock(), self.settings.load_backoff_s)
+                metrics.FAILURES.labels(e.spec.name, "engine_died").inc()
                 log.error("residency.engine_died", model=e.spec.name, error=r.error,
                           reload_in_s=round(e.backoff_until - self._clock(), 1))
             e.phase, e.error = phase, error
@@ -325,19 +330,21 @@ class Manager:
                 continue
             log.error("residency.worker_lost", model=e.spec.name, worker_id=e.worker_id, silent_s=round(now - e.reported_at, 1))
             e.worker_gone(f"its worker stopped reporting {now - e.reported_at:.0f} s ago (lost)")
+            metrics.FAILURES.labels(e.spec.name, "worker_lost").inc()
             self._set_changed(e)
 
     def _apply(self, action) -> None:
         e = self.entries[action.model]
         if isinstance(action, Fail):
             e.failed(action.reason, self._clock(), self.settings.load_backoff_s)
+            metrics.FAILURES.labels(e.spec.name, "refused").inc()
             log.error("residency.load_refused", model=e.spec.name, reason=action.reason)
             self._publish(e)
             self._notify()
         elif isinstance(action, Load) and e.op is None:
             self._start_load(e)
         elif isinstance(action, Evict) and e.op is None:
-            self._start_evict(e, action.level)
+            self._start_evict(e, action.level, "policy")
 
     def host_sleep_used(self) -> dict[str, int]:
         """Per host: the host RAM its level-1 sleepers hold."""
@@ -379,11 +386,13 @@ class Manager:
                 return
             if any(k == grpcserver.LOAD_FAILED_KEY for k, _ in (err.trailing_metadata() or ())):
                 e.failed(err.details() or err.code().name, self._clock(), self.settings.load_backoff_s)
+                metrics.FAILURES.labels(e.spec.name, "failed").inc()
                 log.error("residency.load_failed", model=e.spec.name, error=e.error,
                           retry_in_s=round(e.backoff_until - self._clock(), 1))
             else:  # the worker went away mid-load (killed, restarted): not the model's fault, no
                 # FAILED for its waiters and no backoff; it loads again once a worker reports
                 log.warning("residency.load_interrupted", model=e.spec.name, error=err.details() or err.code().name)
+                metrics.FAILURES.labels(e.spec.name, "interrupted").inc()
                 e.worker_gone("")
         finally:
             e.op = None
@@ -393,23 +402,25 @@ class Manager:
         e.phase, e.failures, e.requested = Phase.READY, 0, False
         e.resident_since = e.reported_at = self._clock()  # its answer is a sign of life too
         took = e.resident_since - e.op_started
+        kind = "wake" if waking and not status.restart_reason else "load"
         if waking and status.restart_reason:  # the wake failed its check: a cold start it was
             log.error("residency.wake_failed", model=e.spec.name, reason=status.restart_reason)
             e.loads += 1
-            e.learn("load", took)
         elif waking:
             e.wakes += 1
-            e.learn("wake", took)
-        else:
-            e.learn("load", took)
+        e.learn(kind, took)
+        metrics.LOADS.labels(e.spec.name, kind).inc()
+        metrics.LOAD_SECONDS.labels(e.spec.name, kind).observe(max(0.0, took))
 
-    def _start_evict(self, e: Entry, level: int = 0) -> None:
+    def _start_evict(self, e: Entry, level: int = 0, reason: str = "policy") -> None:
         """Drains it, then puts its engine to sleep at `level` (1, 2) or stops it (0). A sleeping
-        model evicted again is stopped."""
+        model evicted again is stopped. `reason`: policy, admin or drain (metrics)."""
         if e.phase is Phase.SLEEPING:
             level = 0
         else:
             e.evictions += 1
+        metrics.EVICTIONS.labels(e.spec.name, f"sleep{level}" if level else "stop", reason).inc()
+        e.evict_started = self._clock()
         e.phase = Phase.EVICTING
         self._set_changed(e, level=level)
         e.op = asyncio.create_task(self._evict(e, level))
@@ -434,6 +445,8 @@ class Manager:
             e.phase, e.reported_at = (Phase.SLEEPING if asleep else Phase.UNLOADED), self._clock()
             e.evicted_at = e.reported_at
             e.sleep_level = status.sleep_level if asleep else 0
+            metrics.EVICTION_SECONDS.labels(e.spec.name, f"sleep{e.sleep_level}" if asleep else "stop").observe(
+                max(0.0, e.evicted_at - e.evict_started))
         except grpc.aio.AioRpcError as failed:
             log.error("residency.evict_failed", model=e.spec.name, error=failed.details())
             e.phase = Phase.FAILED
@@ -539,7 +552,7 @@ class Manager:
             return None
         asleep = e.phase is Phase.SLEEPING
         level = sleep_level_for(e.view(self._clock()), self.host_free()[e.spec.gpu]) if sleep and not asleep else 0
-        self._start_evict(e, level)
+        self._start_evict(e, level, "admin" if sleep else "drain")
         e.last_unload = e.op
         return e.op
 

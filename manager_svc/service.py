@@ -5,11 +5,13 @@ import asyncio
 
 import structlog
 
+from manager_svc import metrics
 from manager_svc.config import ManagerConfig
 from manager_svc.manager import Manager
 from manager_svc.servicer import ManagerServicer
 from protos.v1 import manager_pb2, manager_pb2_grpc
 from roundhouse import entry, grpcserver
+from roundhouse import metrics as shared_metrics
 
 log = structlog.get_logger("manager")
 
@@ -51,8 +53,11 @@ class ManagerService:
 async def serve(config: ManagerConfig, stop: asyncio.Event) -> None:
     service = ManagerService(config)
     await service.start()
+    metrics.GAUGES.watch(service.manager)
+    metrics_port = shared_metrics.serve(config.host, config.metrics_port)
+    log.info("manager.metrics", port=metrics_port or None)
     entry.freeze_heap()
-    entry.write_ready(config.ready_file, port=service.port)
+    entry.write_ready(config.ready_file, port=service.port, metrics_port=metrics_port)
     try:
         await stop.wait()
     finally:

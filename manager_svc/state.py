@@ -65,6 +65,7 @@ class Entry:
     op_estimate_s: float = 0.0        # and how long it was expected to take
     queue_read_at: float = 0.0        # when its queue depth was last asked for
     evicted_at: float = 0.0           # when its last eviction ended
+    evict_started: float = 0.0        # when its last eviction started
     reading: asyncio.Task | None = None   # a read of its queue, started by a request event
     reread: bool = False              # events came during that read: read once more
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way

@@ -72,10 +72,13 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
                                       manager_address, "--log-level", a.log_level)
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
             first = await supervisors[-1].begin(stop)
-            print(f"roundhouse: worker for {m.name} started (log {first.log_path})", flush=True)
+            metrics_at = f", metrics http://{a.host}:{first.info['metrics_port']}/metrics" if first.info.get("metrics_port") else ""
+            print(f"roundhouse: worker for {m.name} started (log {first.log_path}{metrics_at})", flush=True)
         models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
         print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP http://{a.host}:{router.info['http_port']}/v1  "
               f"manager {manager_address}  NATS {nats.url}", flush=True)
+        print(f"roundhouse: metrics: http://{a.host}:{router.info['http_port']}/metrics (router), "
+              f"http://{a.host}:{manager.info.get('metrics_port')}/metrics (manager)", flush=True)
         print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
               f"(or `roundhouse load MODEL`). Logs under {run_dir}. Ctrl-C stops everything.", flush=True)
         for s in services:
@@ -136,9 +139,10 @@ async def _workers(a: argparse.Namespace, stop: asyncio.Event) -> None:
     extra = ["--manager", a.manager, "--host", a.host, *(["--advertise-host", a.advertise_host] if a.advertise_host else [])]
     supervisors: list[stack.Supervisor] = []
     try:
-        for m in models:
+        for i, m in enumerate(models):
+            port = ["--metrics-port", str(a.metrics_port + i if a.metrics_port > 0 else a.metrics_port)]
             start = functools.partial(stack.start_worker, pathlib.Path(a.config).resolve(), m.name, a.nats_url,
-                                      pathlib.Path(a.run_dir), *extra, timeout=300)
+                                      pathlib.Path(a.run_dir), *extra, *port, timeout=300)
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
             first = await supervisors[-1].begin(stop)
             print(f"roundhouse: worker for {m.name} on {first.address}", flush=True)
@@ -278,6 +282,8 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--host", default="0.0.0.0")
     wk.add_argument("--advertise-host", default="", help="address the manager calls (e.g. the pod IP)")
     wk.add_argument("--run-dir", default="/tmp/roundhouse-run")
+    wk.add_argument("--metrics-port", type=int, default=9102,
+                    help="the first worker's Prometheus port; the next ones get the ports after it (0: any, -1: off)")
     wk.add_argument("--log-level", default="info")
     cl = sub.add_parser("classify", help="route JSON-lines requests from stdin offline: prints model and reason")
     cl.add_argument("--config", help="models YAML with a routing section (default: the embedded one)")

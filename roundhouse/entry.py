@@ -10,7 +10,7 @@ import pathlib
 import signal
 from collections.abc import Awaitable, Callable
 
-from roundhouse import catalogue, logs
+from roundhouse import catalogue, logs, tracing
 
 
 def env_reader(service: str) -> Callable[[str, str], str]:
@@ -60,9 +60,16 @@ def ready_flag(parser: argparse.ArgumentParser, env: Callable[[str, str], str]) 
                         help="write the service's ports as JSON here once it listens (for the process that started it)")
 
 
-def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Configures logging, then runs `serve(stop)` until SIGINT / SIGTERM sets `stop`."""
+def otel_flag(parser: argparse.ArgumentParser, env: Callable[[str, str], str]) -> None:
+    parser.add_argument("--otel", action="store_true", default=env("OTEL", "") not in ("", "0", "false"),
+                        help="export traces over OTLP (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set); "
+                             "needs the roundhouse[otel] extra")
+
+
+def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable[None]], otel: bool = False) -> None:
+    """Configures logging and tracing, then runs `serve(stop)` until SIGINT / SIGTERM sets `stop`."""
     logs.configure(service, log_level)
+    tracing.configure(service, export=True if otel else None)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -71,4 +78,7 @@ def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable
             loop.add_signal_handler(sig, stop.set)
         await serve(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracing.shutdown()

@@ -142,6 +142,9 @@ class Route:
     model: str
     reason: str
     fallbacks: tuple[str, ...] = ()
+    # What decided it, for metrics (bounded: a rule's name, "classifier" or "fallback"); the
+    # reason says the rest.
+    rule: str = dataclasses.field(default="", compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,19 +168,19 @@ def classify(spec: RoutingSpec, req: RequestView, predictor: Predictor | None = 
         for rule in (r for r in rules if r.metadata):
             why = _holds(rule, req, texts)
             if why is not None:
-                return Route(rule.model, f"rule {rule.name}: {why}", rule.fallbacks)
+                return Route(rule.model, f"rule {rule.name}: {why}", rule.fallbacks, rule.name)
         learned = spec.classifier
         label, confidence, why = predictor.predict(req)
         if confidence >= learned.min_confidence:
             because = f"; {why}" if why else ""
             return Route(learned.model_for(label), f"classifier: {label} ({confidence:.0%} sure{because})",
-                         dict(learned.fallbacks).get(label, ()))
+                         dict(learned.fallbacks).get(label, ()), "classifier")
         rules, unsure = tuple(r for r in rules if not r.metadata), f"; classifier unsure ({label} {confidence:.0%})"
     for rule in rules:
         why = _holds(rule, req, texts)
         if why is not None:
-            return Route(rule.model, f"rule {rule.name}: {why}{unsure}", rule.fallbacks)
-    return Route(spec.fallback, f"no rule matched: fallback{unsure}")
+            return Route(rule.model, f"rule {rule.name}: {why}{unsure}", rule.fallbacks, rule.name)
+    return Route(spec.fallback, f"no rule matched: fallback{unsure}", rule="fallback")
 
 
 def prefer_resident(route: Route, readiness: Mapping[str, Readiness], budget_s: float) -> Route:
@@ -196,7 +199,7 @@ def prefer_resident(route: Route, readiness: Mapping[str, Readiness], budget_s: 
                 now += f", ~{r.queue_s:.0f} s of queue"
             queue = f", ~{chosen.queue_s:.0f} s of it for the requests queued ahead" if chosen.queue_s >= 0.5 else ""
             return Route(name, f"{route.reason}; {route.model} would take ~{chosen.wait_s:.0f} s to serve{queue} "
-                               f"(over {budget_s:.0f} s): fallback {name} ({now})")
+                               f"(over {budget_s:.0f} s): fallback {name} ({now})", rule=route.rule)
     return route
 
 

@@ -24,6 +24,7 @@ class RouterConfig:
     stop_grace_s: float = 20.0           # on SIGTERM, streams in flight get this long to finish
     log_level: str = "info"
     ready_file: str = ""                 # written with the ports as JSON once serving
+    otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
 
 
 _env = entry.env_reader("router")
@@ -47,6 +48,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
                    help="on SIGTERM, streams in flight get this long to finish")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     entry.ready_flag(p, _env)
+    entry.otel_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
     if a.default_timeout <= 0:
@@ -69,4 +71,5 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         stop_grace_s=a.stop_grace,
         log_level=a.log_level,
         ready_file=a.ready_file,
+        otel=a.otel,
     )

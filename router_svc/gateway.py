@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,12 +20,14 @@ import nats
 import nats.errors
 import nats.js.api
 import structlog
+from opentelemetry import trace
 
 from protos.v1 import router_pb2
-from roundhouse import subjects
+from roundhouse import subjects, tracing
 from roundhouse.catalogue import ModelSpec
-from roundhouse.errors import DuplicateRequest, QueueFull, Unavailable
-from router_svc import classifier
+from roundhouse.errors import DuplicateRequest, QueueFull, RoundhouseError, Unavailable
+from roundhouse.metrics import OTHER_MODEL
+from router_svc import classifier, metrics
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
 from router_svc.tracker import REQUEUE, Tracker, error_event
@@ -55,11 +58,32 @@ class Gateway:
             return counter.chat_ids([{"role": m.role, "content": m.content} for m in req.chat.messages])
         return counter.ids(req.prompt)
 
-    def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None, check_queue: bool = True) -> Admitted:
+    def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None, check_queue: bool = True,
+              endpoint: str | None = "grpc", parent=None) -> Admitted:
         """Validates and resolves `request` (classifying model "auto"), or raises a RequestError.
-        `check_queue=False`: no QueueFull (a job's submit: jobs wait in their own stream)."""
+        `check_queue=False`: no QueueFull (a job's submit: jobs wait in their own stream).
+        `endpoint`: the front door (metrics label); None for a job's submit, which is no request
+        yet. `parent`: the caller's trace context (tracing.extract), if it sent one."""
+        started_ns = time.time_ns()
+        try:
+            admitted = self._admit(request, timeout_s, check_queue, started_ns)
+        except RoundhouseError as e:
+            if endpoint is not None:
+                spec = self.catalogue.resolve(request.model) if request.model else None
+                metrics.refused(spec.name if spec is not None else OTHER_MODEL, endpoint, e.code.name)
+            raise
+        if endpoint is None:
+            return admitted
+        q = admitted.queued
+        span = tracing.tracer().start_span(
+            "roundhouse.request", context=parent, kind=trace.SpanKind.SERVER, start_time=started_ns,
+            attributes={"roundhouse.request_id": q.request_id, "roundhouse.model": q.adapter or q.model,
+                        "roundhouse.endpoint": endpoint, "roundhouse.route_reason": admitted.route_reason})
+        return dataclasses.replace(admitted, endpoint=endpoint, admitted_ns=started_ns, span=span)
+
+    def _admit(self, request, timeout_s, check_queue, started_ns: int) -> Admitted:
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
-        now_ms = int(time.time() * 1000)
+        now_ms = started_ns // 1_000_000
         admitted = admit(  # a deadline less than a whole millisecond away is already past
             request, self.catalogue, self._tokenize,
             now_ms=now_ms, deadline_ms=now_ms + int(timeout * 1000), reply_to=self._reply_to,
@@ -67,6 +91,7 @@ class Gateway:
         )
         q = admitted.queued
         if admitted.route_reason != BY_NAME:
+            metrics.CLASSIFIED.labels(q.model, admitted.route_rule or "default").inc()
             log.info("request.classified", request_id=q.request_id, asked=request.model or "(none)",
                      model=q.adapter or q.model, reason=admitted.route_reason)
         if q.request_id in self._tracker:
@@ -82,12 +107,18 @@ class Gateway:
     async def stream(self, admitted: Admitted) -> AsyncIterator[router_pb2.GenerateEvent]:
         """Queues the admitted request and yields its events; raises Unavailable when it cannot queue."""
         q = admitted.queued
+        span = admitted.span or trace.INVALID_SPAN
         structlog.contextvars.bind_contextvars(request_id=q.request_id, model=q.model)
+        tracing.bind(span)
+        clock = metrics.RequestClock(q.model, admitted.endpoint, admitted.admitted_ns or time.time_ns())
+        status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
         try:
-            ack = await self._publish(q)
+            ack = await self._publish(q, span)
             if ack is None:
+                status = "unavailable"
                 raise Unavailable("cannot queue the request (NATS unavailable); retry")
+            clock.queued_ns = time.time_ns()
             flight.seq = ack.seq
             log.debug("request.routed", seq=ack.seq, route=admitted.route_reason)
             with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
@@ -108,26 +139,36 @@ class Gateway:
                         async with asyncio.timeout_at(deadline):
                             ready.append(await events.get())
                     except TimeoutError:
+                        status = "deadline_exceeded"
                         yield error_event("DEADLINE_EXCEEDED", "roundhouse: deadline exceeded before the generation finished", False)
                         return
                     while not events.empty():
                         ready.append(events.get_nowait())
                 event = ready.popleft()
                 if event is REQUEUE:  # its worker was lost before sending anything: queue it again
-                    failed = await self._requeue(flight, q)
+                    failed = await self._requeue(flight, q, span)
                     if failed is not None:
+                        status = "unavailable"
                         yield failed
                         return
                     continue
                 kind = event.WhichOneof("event")
                 if kind == "delta":  # deltas that queued up while the caller was slower: one message
+                    clock.last_ns = time.time_ns()
+                    if not clock.first_ns:
+                        clock.first_ns = clock.last_ns
                     while ready and ready[0] is not REQUEUE and ready[0].WhichOneof("event") == "delta":
                         more = ready.popleft().delta
                         event.delta.token_ids.extend(more.token_ids)
                         event.delta.text += more.text
-                if kind == "started":
+                elif kind == "started":
+                    clock.started_ns = time.time_ns()
                     event.started.model = q.adapter or q.model
                     event.started.route_reason = admitted.route_reason
+                elif kind == "finished":
+                    status, usage = "ok", event.finished.usage
+                elif kind == "error":
+                    status = event.error.code.lower() or "internal"
                 yield event
                 if kind in TERMINAL:
                     return
@@ -138,13 +179,17 @@ class Gateway:
             self._tracker.close(flight)
             if forget:
                 await self._forget(flight)
-            structlog.contextvars.unbind_contextvars("request_id", "model")
+            _record(clock, span, status, usage)
+            structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
 
-    async def _publish(self, q) -> "nats.js.api.PubAck | None":
+    async def _publish(self, q, span) -> "nats.js.api.PubAck | None":
         """Publishes once, and once more on a timeout. The message id is unique to this call, so
         JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
-        request_id later is never mistaken for a duplicate."""
+        request_id later is never mistaken for a duplicate. The request's trace goes with it."""
         headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
+        parent = tracing.traceparent(span)
+        if parent:
+            headers[tracing.TRACEPARENT] = parent
         payload = q.SerializeToString()
         subject = subjects.request_subject(q.model)
         for attempt in (1, 2):
@@ -154,11 +199,11 @@ class Gateway:
                 log.error("request.publish_failed", attempt=attempt, error=repr(e))
         return None
 
-    async def _requeue(self, flight, q) -> router_pb2.GenerateEvent | None:
+    async def _requeue(self, flight, q, span) -> router_pb2.GenerateEvent | None:
         """Replaces the lost worker's message with a new one; an error event if NATS refuses."""
         with contextlib.suppress(Exception):  # gone already is fine: it must not run again
             await self._js.delete_msg(subjects.STREAM, flight.seq)
-        ack = await self._publish(q)
+        ack = await self._publish(q, span)
         if ack is None:
             return error_event("UNAVAILABLE", f"roundhouse: the worker serving model {q.model} was lost and the request "
                                               "could not be queued again (NATS unavailable); send it again", True)
@@ -176,3 +221,27 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self._js.delete_msg(subjects.STREAM, flight.seq)
         log.info("request.cancelled", request_id=flight.request_id)
+
+
+def _record(clock: metrics.RequestClock, span, status: str, usage) -> None:
+    """The request's metrics, and its spans (admit, queue, generate) from the clock's times."""
+    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else (0, 0)
+    end = clock.done(status, prompt, completion)
+    log.info("request.done", endpoint=clock.endpoint, status=status, prompt_tokens=prompt, completion_tokens=completion,
+             ttft_ms=round((clock.first_ns - clock.admitted_ns) / 1e6, 1) if clock.first_ns else None,
+             ms=round((end - clock.admitted_ns) / 1e6, 1))
+    if not span.is_recording():
+        return
+    admitted = clock.queued_ns or end
+    tracing.child("roundhouse.admit_and_publish", span, clock.admitted_ns, admitted)
+    if clock.queued_ns:
+        tracing.child("roundhouse.queue_wait", span, clock.queued_ns, clock.started_ns or end)
+    if clock.started_ns:
+        tracing.child("roundhouse.generate", span, clock.started_ns, end,
+                      **({"roundhouse.first_token_s": (clock.first_ns - clock.started_ns) / 1e9} if clock.first_ns else {}))
+    span.set_attribute("roundhouse.status", status)
+    if usage is not None:
+        span.set_attributes({"gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": completion})
+    if status != "ok":
+        span.set_status(trace.Status(trace.StatusCode.ERROR, status))
+    span.end(end_time=end)

@@ -18,9 +18,11 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from roundhouse import routing
+from roundhouse import metrics as shared_metrics
+from roundhouse import routing, tracing
 from roundhouse.errors import InvalidRequest, RoundhouseError
-from router_svc import openai_api
+from roundhouse.metrics import OTHER_MODEL
+from router_svc import metrics, openai_api
 from router_svc.gateway import Gateway
 
 log = structlog.get_logger("router.http")
@@ -83,6 +85,7 @@ class HttpApi:
         app.router.add_post("/v1/completions", lambda r: self._generate(r, "completions"))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -106,6 +109,12 @@ class HttpApi:
         ok = self._healthy()
         return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format. On the loop: the in-flight gauges read the tracker, which
+        only the loop may read (a scrape of a few hundred series takes about a millisecond)."""
+        body, content_type = shared_metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def _models(self, request: web.Request) -> web.Response:
         data = []
         for m in self._gw.catalogue.models:
@@ -124,17 +133,23 @@ class HttpApi:
         try:
             body = await request.json(loads=json.loads)
         except ValueError as e:
+            metrics.refused(OTHER_MODEL, "http", "INVALID_ARGUMENT")
             _, err = openai_api.error("INVALID_ARGUMENT", f"roundhouse: the body is not valid JSON: {e}", "body")
             return _json(400, err)
         try:
             req, opts = openai_api.parse(body, endpoint, request.headers.get("x-request-id", ""))
-            admitted = self._gw.admit(req, _timeout(request))
+        except RoundhouseError as e:
+            metrics.refused(OTHER_MODEL, "http", e.code.name)
+            return _error(e)
+        try:
+            admitted = self._gw.admit(req, _timeout(request), endpoint="http", parent=tracing.extract(request.headers))
         except RoundhouseError as e:
             return _error(e)
         q = admitted.queued
         model = q.adapter or q.model  # what serves it: the model, or the LoRA adapter on it
         headers = {"x-request-id": q.request_id, "x-roundhouse-model": model,
-                   "x-roundhouse-route-reason": admitted.route_reason}
+                   "x-roundhouse-route-reason": admitted.route_reason,
+                   tracing.TRACEPARENT: tracing.traceparent(admitted.span)}
         rid, created = openai_api.response_id(endpoint, q.request_id), int(time.time())
         events = self._gw.stream(admitted)
         try:

@@ -34,9 +34,9 @@ from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from protos.v1 import common_pb2, router_pb2
-from roundhouse import jetstream, subjects
+from roundhouse import jetstream, subjects, tracing
 from roundhouse.errors import InvalidRequest, JobNotFound, QueueFull, RoundhouseError, Unavailable
-from router_svc import openai_api
+from router_svc import metrics, openai_api
 from router_svc.gateway import Gateway
 
 log = structlog.get_logger("router.jobs")
@@ -123,14 +123,15 @@ class Jobs:
 
     # ---- the API (gRPC and NATS) ----------------------------------------------------------------
 
-    async def submit(self, request: router_pb2.GenerateRequest) -> router_pb2.Job:
+    async def submit(self, request: router_pb2.GenerateRequest, traceparent: str = "") -> router_pb2.Job:
+        """`traceparent`: the submitter's trace (W3C), continued by the job's run."""
         job_id = request.request_id or uuid.uuid4().hex
         if not _JOB_ID.match(job_id):
             raise InvalidRequest("job_id", "1-64 characters of letters, digits, _ and -")
         request.request_id = job_id  # never in flight itself: each run is `<job_id>.<attempt>`
         # Bad input fails here, nothing stored. A full model queue does not: a job waits in RH_JOBS,
         # and meets the model's queue only when it runs (then it waits and retries).
-        admitted = self._gw.admit(request, check_queue=False)
+        admitted = self._gw.admit(request, check_queue=False, endpoint=None)
         request.model = admitted.queued.model  # classified once: a rerun does not change its mind
         now = _now_ms()
         job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,
@@ -143,22 +144,25 @@ class Jobs:
             # same message id is stored once.
             existing = await self.get(job_id)
             if existing.state == router_pb2.JOB_STATE_QUEUED:
-                await self._publish_run(existing.request)
+                await self._publish_run(existing.request, traceparent)
             return existing
         # A job is either queued and will run, or its submit fails and leaves nothing behind.
         try:
-            await self._publish_run(request)
+            await self._publish_run(request, traceparent)
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await self._kv.delete(job_id, last=revision)
             raise Unavailable(f"roundhouse: job {job_id} could not be queued ({type(e).__name__}); "
                               "nothing was stored, submit it again") from None
+        metrics.JOBS.labels(job.model, "submitted").inc()
         log.info("job.submitted", job_id=job_id, model=job.model, route=job.route_reason)
         return job
 
-    async def _publish_run(self, request: router_pb2.GenerateRequest) -> None:
-        await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers={"Nats-Msg-Id": request.request_id},
-                               timeout=10)
+    async def _publish_run(self, request: router_pb2.GenerateRequest, traceparent: str = "") -> None:
+        headers = {"Nats-Msg-Id": request.request_id}
+        if traceparent:
+            headers[tracing.TRACEPARENT] = traceparent
+        await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers=headers, timeout=10)
 
     async def get(self, job_id: str) -> router_pb2.Job:
         return (await self._read(job_id))[1]
@@ -207,7 +211,7 @@ class Jobs:
                     raise InvalidRequest("body", f"not valid JSON: {e}") from None
                 endpoint = "chat" if isinstance(body, dict) and "messages" in body else "completions"
                 request, _ = openai_api.parse(body, endpoint, str(body.get("job_id", "")) if isinstance(body, dict) else "")
-            job = await self.submit(request)
+            job = await self.submit(request, (msg.headers or {}).get(tracing.TRACEPARENT, ""))
             reply = job.SerializeToString() if proto else to_json(job)
         except (RoundhouseError, nats.errors.Error, asyncio.TimeoutError) as e:
             err = _error_detail(e)
@@ -270,7 +274,7 @@ class Jobs:
             run.CopyFrom(request)
             run.request_id = f"{job_id}.{attempt}"  # a rerun is a new request: never spliced with the last
             try:
-                result = await self._generate(job_id, attempt, run)
+                result = await self._generate(job_id, attempt, run, tracing.extract(msg.headers))
             except QueueFull as e:
                 if attempt < self._config.max_deliver:  # transient: wait and run it again
                     delay = min(self._config.queue_full_backoff_max_s, self._config.queue_full_backoff_s * 2 ** (attempt - 1))
@@ -297,13 +301,16 @@ class Jobs:
         job = await self._update(job_id, change)
         await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
         await msg.ack()
+        if job.state in _TERMINAL:
+            metrics.JOBS.labels(job.model, router_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()).inc()
         return job
 
-    async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest) -> router_pb2.Job:
+    async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest, parent=None) -> router_pb2.Job:
         """Runs the request through the gateway; returns the result fields (state, text, ...)."""
         out = router_pb2.Job()
         try:
-            admitted = self._gw.admit(request)  # QueueFull goes to the caller: it waits and retries
+            # QueueFull goes to the caller: it waits and retries
+            admitted = self._gw.admit(request, endpoint="job", parent=parent)
             async for ev in self._gw.stream(admitted):
                 await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)})
                 kind = ev.WhichOneof("event")

@@ -12,12 +12,13 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from protos.v1 import manager_pb2, queue_pb2, router_pb2, router_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, natsconn, subjects
+from roundhouse import entry, grpcserver, jetstream, natsconn, subjects, tracing
 from roundhouse.errors import RoundhouseError
 from router_svc.config import RouterConfig
 from router_svc.delivery import DeliveryServer
 from router_svc.gateway import Gateway
 from router_svc.readiness import ReadinessBook
+from router_svc import metrics
 from router_svc.http import HttpApi
 from router_svc.jobs import Jobs, JobsConfig
 from router_svc.tracker import Flight, Tracker
@@ -37,10 +38,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateEvent]:
         try:
-            admitted = self._gw.admit(request, context.time_remaining())
+            admitted = self._gw.admit(request, context.time_remaining(), endpoint="grpc",
+                                      parent=tracing.extract(dict(context.invocation_metadata() or ())))
         except RoundhouseError as e:
             await grpcserver.abort_with(context, e)
             return
+        await context.send_initial_metadata(((tracing.TRACEPARENT, tracing.traceparent(admitted.span)),))
         events = self._gw.stream(admitted)
         try:
             async for event in events:
@@ -66,7 +69,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return out
 
     async def SubmitJob(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
-        return await self._job_call(context, self._jobs.submit(request))
+        metadata = dict(context.invocation_metadata() or ())
+        return await self._job_call(context, self._jobs.submit(request, metadata.get(tracing.TRACEPARENT, "")))
 
     async def GetJob(self, request: router_pb2.JobRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
         return await self._job_call(context, self._jobs.get(request.job_id))
@@ -89,6 +93,7 @@ class Router:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.tracker = Tracker()
+        metrics.IN_FLIGHT.watch(self.tracker)
         self.readiness = ReadinessBook()
         self.port = 0
         self.http_port = 0

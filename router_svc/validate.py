@@ -31,6 +31,12 @@ class Admitted:
     queued: queue_pb2.QueuedRequest
     prompt_tokens: int          # 0 when the model has no tokenizer the router can use
     route_reason: str = BY_NAME
+    route_rule: str = ""        # for "auto": what chose the model (routing.Route.rule)
+    # Set by the gateway: which front door, when admission began (time.time_ns()), the
+    # request's root span (roundhouse.tracing).
+    endpoint: str = "grpc"
+    admitted_ns: int = 0
+    span: object = None
 
 
 def admit(
@@ -51,7 +57,8 @@ def admit(
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
     # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
-    name, reason = resolve_route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000, predictor)
+    route = _route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000, predictor)
+    name, reason = route.model, route.reason
     spec = catalogue.resolve(name)
     if spec is None:
         raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
@@ -127,7 +134,7 @@ def admit(
         queued.prompt = req.prompt
     else:
         queued.chat.messages.extend(req.chat.messages)
-    return Admitted(spec, queued, prompt_tokens or 0, reason)
+    return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule)
 
 
 def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:
@@ -142,18 +149,24 @@ def resolve_route(req: router_pb2.GenerateRequest, catalogue: Catalogue,
     """The model name the request asks for (classified when "auto") and why. A classified
     model that would take longer to load or wake than `max_swap_wait_s` or `time_left_s` gives
     way to a fallback of its rule that would not (see routing.prefer_resident)."""
+    route = _route(req, catalogue, readiness, time_left_s, predictor)
+    return route.model, route.reason
+
+
+def _route(req: router_pb2.GenerateRequest, catalogue: Catalogue, readiness: Mapping[str, routing.Readiness] | None,
+           time_left_s: float, predictor: routing.Predictor | None) -> routing.Route:
     rules = catalogue.routing
     name, reason = req.model, BY_NAME
     if not name and rules is not None and rules.default_model:
         name, reason = rules.default_model, "the configured default model"
     if not name:
         raise InvalidRequest("model", "required")
-    if name == routing.AUTO:
-        if rules is None:
-            raise InvalidRequest("model", '"auto" needs a routing section in the configuration; name a model instead')
-        route = routing.classify(rules, request_view(req), predictor)
-        if readiness:
-            budget = min(time_left_s, rules.max_swap_wait_s or math.inf)
-            route = routing.prefer_resident(route, readiness, budget)
-        name, reason = route.model, route.reason
-    return name, reason
+    if name != routing.AUTO:
+        return routing.Route(name, reason)
+    if rules is None:
+        raise InvalidRequest("model", '"auto" needs a routing section in the configuration; name a model instead')
+    route = routing.classify(rules, request_view(req), predictor)
+    if readiness:
+        budget = min(time_left_s, rules.max_swap_wait_s or math.inf)
+        route = routing.prefer_resident(route, readiness, budget)
+    return route

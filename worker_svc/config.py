@@ -6,7 +6,7 @@ import dataclasses
 import socket
 import uuid
 
-from roundhouse import catalogue, entry
+from roundhouse import catalogue, entry, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class WorkerConfig:
     manager: str = ""                  # host:port of the Manager; then the manager decides loads
     report_interval_s: float = 2.0     # how often the worker refreshes its report to the manager
     log_level: str = "info"
+    metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
+    otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
 
 
 _env = entry.env_reader("worker")
@@ -48,6 +50,8 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--stop-grace", type=float, default=float(_env("STOP_GRACE_S", str(WorkerConfig.stop_grace_s))),
                    help="on SIGTERM, requests in flight get this long to finish; the rest are queued again")
     entry.ready_flag(p, _env)
+    metrics.metrics_flag(p, _env, WorkerConfig.metrics_port)
+    entry.otel_flag(p, _env)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
     if not a.model:
@@ -77,4 +81,6 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         stop_grace_s=a.stop_grace,
         ready_file=a.ready_file,
         log_level=a.log_level,
+        metrics_port=a.metrics_port,
+        otel=a.otel,
     )

@@ -430,7 +430,12 @@ class Engine:
             vllm_config = await asyncio.to_thread(args.create_engine_config)
             if on_cpu and _fork_server[0]:
                 await asyncio.to_thread(runner_server_for, vllm_config)
-            llm = await asyncio.to_thread(AsyncLLM.from_vllm_config, vllm_config, disable_log_stats=True)
+            # vLLM's own engine metrics (`vllm:*`, as `vllm serve` exports them) in this process's
+            # registry, which the worker serves on its metrics port; not its periodic log lines.
+            from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+            llm = await asyncio.to_thread(AsyncLLM.from_vllm_config, vllm_config, disable_log_stats=True,
+                                          stat_loggers=[PrometheusStatLogger])
         except BaseException:
             _remove(null_adapter)
             raise

@@ -10,7 +10,8 @@ import structlog
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
 from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects
-from worker_svc import consume, preflight
+from roundhouse import metrics as shared_metrics
+from worker_svc import consume, metrics, preflight
 from worker_svc.config import WorkerConfig
 from worker_svc.servicer import WorkerServicer
 from worker_svc.worker import ModelWorker
@@ -36,13 +37,16 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await js.publish(subject, payload, headers=headers, timeout=10)
 
     worker = ModelWorker(config, republish)
+    metrics.GAUGES.watch(worker)
+    metrics_port = shared_metrics.serve(config.host, config.metrics_port)
     server = grpcserver.new_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health = await grpcserver.add_standard_services(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
-    log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name))
-    entry.write_ready(config.ready_file, port=port, worker_id=config.worker_id)
+    log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name),
+             metrics_port=metrics_port or None)
+    entry.write_ready(config.ready_file, port=port, worker_id=config.worker_id, metrics_port=metrics_port)
 
     heartbeat = asyncio.create_task(consume.heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat")
     tasks = [asyncio.create_task(consume.pull_loop(worker, puller), name="pull")]

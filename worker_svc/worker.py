@@ -26,11 +26,11 @@ import structlog
 from nats.aio.msg import Msg
 
 from protos.v1 import common_pb2, manager_pb2, queue_pb2, worker_pb2
-from roundhouse import catalogue, entry
+from roundhouse import catalogue, entry, tracing
 from roundhouse.errors import EngineDead, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
-from worker_svc import preflight, redelivery
+from worker_svc import metrics, preflight, redelivery
 from worker_svc.engine import Engine, EngineSpec
 from worker_svc.residency import Residency, State
 
@@ -299,9 +299,35 @@ class ModelWorker:
             log.error("request.undecodable", subject=msg.subject)
             await msg.term()
             return
-        d = redelivery.delivery(msg.headers, msg.metadata.num_delivered or 1)
+        taken_ns = time.time_ns()
+        meta = msg.metadata
+        d = redelivery.delivery(msg.headers, meta.num_delivered or 1)
         delivery = d.number
         rid = req.request_id
+        if (meta.num_delivered or 1) > 1 or delivery > 1:
+            metrics.REDELIVERIES.labels(self.model).inc()
+        elif meta.timestamp is not None:
+            metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, taken_ns / 1e9 - meta.timestamp.timestamp()))
+        span = tracing.tracer().start_span("roundhouse.worker.request", context=tracing.extract(msg.headers),
+                                           start_time=taken_ns, attributes={"roundhouse.request_id": rid,
+                                                                            "roundhouse.model": self.model,
+                                                                            "roundhouse.delivery": delivery})
+        # This request's task: every line from here on carries its id and trace id.
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        tracing.bind(span)
+        outcome = "stopped"  # the worker is going down
+        try:
+            outcome = await self._serve_taken(msg, req, d)
+        finally:
+            span.set_attribute("roundhouse.outcome", outcome)
+            span.end()
+        metrics.REQUESTS.labels(self.model, outcome.replace(" ", "_")).inc()
+        log.info("request.settled", delivery=delivery, outcome=outcome,
+                 ms=round((time.time_ns() - taken_ns) / 1e6, 1))
+
+    async def _serve_taken(self, msg: Msg, req, d) -> str:
+        """`_serve` past decoding; returns how the request was settled (metrics' outcome)."""
+        delivery, rid = d.number, req.request_id
         bound = log.bind(request_id=rid, model=self.model, delivery=delivery)
         # 2. Never start an expired request (its caller already got DEADLINE_EXCEEDED).
         remaining = (req.deadline_unix_ms / 1000.0 - time.time()) if req.deadline_unix_ms else None
@@ -309,16 +335,16 @@ class ModelWorker:
             self.counters.expired_skipped += 1
             bound.info("request.expired_skipped")
             await msg.term()
-            return
+            return "term"
         if rid in self.active:  # redelivered while we still run it (a stall past ack_wait)
             self.active[rid].msg = msg
-            return
+            return "adopted"
         if rid in self.waiting:
             self.waiting[rid] = msg
-            return
+            return "adopted"
         if rid in self.settling:
             self.settling[rid] = msg
-            return
+            return "adopted"
         isolated = d.suspect and not d.exhausted
         if isolated:  # its engine died with others in it: it runs alone, so a death now is its own
             msg = await self._wait_alone(rid, msg)
@@ -326,7 +352,7 @@ class ModelWorker:
             engine = self.engine
             if engine is None or engine.dead:  # not loaded, or died since: not its fault
                 await self.hand_back(msg, d.attempts)
-                return
+                return "hand back"
             # 3. Register, announce, generate.
             link = self.links.to(req.reply_to)
             active = Active(msg, link, delivery, d.attempts + 1, f"{rid}@{delivery}", asyncio.current_task())
@@ -366,11 +392,13 @@ class ModelWorker:
             await self.hand_back(msg, d.attempts, suspect=True)
         else:
             await msg.term()
+        return outcome
 
     async def _generate(self, engine: Engine, req, active: Active, remaining: float | None, bound):
         """Runs the generation; returns (outcome, receipt of the last chunk or None)."""
         rid, delivery, link = req.request_id, active.delivery, active.link
         started = time.monotonic()
+        first = True
         outcome = "ack"
         receipt: asyncio.Future | None = None
         try:
@@ -383,6 +411,9 @@ class ModelWorker:
                     req.adapter,
                     req.prompt_token_ids,
                 ):
+                    if first:
+                        first = False
+                        metrics.ENGINE_TTFT.labels(self.model).observe(time.monotonic() - started)
                     if step.token_ids or step.text:
                         link.push(
                             worker_pb2.RequestChunk(
@@ -452,6 +483,7 @@ class ModelWorker:
             else:
                 await msg.term()
                 return
+        metrics.NAKS.labels(self.model).inc()
         await msg.nak(delay=HAND_BACK_NAK_DELAY_S)
 
     async def _wait_alone(self, rid: str, msg: Msg) -> Msg:
