@@ -8,7 +8,9 @@ collector.
 
 Spans go out only when tracing is on (`configure`: `OTEL_EXPORTER_OTLP_ENDPOINT` set, or
 `--otel`), through OTLP; the exporter is the optional extra `roundhouse[otel]`. When it is off
-the SDK still makes the ids (a span then costs ~10 us and is dropped at its end).
+the SDK's sampler records nothing (ALWAYS_OFF) but still makes the ids: a request's root span
+then costs a few microseconds and its children none (measured: ~195 us per request recorded and
+dropped, against ~50 us with nothing recorded).
 
 Spans are started with an explicit parent and explicit times, never made "current" across an
 `await`: a request's spans are recorded when it ends, from timestamps taken on the way, so the
@@ -24,6 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = structlog.get_logger("tracing")
@@ -44,7 +47,8 @@ def configure(service: str, export: bool | None = None) -> None:
     OTEL_EXPORTER_OTLP_* variables."""
     global _provider, exporting
     export = enabled_by_env() if export is None else export
-    provider = TracerProvider(resource=Resource.create({"service.name": f"roundhouse-{service}"}))
+    provider = TracerProvider(resource=Resource.create({"service.name": f"roundhouse-{service}"}),
+                              **({} if export else {"sampler": ALWAYS_OFF}))
     if export:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -65,7 +69,7 @@ def shutdown() -> None:
 def tracer() -> trace.Tracer:
     global _provider
     if _provider is None:  # not configured (a service under test in-process): ids, no export
-        _provider = TracerProvider()
+        _provider = TracerProvider(sampler=ALWAYS_OFF)
     return _provider.get_tracer("roundhouse")
 
 

@@ -19,6 +19,8 @@ ENDPOINTS = ("http", "grpc", "job")
 REQUESTS = Counter("roundhouse_requests", "Requests by the model that served them, front door and outcome "
                    "(ok, or the error's code in lower case; cancelled: the caller left)",
                    ["model", "endpoint", "status"])
+PUBLISH = Histogram("roundhouse_request_publish_seconds", "From a request's admission to JetStream's ack of its "
+                    "message (validation, classification, prompt count, publish)", ["model"], buckets=LATENCY_BUCKETS)
 QUEUE_WAIT = Histogram("roundhouse_request_queue_seconds", "From a request's admission to a worker starting it "
                        "(its queue, and any model load it waited for)", ["model"], buckets=LATENCY_BUCKETS)
 TTFT = Histogram("roundhouse_time_to_first_token_seconds", "From a request's admission to its first generated text",
@@ -87,6 +89,8 @@ class RequestClock:
         end = time.time_ns()
         m, ep = self.model, self.endpoint
         REQUESTS.labels(m, ep, status).inc()
+        if self.queued_ns:
+            PUBLISH.labels(m).observe((self.queued_ns - self.admitted_ns) / 1e9)
         if self.started_ns:
             QUEUE_WAIT.labels(m).observe((self.started_ns - self.admitted_ns) / 1e9)
         if self.first_ns:

@@ -9,7 +9,9 @@ by `vllm.benchmarks.serve` with `--backend openai` (/v1/completions) and `--back
 (/v1/chat/completions), random prompts of --input-len tokens, --output-len tokens out
 (ignore_eos). Both servers start once and stay up; each round runs both endpoints on each.
 Prints output tokens/s and TTFT p50 / p99 per round and server, Roundhouse / vLLM as a ratio and
-a difference, and each server process's CPU seconds per 1,000 output tokens. Asserts nothing.
+a difference, each server process's CPU seconds per 1,000 output tokens, and where a Roundhouse
+request's time to first token went (means, from the services' own /metrics scraped around each
+run: publish, JetStream wait, engine, the rest). Asserts nothing.
 """
 from __future__ import annotations
 
@@ -31,6 +33,34 @@ import urllib.request
 from roundhouse import stack
 
 BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+METRICS: dict[str, str] = {}   # Roundhouse's /metrics URLs: "router", "worker"
+
+# (label, histogram) whose means split a Roundhouse request's time to its first token
+TTFT_PARTS = (
+    ("router: admit + publish to JetStream ack", "roundhouse_request_publish_seconds"),
+    ("JetStream: stored -> worker took it", "roundhouse_worker_queue_wait_seconds"),
+    ("engine: request in -> first output", "roundhouse_worker_time_to_first_token_seconds"),
+    ("router: admit -> first token at the gateway", "roundhouse_time_to_first_token_seconds"),
+)
+
+
+def histogram_totals() -> dict[str, tuple[float, float]]:
+    """(sum, count) of each TTFT_PARTS histogram, summed over labels, from Roundhouse's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, tuple[float, float]] = {}
+    for url in METRICS.values():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for suffix, i in (("_sum", 0), ("_count", 1)):
+                    name = sample.name.removesuffix(suffix)
+                    if sample.name.endswith(suffix) and any(h == name for _, h in TTFT_PARTS):
+                        total = list(out.get(name, (0.0, 0.0)))
+                        total[i] += sample.value
+                        out[name] = (total[0], total[1])
+    return out
 
 
 def free_port() -> int:
@@ -74,6 +104,7 @@ def bench(base: str, backend: str, model: str, tokenizer: str, a: argparse.Names
     ])
     result = serve.main(args)
     return {"tok_s": result["output_throughput"], "ttft_p50": result["median_ttft_ms"], "ttft_p99": result["p99_ttft_ms"],
+            "ttft_mean": result["mean_ttft_ms"],
             "completed": result["completed"], "failed": a.num_prompts - result["completed"]}
 
 
@@ -99,10 +130,19 @@ def cpu_by_process(root_pid: int) -> dict[str, float]:
 
 def measured(proc: subprocess.Popen, base: str, backend: str, model: str, tokenizer: str, a) -> dict:
     """bench() plus the CPU seconds each server process spent during it."""
+    roundhouse = base == METRICS.get("base")
+    parts_before = histogram_totals() if roundhouse else {}
     before = cpu_by_process(proc.pid)
     result = bench(base, backend, model, tokenizer, a)
     after = cpu_by_process(proc.pid)
     result["cpu"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0.05}
+    if roundhouse:
+        parts_after = histogram_totals()
+        result["parts_ms"] = {}
+        for name, (total, count) in parts_after.items():
+            t0, c0 = parts_before.get(name, (0.0, 0.0))
+            if count > c0:
+                result["parts_ms"][name] = 1000 * (total - t0) / (count - c0)
     return result
 
 
@@ -149,6 +189,8 @@ def start_roundhouse(config: pathlib.Path, work: pathlib.Path) -> tuple[subproce
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"roundhouse up did not start; see {log_path}")
             time.sleep(0.5)  # another process's stdout: nothing to await
+        worker = re.search(r"worker for tiny-0 started .*metrics (http://\S+/metrics)", log_path.read_text())
+        METRICS.update(base=base, router=f"{base}/metrics", **({"worker": worker.group(1)} if worker else {}))
         warm(base, "tiny-0")
     except BaseException:
         stop(proc)
@@ -204,6 +246,18 @@ def main() -> None:
             per = {k: v * 1000 / (out_tokens * len(runs)) for k, v in cpu.items()}
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
             print(f"{b:12} {name:10} total {sum(per.values()):.3f}: {parts}")
+    print("\nwhere a Roundhouse request's time to first token went (means over each run, ms; from its /metrics)")
+    for b in BACKENDS:
+        for r, name, x in rows:
+            if name != "roundhouse" or not x[b].get("parts_ms"):
+                continue
+            ms = x[b]["parts_ms"]
+            get = lambda metric: ms.get(metric, float("nan"))  # noqa: E731
+            publish, waited, engine, gateway = (get(h) for _, h in TTFT_PARTS)
+            rest = gateway - publish - waited - engine
+            print(f"{b:12} round {r}: client TTFT {x[b]['ttft_mean']:.1f} = router admit+publish {publish:.1f} + JetStream "
+                  f"wait {waited:.1f} + engine {engine:.1f} + worker in/out and delivery {rest:.1f} "
+                  f"+ HTTP in and SSE out {x[b]['ttft_mean'] - gateway:.1f}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ for one (so the second one's request swaps them) plus a model whose weights are 
 fails). Real traffic goes through HTTP and gRPC; then each service's /metrics (router, manager,
 both workers) is scraped and parsed with prometheus_client's own parser, and the counters and
 histograms must have moved by exactly what was sent. A request sent with a W3C `traceparent`
-keeps its trace id: in the response, and in the router's and the worker's log lines."""
+keeps its trace id: in the response, in the router's and the worker's log lines, and in the spans
+both export over OTLP to a collector this test serves (the real OTLP gRPC service)."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import signal
@@ -20,10 +22,11 @@ import httpx
 import psutil
 import pytest
 import pytest_asyncio
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
-from roundhouse import catalogue, stack
+from roundhouse import catalogue, natsd, stack
 from tests.conftest import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -31,7 +34,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 MiB = 2**20
 GOOD, OTHER, BAD = "obs-0", "obs-1", "obs-bad"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+CALLER_SPAN = "00f067aa0ba902b7"
+PARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OpenTelemetry collector's trace endpoint (OTLP over gRPC) that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []   # (service.name, Span)
+
+    async def Export(self, request, context):
+        for rs in request.resource_spans:
+            service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+            self.spans.extend((service, span) for ss in rs.scope_spans for span in ss.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 def _corrupt(model_dir: pathlib.Path) -> None:
@@ -76,6 +93,7 @@ class Obs:
     worker_metrics: dict[str, str]
     run_dir: pathlib.Path
     seen: list[str]
+    collector: Collector
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -92,10 +110,16 @@ async def obs(session_dir):
     (root / "models" / "obs-2").rename(root / "models" / BAD)
     _corrupt(root / "models" / BAD)
     var = root / "var"
+    collector, server = Collector(), grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    otlp_port = server.add_insecure_port(f"127.0.0.1:{natsd.free_port()}")
+    await server.start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "200"}  # every service exports its spans, within 0.2 s
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "roundhouse.cli", "up", "--config", str(path), "--var", str(var),
         "--port", "0", "--http-port", "0", "--manager-port", "0", "--log-level", "info",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **otel})
     seen: list[str] = []
     try:
         workers = {}
@@ -104,8 +128,10 @@ async def obs(session_dir):
             workers[m.group(1)] = m.group(2)
         ready = await _read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)/v1", seen, 60)
         urls = await _read_until(proc.stdout, r"metrics: (http://\S+) \(router\), (http://\S+) \(manager\)", seen, 10)
-        yield Obs(proc, ready.group(1), ready.group(2), urls.group(1), urls.group(2), workers, var / "run", seen)
+        yield Obs(proc, ready.group(1), ready.group(2), urls.group(1), urls.group(2), workers, var / "run", seen,
+                  collector)
     finally:
+        await server.stop(0)
         if proc.returncode is None:
             family = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGTERM)
@@ -224,3 +250,32 @@ async def test_metrics_move_by_what_was_sent_and_one_trace_crosses_the_services(
     assert all(ln["trace_id"] == TRACE_ID for ln in router_lines + worker_lines)
     assert {ln["request_id"] for ln in router_lines} == {ln["request_id"] for ln in worker_lines}
     assert any(ln["event"] == "request.settled" and ln["outcome"] == "ack" for ln in worker_lines)
+
+
+async def test_the_traced_request_exports_one_trace_from_router_and_worker(obs):
+    """Runs after the test above (file order), which sent the traced request: its spans reach the
+    collector, from both services, under the caller's trace and linked parent to child."""
+    tid = bytes.fromhex(TRACE_ID)
+
+    def spans() -> dict[str, list]:
+        out: dict[str, list] = {}
+        for service, span in obs.collector.spans:
+            if span.trace_id == tid:
+                out.setdefault(span.name, []).append((service, span))
+        return out
+
+    await eventually(lambda: {"roundhouse.request", "roundhouse.generate", "roundhouse.worker.request"} <= set(spans()),
+                     30, "the traced request's spans at the collector")
+    got = spans()
+    [(router_service, root)] = got["roundhouse.request"]
+    assert router_service == "roundhouse-router" and root.parent_span_id == bytes.fromhex(CALLER_SPAN)
+    for name in ("roundhouse.admit_and_publish", "roundhouse.queue_wait", "roundhouse.generate"):
+        [(service, child)] = got[name]
+        assert service == "roundhouse-router" and child.parent_span_id == root.span_id, name
+        assert root.start_time_unix_nano <= child.start_time_unix_nano <= child.end_time_unix_nano <= root.end_time_unix_nano
+    [(worker_service, worker)] = got["roundhouse.worker.request"]
+    assert worker_service == "roundhouse-worker" and worker.parent_span_id == root.span_id, "one trace across NATS"
+    [(_, queue_wait)] = got["roundhouse.queue_wait"]
+    assert worker.start_time_unix_nano >= queue_wait.start_time_unix_nano, "the worker took it after it was queued"
+    attrs = {a.key: a.value for a in root.attributes}
+    assert attrs["roundhouse.status"].string_value == "ok" and attrs["gen_ai.usage.output_tokens"].int_value == 3
