@@ -23,6 +23,8 @@ Loaded once from YAML at each service's edge and passed down. Every error names 
         enforce_eager: false       # true skips torch.compile (CPU) / CUDA graphs: faster load, slower steps
         logits_processors: []      # vLLM logits processor classes ("package.module:Class"), as
                                    # `vllm serve --logits-processors`; importable by the worker
+        engine_metrics: true       # vLLM's own vllm:* metrics on the worker's /metrics (false: its
+                                   # engine keeps no statistics, as `vllm serve --disable-log-stats`)
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -96,6 +98,7 @@ class ModelSpec:
     max_lora_rank: int = 16
     enforce_eager: bool = False     # True: no torch.compile / CUDA graphs (faster start, slower steps)
     logits_processors: tuple[str, ...] = ()   # vLLM logits processor classes loaded into its engine
+    engine_metrics: bool = True     # vLLM's own `vllm:*` metrics on the worker's /metrics (as `vllm serve`)
 
     @property
     def token_limit(self) -> int:

@@ -56,6 +56,7 @@ class EngineSpec:
     dtype: str = "auto"
     enforce_eager: bool = False        # False: torch.compile on CPU, CUDA graphs on GPU
     logits_processors: tuple[str, ...] = ()   # qualified class names, imported by vLLM
+    engine_metrics: bool = True        # vLLM's Prometheus metrics in this process's registry
     seed: int = 0
     adapters: tuple[tuple[str, str], ...] = ()   # LoRA (name, path); any enables LoRA in the engine
     max_loras: int = 4
@@ -435,7 +436,7 @@ class Engine:
             from vllm.v1.metrics.loggers import PrometheusStatLogger
 
             llm = await asyncio.to_thread(AsyncLLM.from_vllm_config, vllm_config, disable_log_stats=True,
-                                          stat_loggers=[PrometheusStatLogger])
+                                          stat_loggers=[PrometheusStatLogger] if spec.engine_metrics else None)
         except BaseException:
             _remove(null_adapter)
             raise

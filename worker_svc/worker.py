@@ -164,6 +164,7 @@ class ModelWorker:
                     max_lora_rank=spec.max_lora_rank,
                     enforce_eager=spec.enforce_eager,
                     logits_processors=spec.logits_processors,
+                    engine_metrics=spec.engine_metrics,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...

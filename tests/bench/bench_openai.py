@@ -156,13 +156,15 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_vllm(model_dir: pathlib.Path, work: pathlib.Path, context: int = 1024) -> tuple[subprocess.Popen, str]:
+def start_vllm(model_dir: pathlib.Path, work: pathlib.Path, context: int = 1024,
+               engine_stats: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(work / "vllm-serve.log", "ab")
     proc = subprocess.Popen([
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "tiny-0",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(context), "--max-num-seqs", "64",
-        "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20), "--seed", "0", "--disable-log-stats",
+        "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20), "--seed", "0",
+        *([] if engine_stats else ["--disable-log-stats"]),
     ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -205,13 +207,17 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2, help="A B pairs")
+    p.add_argument("--engine-stats", action="store_true",
+                   help="both engines keep vLLM's statistics (vllm serve's default; Roundhouse's engine_metrics, its "
+                        "default); without it neither does (--disable-log-stats; engine_metrics: false)")
     a = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="rh-bench-openai-"))
-    config = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64, max_tokens_limit=1000)
+    config = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64, max_tokens_limit=1000,
+                                        **({} if a.engine_stats else {"engine_metrics": False}))
     model_dir = work / "models" / "tiny-0"
     servers = {}
     try:
-        servers["vllm serve"] = start_vllm(model_dir, work)
+        servers["vllm serve"] = start_vllm(model_dir, work, engine_stats=a.engine_stats)
         servers["roundhouse"] = start_roundhouse(config, work)
         for name, (proc, base) in servers.items():  # one unmeasured pass each: compile and cache warm-up
             for b in BACKENDS:
@@ -224,7 +230,7 @@ def main() -> None:
         for proc, _ in servers.values():
             stop(proc)
     print(f"\n{a.num_prompts} prompts, {a.input_len} in / {a.output_len} out tokens, concurrency {a.concurrency}, "
-          f"tiny Llama on CPU, {a.rounds} rounds A B")
+          f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both")
     print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
     for b in BACKENDS:
         for r in range(a.rounds):
