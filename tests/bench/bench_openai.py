@@ -33,7 +33,7 @@ import urllib.request
 from roundhouse import stack
 
 BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
-METRICS: dict[str, str] = {}   # Roundhouse's /metrics URLs: "router", "worker"
+METRICS: dict[str, str] = {}   # Roundhouse's base URL ("base") and /metrics URLs ("router", "worker")
 
 # (label, histogram) whose means split a Roundhouse request's time to its first token
 TTFT_PARTS = (
@@ -49,7 +49,7 @@ def histogram_totals() -> dict[str, tuple[float, float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, tuple[float, float]] = {}
-    for url in METRICS.values():
+    for url in (METRICS[k] for k in ("router", "worker") if k in METRICS):
         with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode()
         for family in text_string_to_metric_families(text):
