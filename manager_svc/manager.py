@@ -365,6 +365,7 @@ class Manager:
             e.loads += 1
         e.op_started = self._clock()
         e.op_estimate_s = e.last_wake_s if waking else e.last_load_s
+        e.load_reason = "admin" if e.requested else "pinned" if e.pinned else "demand"
         self._set_changed(e, waking=waking)
         e.op = asyncio.create_task(self._load(e, waking))
 
@@ -409,7 +410,7 @@ class Manager:
         elif waking:
             e.wakes += 1
         e.learn(kind, took)
-        metrics.LOADS.labels(e.spec.name, kind).inc()
+        metrics.LOADS.labels(e.spec.name, kind, e.load_reason or "demand").inc()
         metrics.LOAD_SECONDS.labels(e.spec.name, kind).observe(max(0.0, took))
 
     def _start_evict(self, e: Entry, level: int = 0, reason: str = "policy") -> None:

@@ -12,8 +12,8 @@ from prometheus_client.core import GaugeMetricFamily
 from manager_svc.policy import Phase, used_bytes
 from roundhouse.metrics import TRANSITION_BUCKETS
 
-LOADS = Counter("roundhouse_model_loads", "Models brought to serve, by how: load (a cold start) or wake (from sleep)",
-                ["model", "kind"])
+LOADS = Counter("roundhouse_model_loads", "Models brought to serve, by how (load: a cold start; wake: from sleep) "
+                "and why (demand: requests queued; pinned; admin: roundhouse load)", ["model", "kind", "reason"])
 LOAD_SECONDS = Histogram("roundhouse_model_load_seconds", "From a load or wake's start to its model serving",
                          ["model", "kind"], buckets=TRANSITION_BUCKETS)
 EVICTIONS = Counter("roundhouse_model_evictions", "Evictions, by what the engine became (stop, sleep1, sleep2) and "

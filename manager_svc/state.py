@@ -66,6 +66,7 @@ class Entry:
     queue_read_at: float = 0.0        # when its queue depth was last asked for
     evicted_at: float = 0.0           # when its last eviction ended
     evict_started: float = 0.0        # when its last eviction started
+    load_reason: str = ""             # why its last load or wake started: demand, pinned, admin (metrics)
     reading: asyncio.Task | None = None   # a read of its queue, started by a request event
     reread: bool = False              # events came during that read: read once more
     op: asyncio.Task | None = None    # the Load / Evict this manager has under way

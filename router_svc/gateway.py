@@ -128,6 +128,7 @@ class Gateway:
                 route_reason=admitted.route_reason))
             loading = self._tracker.loading_event(q.model)
             if loading is not None:
+                clock.loading_ns = time.time_ns()
                 yield loading
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (q.deadline_unix_ms / 1000 - time.time())
@@ -167,6 +168,8 @@ class Gateway:
                     event.started.route_reason = admitted.route_reason
                 elif kind == "finished":
                     status, usage = "ok", event.finished.usage
+                elif kind == "loading" and not clock.loading_ns:
+                    clock.loading_ns = time.time_ns()
                 elif kind == "error":
                     status = event.error.code.lower() or "internal"
                 yield event
@@ -236,6 +239,8 @@ def _record(clock: metrics.RequestClock, span, status: str, usage) -> None:
     tracing.child("roundhouse.admit_and_publish", span, clock.admitted_ns, admitted)
     if clock.queued_ns:
         tracing.child("roundhouse.queue_wait", span, clock.queued_ns, clock.started_ns or end)
+    if clock.loading_ns:  # part of the queue wait: its model was loading
+        tracing.child("roundhouse.model_load_wait", span, clock.loading_ns, clock.started_ns or end)
     if clock.started_ns:
         tracing.child("roundhouse.generate", span, clock.started_ns, end,
                       **({"roundhouse.first_token_s": (clock.first_ns - clock.started_ns) / 1e9} if clock.first_ns else {}))

@@ -77,12 +77,12 @@ class RequestClock:
     """One request's timestamps on its way through the gateway (time.time_ns(): also the spans'
     times), turned into metrics once it ends."""
 
-    __slots__ = ("model", "endpoint", "admitted_ns", "queued_ns", "started_ns", "first_ns", "last_ns")
+    __slots__ = ("model", "endpoint", "admitted_ns", "queued_ns", "loading_ns", "started_ns", "first_ns", "last_ns")
 
     def __init__(self, model: str, endpoint: str, admitted_ns: int) -> None:
         self.model, self.endpoint = model, endpoint
         self.admitted_ns = admitted_ns
-        self.queued_ns = self.started_ns = self.first_ns = self.last_ns = 0
+        self.queued_ns = self.loading_ns = self.started_ns = self.first_ns = self.last_ns = 0
 
     def done(self, status: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> int:
         """Records the request's figures; returns when it ended (ns)."""

@@ -208,7 +208,7 @@ async def test_metrics_move_by_what_was_sent_and_one_trace_crosses_the_services(
 
     # Manager: the swap (obs-0 evicted by the policy, obs-1 loaded), the failed load, the state now.
     manager = scrape(obs.manager_metrics)
-    assert value(manager, "roundhouse_model_loads_total", model=GOOD, kind="load") == 1
+    assert value(manager, "roundhouse_model_loads_total", model=GOOD, kind="load", reason="demand") == 1
     assert value(manager, "roundhouse_model_loads_total", model=OTHER, kind="load") == 1
     assert value(manager, "roundhouse_model_load_seconds_count", model=OTHER, kind="load") == 1
     assert value(manager, "roundhouse_model_evictions_total", model=GOOD, to="stop", reason="policy") == 1
@@ -277,5 +277,9 @@ async def test_the_traced_request_exports_one_trace_from_router_and_worker(obs):
     assert worker_service == "roundhouse-worker" and worker.parent_span_id == root.span_id, "one trace across NATS"
     [(_, queue_wait)] = got["roundhouse.queue_wait"]
     assert worker.start_time_unix_nano >= queue_wait.start_time_unix_nano, "the worker took it after it was queued"
+    # The first request of the other test waited for obs-0's load: its own trace shows that wait.
+    waits = [(svc, s) for svc, s in obs.collector.spans if s.name == "roundhouse.model_load_wait"]
+    assert waits and all(svc == "roundhouse-router" for svc, _ in waits)
+    assert max(s.end_time_unix_nano - s.start_time_unix_nano for _, s in waits) > 0.5e9, "a load takes seconds"
     attrs = {a.key: a.value for a in root.attributes}
     assert attrs["roundhouse.status"].string_value == "ok" and attrs["gen_ai.usage.output_tokens"].int_value == 3
