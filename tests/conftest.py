@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import re
 import time
 from collections.abc import Callable
 
@@ -277,3 +278,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"longest event-loop stall in the test process: {_LAG['max_s']:.3f} s ({_LAG['where']})")
         if _LAG["stack"]:
             terminalreporter.write_line("the process's threads during that stall:\n" + _LAG["stack"])
+
+
+async def read_until(stream, pattern: str, seen: list[str], timeout: float) -> re.Match:
+    """Reads `roundhouse up`'s output line by line (kept in `seen`) until one matches `pattern`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError("roundhouse up exited early:\n" + "".join(seen))
+            seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
 from roundhouse import catalogue, natsd, stack
-from tests.conftest import eventually
+from tests.conftest import eventually, read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -54,18 +54,6 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 def _corrupt(model_dir: pathlib.Path) -> None:
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut inside the header: it cannot load
-
-
-async def _read_until(stream, pattern: str, seen: list[str], timeout: float) -> re.Match:
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError("roundhouse up exited early:\n" + "".join(seen))
-            seen.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
@@ -124,10 +112,10 @@ async def obs(session_dir):
     try:
         workers = {}
         for _ in range(3):
-            m = await _read_until(proc.stdout, r"worker for (\S+) started .*metrics (http://\S+/metrics)", seen, 120)
+            m = await read_until(proc.stdout, r"worker for (\S+) started .*metrics (http://\S+/metrics)", seen, 120)
             workers[m.group(1)] = m.group(2)
-        ready = await _read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)/v1", seen, 60)
-        urls = await _read_until(proc.stdout, r"metrics: (http://\S+) \(router\), (http://\S+) \(manager\)", seen, 10)
+        ready = await read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)/v1", seen, 60)
+        urls = await read_until(proc.stdout, r"metrics: (http://\S+) \(router\), (http://\S+) \(manager\)", seen, 10)
         yield Obs(proc, ready.group(1), ready.group(2), urls.group(1), urls.group(2), workers, var / "run", seen,
                   collector)
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import signal
 import sys
 import time
@@ -17,23 +16,11 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from tests.conftest import processes_gone
+from tests.conftest import processes_gone, read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TOLD_WITHIN_S = 10.0   # a caller whose worker died hears so within this (issue 8's bound)
-
-
-async def _read_until(stream, pattern: str, seen: list[str], timeout: float) -> re.Match:
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError("roundhouse up exited early:\n" + "".join(seen))
-            seen.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m
 
 
 @dataclasses.dataclass
@@ -63,7 +50,7 @@ async def up(tmp_path_factory):
     )
     seen: list[str] = []
     try:
-        ready = await _read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)", seen, 180)
+        ready = await read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)", seen, 180)
         yield Up(proc, ready.group(2), seen)
     finally:
         if proc.returncode is None:  # a test before the last one failed: do not leave it running
@@ -80,7 +67,7 @@ async def test_up_serves_a_request_and_shows_progress(up):
     auto = await client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hi again"}], max_tokens=3)
     assert auto.headers["x-roundhouse-model"] == "chat", "the default rules send small talk to chat"
-    await _read_until(up.proc.stdout, r"chat: ready after", up.seen, 30)  # progress was shown
+    await read_until(up.proc.stdout, r"chat: ready after", up.seen, 30)  # progress was shown
     assert any("chat: loading" in line for line in up.seen)
     names = " ".join(p.name() for p in up.family())
     assert "nats-server" in names and len(up.family()) >= 4, f"nats-server, 3 workers, an engine: {names}"
@@ -120,7 +107,7 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
 
     alive = await processes_gone(engine, TOLD_WITHIN_S)
     assert not alive, f"the killed worker's engine outlived it: {[(p.pid, p.name()) for p in alive]}"
-    await _read_until(up.proc.stdout, r"worker for chat restarted", up.seen, 60)
+    await read_until(up.proc.stdout, r"worker for chat restarted", up.seen, 60)
     await asyncio.wait_for(asyncio.gather(*streams), 240)
     cut = {i: o for i, o in outcomes.items() if o != "completed"}
     assert cut, f"some stream was running when its worker died: {outcomes}"
