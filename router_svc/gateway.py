@@ -180,9 +180,9 @@ class Gateway:
             # no engine keeps working on it and no worker starts it later.
             forget = not flight.done or flight.link is None
             self._tracker.close(flight)
+            _record(clock, span, status, usage)  # before the await below, which a cancel can cut short
             if forget:
                 await self._forget(flight)
-            _record(clock, span, status, usage)
             structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
 
     async def _publish(self, q, span) -> "nats.js.api.PubAck | None":
