@@ -323,6 +323,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
             raise ConfigError(str(e)) from e
         if cat.resolve(routing.AUTO) is not None:
             raise ConfigError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
+        if rules.classifier is not None and rules.classifier.model_file:  # relative to this file, as model paths
+            rules = dataclasses.replace(rules, classifier=dataclasses.replace(
+                rules.classifier, model_file=_absolute(rules.classifier.model_file, base)))
         cat = dataclasses.replace(cat, routing=rules)
     return cat
 

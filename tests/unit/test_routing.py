@@ -260,3 +260,13 @@ def test_classifier_labels_map_to_models():
 def test_classifier_config_errors_name_the_key(classifier, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         _cat([], classifier=classifier)
+
+
+def test_a_classifier_model_file_is_relative_to_the_config_file_as_model_paths_are(tmp_path):
+    raw = {"models": MODELS, "routing": {"fallback": "chat", "classifier": {"model_file": "mine.json"}}}
+    cat = catalogue.from_mapping(raw, tmp_path / "conf")
+    assert cat.routing.classifier.model_file == str((tmp_path / "conf" / "mine.json").resolve())
+    assert cat.get("chat").path == str((tmp_path / "conf" / "m" / "chat").resolve())
+    absolute = {"fallback": "chat", "classifier": {"model_file": str(tmp_path / "elsewhere.json")}}
+    assert catalogue.from_mapping({**raw, "routing": absolute}, tmp_path).routing.classifier.model_file == \
+        str(tmp_path / "elsewhere.json")
