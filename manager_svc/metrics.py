@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from manager_svc.policy import Phase, used_bytes
+from manager_svc.policy import RESIDENT, Phase, used_bytes
 from roundhouse.metrics import TRANSITION_BUCKETS
 
 LOADS = Counter("roundhouse_model_loads", "Models brought to serve, by how (load: a cold start; wake: from sleep) "
@@ -29,7 +29,7 @@ TIER_GPU, TIER_ASLEEP, TIER_NONE = 2, 1, 0
 
 
 def tier_of(phase: Phase) -> int:
-    if phase in (Phase.LOADING, Phase.READY, Phase.EVICTING):
+    if phase in RESIDENT:
         return TIER_GPU
     return TIER_ASLEEP if phase is Phase.SLEEPING else TIER_NONE
 
@@ -81,12 +81,6 @@ class _ManagerGauges:
                 budget.add_metric([gpu], b)
                 used.add_metric([gpu], used_bytes(views, gpu))
         yield from (state, tier, sleep, pinned, queue, in_flight, backoff, footprint, budget, used)
-
-    def describe(self):
-        return [GaugeMetricFamily(n, "") for n in (
-            "roundhouse_model_state", "roundhouse_model_tier", "roundhouse_model_sleep_level", "roundhouse_model_pinned",
-            "roundhouse_model_queue_depth", "roundhouse_model_requests_in_flight", "roundhouse_model_backoff_seconds",
-            "roundhouse_model_footprint_bytes", "roundhouse_gpu_budget_bytes", "roundhouse_gpu_used_bytes")]
 
 
 GAUGES = _ManagerGauges()

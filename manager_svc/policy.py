@@ -92,7 +92,7 @@ class Fail:
 Action = Load | Evict | Fail
 
 _BUSY = (Phase.LOADING, Phase.EVICTING)
-_RESIDENT = (Phase.LOADING, Phase.READY, Phase.EVICTING)
+RESIDENT = (Phase.LOADING, Phase.READY, Phase.EVICTING)   # phases that hold GPU memory
 
 
 def used_bytes(models: Sequence[ModelView], gpu: str) -> int:
@@ -101,7 +101,7 @@ def used_bytes(models: Sequence[ModelView], gpu: str) -> int:
 
 
 def _held(m: ModelView) -> int:
-    if m.phase in _RESIDENT:
+    if m.phase in RESIDENT:
         return m.footprint
     return m.residue if m.phase is Phase.SLEEPING else 0
 

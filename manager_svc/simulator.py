@@ -43,14 +43,13 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from manager_svc import policy as policy_module
-from manager_svc.policy import Action, Evict, Fail, Load, ModelView, Phase, wants_load
+from manager_svc.policy import RESIDENT, Action, Evict, Fail, Load, ModelView, Phase, wants_load
 from manager_svc.state import FREQUENCY_HALF_LIFE_S
 
 GPU = "gpu"
 PlanFn = Callable[[Sequence[ModelView], Mapping[str, int], float, float], list[Action]]
 
 _BUSY = (Phase.LOADING, Phase.EVICTING)
-_RESIDENT = (Phase.LOADING, Phase.READY, Phase.EVICTING)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ def lru_plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float
         if target.footprint > budget:
             actions.append(Fail(target.name, "larger than its budget"))
             continue
-        need = sum(m.footprint for m in on_gpu if m.phase in _RESIDENT) + target.footprint - budget
+        need = sum(m.footprint for m in on_gpu if m.phase in RESIDENT) + target.footprint - budget
         if need <= 0:
             actions.append(Load(target.name))
             continue

@@ -5,7 +5,10 @@ Each service defines its metrics in its own `metrics` module, in prometheus_clie
 registry (where vLLM's engine metrics land too, in a worker). Names follow Prometheus style:
 `roundhouse_` prefix, base units in the name (`_seconds`, `_bytes`), counters end in `_total`
 (prometheus_client adds it). Labels are bounded: model names come from the catalogue, never
-from a request that failed to name one (those count under OTHER_MODEL).
+from a request that failed to name one (those count under OTHER_MODEL). A service's gauges of
+what is true now are a collector read at scrape time; it has no `describe`: the registry calls
+its `collect` once at registration, before anything is watched, and learns the names from the
+empty families it yields.
 """
 from __future__ import annotations
 

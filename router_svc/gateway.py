@@ -79,7 +79,8 @@ class Gateway:
             "roundhouse.request", context=parent, kind=trace.SpanKind.SERVER, start_time=started_ns,
             attributes={"roundhouse.request_id": q.request_id, "roundhouse.model": q.adapter or q.model,
                         "roundhouse.endpoint": endpoint, "roundhouse.route_reason": admitted.route_reason})
-        return dataclasses.replace(admitted, endpoint=endpoint, admitted_ns=started_ns, span=span)
+        return dataclasses.replace(admitted, endpoint=endpoint, admitted_ns=started_ns, span=span,
+                                   traceparent=tracing.traceparent(span))
 
     def _admit(self, request, timeout_s, check_queue, started_ns: int) -> Admitted:
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
@@ -114,7 +115,7 @@ class Gateway:
         status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
         try:
-            ack = await self._publish(q, span)
+            ack = await self._publish(q, admitted.traceparent)
             if ack is None:
                 status = "unavailable"
                 raise Unavailable("cannot queue the request (NATS unavailable); retry")
@@ -147,7 +148,7 @@ class Gateway:
                         ready.append(events.get_nowait())
                 event = ready.popleft()
                 if event is REQUEUE:  # its worker was lost before sending anything: queue it again
-                    failed = await self._requeue(flight, q, span)
+                    failed = await self._requeue(flight, q, admitted.traceparent)
                     if failed is not None:
                         status = "unavailable"
                         yield failed
@@ -185,14 +186,13 @@ class Gateway:
                 await self._forget(flight)
             structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
 
-    async def _publish(self, q, span) -> "nats.js.api.PubAck | None":
+    async def _publish(self, q, traceparent: str) -> "nats.js.api.PubAck | None":
         """Publishes once, and once more on a timeout. The message id is unique to this call, so
         JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
         request_id later is never mistaken for a duplicate. The request's trace goes with it."""
         headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
-        parent = tracing.traceparent(span)
-        if parent:
-            headers[tracing.TRACEPARENT] = parent
+        if traceparent:
+            headers[tracing.TRACEPARENT] = traceparent
         payload = q.SerializeToString()
         subject = subjects.request_subject(q.model)
         for attempt in (1, 2):
@@ -202,11 +202,11 @@ class Gateway:
                 log.error("request.publish_failed", attempt=attempt, error=repr(e))
         return None
 
-    async def _requeue(self, flight, q, span) -> router_pb2.GenerateEvent | None:
+    async def _requeue(self, flight, q, traceparent: str) -> router_pb2.GenerateEvent | None:
         """Replaces the lost worker's message with a new one; an error event if NATS refuses."""
         with contextlib.suppress(Exception):  # gone already is fine: it must not run again
             await self._js.delete_msg(subjects.STREAM, flight.seq)
-        ack = await self._publish(q, span)
+        ack = await self._publish(q, traceparent)
         if ack is None:
             return error_event("UNAVAILABLE", f"roundhouse: the worker serving model {q.model} was lost and the request "
                                               "could not be queued again (NATS unavailable); send it again", True)

@@ -149,7 +149,7 @@ class HttpApi:
         model = q.adapter or q.model  # what serves it: the model, or the LoRA adapter on it
         headers = {"x-request-id": q.request_id, "x-roundhouse-model": model,
                    "x-roundhouse-route-reason": admitted.route_reason,
-                   tracing.TRACEPARENT: tracing.traceparent(admitted.span)}
+                   tracing.TRACEPARENT: admitted.traceparent}
         rid, created = openai_api.response_id(endpoint, q.request_id), int(time.time())
         events = self._gw.stream(admitted)
         try:

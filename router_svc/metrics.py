@@ -65,9 +65,6 @@ class _InFlight:
         yield waiting
         yield running
 
-    def describe(self):
-        return [GaugeMetricFamily("roundhouse_requests_waiting", ""), GaugeMetricFamily("roundhouse_requests_running", "")]
-
 
 IN_FLIGHT = _InFlight()
 REGISTRY.register(IN_FLIGHT)

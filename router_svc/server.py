@@ -43,7 +43,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except RoundhouseError as e:
             await grpcserver.abort_with(context, e)
             return
-        await context.send_initial_metadata(((tracing.TRACEPARENT, tracing.traceparent(admitted.span)),))
+        await context.send_initial_metadata(((tracing.TRACEPARENT, admitted.traceparent),))
         events = self._gw.stream(admitted)
         try:
             async for event in events:

@@ -33,10 +33,11 @@ class Admitted:
     route_reason: str = BY_NAME
     route_rule: str = ""        # for "auto": what chose the model (routing.Route.rule)
     # Set by the gateway: which front door, when admission began (time.time_ns()), the
-    # request's root span (roundhouse.tracing).
+    # request's root span (roundhouse.tracing) and its W3C traceparent (what is handed on).
     endpoint: str = "grpc"
     admitted_ns: int = 0
     span: object = None
+    traceparent: str = ""
 
 
 def admit(

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from roundhouse.metrics import LATENCY_BUCKETS
+from worker_svc.residency import State
 
 REQUESTS = Counter("roundhouse_worker_requests", "Requests this worker settled with JetStream, by how: ack (done), "
                    "term (nobody waits: cancelled, deadline, given up), retry (its engine died running it alone), "
@@ -24,7 +25,7 @@ QUEUE_WAIT = Histogram("roundhouse_worker_queue_wait_seconds", "From a request's
                        "worker taking it", ["model"], buckets=LATENCY_BUCKETS)
 ENGINE_TTFT = Histogram("roundhouse_worker_time_to_first_token_seconds", "From handing a request to the engine to "
                         "its first output (scheduling and prefill)", ["model"], buckets=LATENCY_BUCKETS)
-STATES = ("unloaded", "loading", "ready", "evicting", "sleeping", "failed")
+STATES = tuple(s.name.lower() for s in State)
 
 
 class _WorkerGauges:
@@ -50,10 +51,6 @@ class _WorkerGauges:
             free.add_metric([w.model], max(0, w.free_slots()))
             loads.add_metric([w.model], w.counters.load_seconds)
         yield from (state, running, free, loads)
-
-    def describe(self):
-        return [GaugeMetricFamily(n, "") for n in ("roundhouse_worker_engine_state", "roundhouse_worker_requests_running",
-                                                   "roundhouse_worker_slots_free", "roundhouse_worker_last_load_seconds")]
 
 
 GAUGES = _WorkerGauges()

@@ -305,7 +305,7 @@ class ModelWorker:
         d = redelivery.delivery(msg.headers, meta.num_delivered or 1)
         delivery = d.number
         rid = req.request_id
-        if (meta.num_delivered or 1) > 1 or delivery > 1:
+        if delivery > 1:  # counts this message's deliveries and those of the copies before it
             metrics.REDELIVERIES.labels(self.model).inc()
         elif meta.timestamp is not None:
             metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, taken_ns / 1e9 - meta.timestamp.timestamp()))
