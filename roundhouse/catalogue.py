@@ -64,7 +64,7 @@ from typing import Any
 
 import yaml
 
-from roundhouse import routing
+from roundhouse import routing, tenancy
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,14 @@ class Catalogue:
     manager: ManagerSpec = ManagerSpec()
     routing: "routing.RoutingSpec | None" = None
     hosts: tuple[HostSpec, ...] = ()
+    tenants: tuple[tenancy.TenantSpec, ...] = ()   # none: the router asks for no key
+
+    def servable(self) -> dict[str, tuple[str, ...]]:
+        """What a request can name, by canonical name: each model (its name and aliases) and
+        each adapter (its name)."""
+        out = {m.name: (m.name, *m.aliases) for m in self.models}
+        out.update((a.name, (a.name,)) for m in self.models for a in m.adapters)
+        return out
 
     def host(self, gpu: GpuSpec) -> HostSpec:
         """The host `gpu` is on (its settings, or the defaults when `hosts` does not list it)."""
@@ -287,9 +295,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"models", "gpus", "hosts", "manager", "routing"}
+    unknown = set(raw) - {"models", "gpus", "hosts", "manager", "routing", "tenants"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, hosts, manager, models, routing)")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, hosts, manager, models, routing, tenants)")
     specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
     gpus = DEFAULT_GPUS
     if "gpus" in raw:
@@ -327,7 +335,23 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
             rules = dataclasses.replace(rules, classifier=dataclasses.replace(
                 rules.classifier, model_file=_absolute(rules.classifier.model_file, base)))
         cat = dataclasses.replace(cat, routing=rules)
+    if raw.get("tenants") is not None:
+        cat = dataclasses.replace(cat, tenants=_tenants(raw["tenants"], cat, base))
     return cat
+
+
+def _tenants(raw: Any, cat: Catalogue, base: pathlib.Path) -> tuple[tenancy.TenantSpec, ...]:
+    """The tenants, their key files made absolute (as model paths), every model pattern checked."""
+    try:
+        tenants = tenancy.parse(raw)
+        servable = cat.servable()
+        for t in tenants:
+            tenancy.allowed_models(t, servable)
+    except tenancy.TenancyError as e:
+        raise ConfigError(str(e)) from e
+    return tuple(t.model_copy(update={"keys": tuple(
+        k.model_copy(update={"file": _absolute(k.file, base)}) if k.file is not None else k for k in t.keys)})
+        for t in tenants)
 
 
 def load(path: str | pathlib.Path) -> Catalogue:

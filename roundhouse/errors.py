@@ -79,6 +79,26 @@ class QueueFull(RequestError):
         super().__init__(message)
 
 
+class RateLimited(QueueFull):
+    """Admission refused: the caller's tenant is over one of its limits (roundhouse.tenancy)."""
+
+    def __init__(self, limit: str, message: str, retry_after_s: float):
+        self.limit = limit
+        super().__init__(message, retry_after_s)
+
+
+class Unauthenticated(RequestError):
+    """No API key, or one the router does not know. The message never repeats the key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RequestError):
+    """The caller's tenant may not use what it asked for."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DuplicateRequest(RequestError):
     """A request (or job) with this id is already in flight."""
 

@@ -1,11 +1,13 @@
 """What every Roundhouse gRPC server carries: grpc.health.v1, server reflection, one error mapping."""
 from __future__ import annotations
 
+import math
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from roundhouse.errors import RoundhouseError
+from roundhouse.errors import QueueFull, RoundhouseError
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
@@ -45,8 +47,10 @@ LOAD_FAILED_KEY = "roundhouse-load-failed"
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: RoundhouseError):
-    """Ends the call with the status that `error` maps to (never a traceback to the client)."""
-    await context.abort(error.code, error.message)
+    """Ends the call with the status that `error` maps to (never a traceback to the client); a
+    refusal to retry later says when in trailing metadata `retry-after` (seconds, as HTTP's)."""
+    trailing = (("retry-after", str(max(1, math.ceil(error.retry_after_s)))),) if isinstance(error, QueueFull) else ()
+    await context.abort(error.code, error.message, trailing_metadata=trailing)
 
 
 def status_from_name(name: str) -> grpc.StatusCode:

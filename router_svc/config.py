@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
+import socket
 
-from roundhouse import catalogue, entry
+from roundhouse import catalogue, entry, tenancy
+from router_svc.auth import Auth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +28,7 @@ class RouterConfig:
     log_level: str = "info"
     ready_file: str = ""                 # written with the ports as JSON once serving
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
+    auth: Auth | None = None             # the tenants' keys, read at the edge (None: built from the catalogue)
 
 
 _env = entry.env_reader("router")
@@ -47,10 +51,21 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--stop-grace", type=float, default=float(_env("STOP_GRACE_S", str(RouterConfig.stop_grace_s))),
                    help="on SIGTERM, streams in flight get this long to finish")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--insecure", action="store_true", default=_env("INSECURE", "") not in ("", "0", "false"),
+                   help="serve on a non-loopback address with no API keys (the config has no tenants): anyone "
+                        "who reaches the port may use every model (env ROUNDHOUSE_ROUTER_INSECURE=1)")
     entry.ready_flag(p, _env)
     entry.otel_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
+    try:
+        auth = Auth(cat)
+    except tenancy.TenancyError as e:
+        p.error(f"{a.config}: {e}")
+    if not auth.enabled and not a.insecure and not is_loopback(a.host):
+        p.error(f"--host {a.host} is reachable from other machines and the config has no tenants, so anyone could use "
+                "every model: add tenants with API keys to the config (see roundhouse.tenancy; `roundhouse key new` "
+                "makes a key), or pass --insecure to serve it open")
     if a.default_timeout <= 0:
         p.error("--default-timeout must be > 0")
     if a.stop_grace < 0:
@@ -72,4 +87,17 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         log_level=a.log_level,
         ready_file=a.ready_file,
         otel=a.otel,
+        auth=auth,
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is only reachable from this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False

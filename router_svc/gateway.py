@@ -28,6 +28,8 @@ from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import DuplicateRequest, QueueFull, RoundhouseError, Unavailable
 from roundhouse.metrics import OTHER_MODEL
 from router_svc import classifier, metrics
+from router_svc.auth import ANYONE, Tenant
+from router_svc.limits import Limiter, tokens_of
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
 from router_svc.tracker import REQUEUE, Tracker, error_event
@@ -41,7 +43,7 @@ TERMINAL = frozenset({"finished", "error"})
 
 class Gateway:
     def __init__(self, config: RouterConfig, nc: nats.NATS, tracker: Tracker, reply_to: str,
-                 readiness: ReadinessBook | None = None):
+                 readiness: ReadinessBook | None = None, limiter: Limiter | None = None):
         self.catalogue = config.catalogue
         self._config = config
         self._nc = nc
@@ -49,6 +51,7 @@ class Gateway:
         self._tracker = tracker
         self._reply_to = reply_to
         self._readiness = readiness or ReadinessBook()
+        self._limiter = limiter
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
         self._predictor = classifier.for_routing(config.catalogue.routing, config.catalogue.resolve)
 
@@ -59,18 +62,19 @@ class Gateway:
         return counter.ids(req.prompt)
 
     def admit(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None, check_queue: bool = True,
-              endpoint: str | None = "grpc", parent=None) -> Admitted:
+              endpoint: str | None = "grpc", parent=None, tenant: Tenant = ANYONE) -> Admitted:
         """Validates and resolves `request` (classifying model "auto"), or raises a RequestError.
         `check_queue=False`: no QueueFull (a job's submit: jobs wait in their own stream).
         `endpoint`: the front door (metrics label); None for a job's submit, which is no request
-        yet. `parent`: the caller's trace context (tracing.extract), if it sent one."""
+        yet. `parent`: the caller's trace context (tracing.extract), if it sent one. `tenant`: who
+        asks (router_svc.auth; its limits are applied by `stream`)."""
         started_ns = time.time_ns()
         try:
-            admitted = self._admit(request, timeout_s, check_queue, started_ns)
+            admitted = self._admit(request, timeout_s, check_queue, started_ns, tenant)
         except RoundhouseError as e:
             if endpoint is not None:
                 spec = self.catalogue.resolve(request.model) if request.model else None
-                metrics.refused(spec.name if spec is not None else OTHER_MODEL, endpoint, e.code.name)
+                metrics.refused(spec.name if spec is not None else OTHER_MODEL, endpoint, e.code.name, tenant.name)
             raise
         if endpoint is None:
             return admitted
@@ -82,13 +86,13 @@ class Gateway:
         return dataclasses.replace(admitted, endpoint=endpoint, admitted_ns=started_ns, span=span,
                                    traceparent=tracing.traceparent(span))
 
-    def _admit(self, request, timeout_s, check_queue, started_ns: int) -> Admitted:
+    def _admit(self, request, timeout_s, check_queue, started_ns: int, tenant: Tenant) -> Admitted:
         timeout = self._config.default_timeout_s if timeout_s is None else min(timeout_s, self._config.default_timeout_s)
         now_ms = started_ns // 1_000_000
         admitted = admit(  # a deadline less than a whole millisecond away is already past
             request, self.catalogue, self._tokenize,
             now_ms=now_ms, deadline_ms=now_ms + int(timeout * 1000), reply_to=self._reply_to,
-            readiness=self._readiness.view, predictor=self._predictor,
+            readiness=self._readiness.view, predictor=self._predictor, tenant=tenant,
         )
         q = admitted.queued
         if admitted.route_reason != BY_NAME:
@@ -106,12 +110,22 @@ class Gateway:
         return admitted
 
     async def stream(self, admitted: Admitted) -> AsyncIterator[router_pb2.GenerateEvent]:
-        """Queues the admitted request and yields its events; raises Unavailable when it cannot queue."""
+        """Queues the admitted request and yields its events; raises Unavailable when it cannot
+        queue, RateLimited when its tenant is over a limit (both before any event)."""
         q = admitted.queued
         span = admitted.span or trace.INVALID_SPAN
         structlog.contextvars.bind_contextvars(request_id=q.request_id, model=q.model)
         tracing.bind(span)
-        clock = metrics.RequestClock(q.model, admitted.endpoint, admitted.admitted_ns or time.time_ns())
+        tenant = admitted.tenant.name
+        clock = metrics.RequestClock(q.model, admitted.endpoint, admitted.admitted_ns or time.time_ns(), tenant)
+        lease = None
+        if self._limiter is not None:
+            try:
+                lease = await self._limiter.acquire(admitted.tenant)
+            except RoundhouseError as e:
+                _record(clock, span, e.code.name.lower(), None)
+                structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
+                raise
         status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
         try:
@@ -182,6 +196,12 @@ class Gateway:
             forget = not flight.done or flight.link is None
             self._tracker.close(flight)
             _record(clock, span, status, usage)  # before the await below, which a cancel can cut short
+            charged = tokens_of(admitted.prompt_tokens, usage.completion_tokens if usage is not None else len(flight.out_tokens),
+                                flight.started or bool(flight.out_tokens))
+            if charged:
+                metrics.TENANT_TOKENS.labels(tenant).inc(charged)
+            if self._limiter is not None:
+                self._limiter.release(lease, charged)
             if forget:
                 await self._forget(flight)
             structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")

@@ -23,6 +23,7 @@ from roundhouse import routing, tracing
 from roundhouse.errors import InvalidRequest, RoundhouseError
 from roundhouse.metrics import OTHER_MODEL
 from router_svc import metrics, openai_api
+from router_svc.auth import ANYONE, Auth, Tenant
 from router_svc.gateway import Gateway
 
 log = structlog.get_logger("router.http")
@@ -53,6 +54,7 @@ def _timeout(request: web.Request) -> float | None:
     return value
 
 
+MAX_BODY_BYTES = 16 * 2**20   # a larger body gets 413 before it is read whole
 QUEUED_COMMENT_AFTER_S = 1.0   # a stream that waits this long for its first token says so
 
 
@@ -71,8 +73,9 @@ async def _next_or_comment(events, write):
 
 
 class HttpApi:
-    def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0):
+    def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0, auth: Auth | None = None):
         self._gw = gateway
+        self._auth = auth
         self._stop_grace_s = stop_grace_s
         self._healthy = healthy
         self._created = int(time.time())
@@ -80,7 +83,7 @@ class HttpApi:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 2**20)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, "chat"))
         app.router.add_post("/v1/completions", lambda r: self._generate(r, "completions"))
         app.router.add_get("/v1/models", self._models)
@@ -115,34 +118,57 @@ class HttpApi:
         body, content_type = shared_metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def _tenant(self, request: web.Request, endpoint: str) -> Tenant:
+        if self._auth is None:
+            return ANYONE
+        return await self._auth.check(request.headers.get("Authorization"), request.remote or "", endpoint)
+
     async def _models(self, request: web.Request) -> web.Response:
+        """The models the caller's key may use (every one when the router asks for no key)."""
+        try:
+            tenant = await self._tenant(request, "http")
+        except RoundhouseError as e:
+            return _error(e)
         data = []
         for m in self._gw.catalogue.models:
-            for name in (m.name, *m.aliases):
-                data.append({"id": name, "object": "model", "created": self._created, "owned_by": "roundhouse",
-                             "root": m.name, "max_model_len": m.max_model_len})
+            if tenant.may_use(m.name):
+                for name in (m.name, *m.aliases):
+                    data.append({"id": name, "object": "model", "created": self._created, "owned_by": "roundhouse",
+                                 "root": m.name, "max_model_len": m.max_model_len})
             for a in m.adapters:
-                data.append({"id": a.name, "object": "model", "created": self._created, "owned_by": "roundhouse",
-                             "root": a.path, "parent": m.name, "max_model_len": m.max_model_len})
+                if tenant.may_use(a.name):
+                    data.append({"id": a.name, "object": "model", "created": self._created, "owned_by": "roundhouse",
+                                 "root": a.path, "parent": m.name, "max_model_len": m.max_model_len})
         if self._gw.catalogue.routing is not None:
             data.append({"id": routing.AUTO, "object": "model", "created": self._created, "owned_by": "roundhouse",
                          "root": routing.AUTO})
         return _json(200, {"object": "list", "data": data})
 
     async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
-        try:
-            body = await request.json(loads=json.loads)
-        except ValueError as e:
-            metrics.refused(OTHER_MODEL, "http", "INVALID_ARGUMENT")
-            _, err = openai_api.error("INVALID_ARGUMENT", f"roundhouse: the body is not valid JSON: {e}", "body")
-            return _json(400, err)
-        try:
-            req, opts = openai_api.parse(body, endpoint, request.headers.get("x-request-id", ""))
+        try:  # before the body is read: an unknown caller costs no parsing
+            tenant = await self._tenant(request, "http")
         except RoundhouseError as e:
             metrics.refused(OTHER_MODEL, "http", e.code.name)
             return _error(e)
         try:
-            admitted = self._gw.admit(req, _timeout(request), endpoint="http", parent=tracing.extract(request.headers))
+            body = await request.json(loads=json.loads)
+        except web.HTTPRequestEntityTooLarge:
+            metrics.refused(OTHER_MODEL, "http", "INVALID_ARGUMENT", tenant.name)
+            _, err = openai_api.error("INVALID_ARGUMENT", f"roundhouse: the body is larger than {MAX_BODY_BYTES} bytes", "body")
+            return _json(413, err)
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+            metrics.refused(OTHER_MODEL, "http", "INVALID_ARGUMENT", tenant.name)
+            problem = str(e) if isinstance(e, ValueError) else "nested too deeply"
+            _, err = openai_api.error("INVALID_ARGUMENT", f"roundhouse: the body is not valid JSON: {problem}", "body")
+            return _json(400, err)
+        try:
+            req, opts = openai_api.parse(body, endpoint, request.headers.get("x-request-id", ""))
+        except RoundhouseError as e:
+            metrics.refused(OTHER_MODEL, "http", e.code.name, tenant.name)
+            return _error(e)
+        try:
+            admitted = self._gw.admit(req, _timeout(request), endpoint="http", parent=tracing.extract(request.headers),
+                                      tenant=tenant)
         except RoundhouseError as e:
             return _error(e)
         q = admitted.queued

@@ -13,6 +13,11 @@ Body of a NATS submit: the JSON of an OpenAI chat or completions request (`messa
 `prompt`, `model` may be "auto"), plus an optional `job_id` (idempotent: resubmitting an id returns
 the existing record). With header `Content-Type: application/x-protobuf` the body is a
 GenerateRequest (request_id = job id) and the reply a Job. Records are JSON (Job's fields).
+
+When the router has tenants (roundhouse.tenancy), a submit carries the tenant's API key (header
+`Authorization: Bearer <key>` on NATS, metadata on gRPC); the record keeps the tenant's name, the
+run is held to its models and limits (over a limit: the job waits and runs later, like one that
+meets a full queue), and only that tenant can read or cancel it.
 """
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPoli
 
 from protos.v1 import common_pb2, router_pb2
 from roundhouse import jetstream, subjects, tracing
-from roundhouse.errors import InvalidRequest, JobNotFound, QueueFull, RoundhouseError, Unavailable
+from roundhouse.errors import InvalidRequest, JobNotFound, PermissionDenied, QueueFull, RoundhouseError, Unavailable
 from router_svc import metrics, openai_api
+from router_svc.auth import ANYONE, Auth, Tenant
 from router_svc.gateway import Gateway
 
 log = structlog.get_logger("router.jobs")
@@ -69,8 +75,9 @@ def _now_ms() -> int:
 
 
 class Jobs:
-    def __init__(self, gateway: Gateway, nc: nats.NATS, config: JobsConfig):
+    def __init__(self, gateway: Gateway, nc: nats.NATS, config: JobsConfig, auth: Auth | None = None):
         self._gw = gateway
+        self._auth = auth
         self._nc = nc
         self._js = nc.jetstream()
         self._config = config
@@ -123,26 +130,28 @@ class Jobs:
 
     # ---- the API (gRPC and NATS) ----------------------------------------------------------------
 
-    async def submit(self, request: router_pb2.GenerateRequest, traceparent: str = "") -> router_pb2.Job:
-        """`traceparent`: the submitter's trace (W3C), continued by the job's run."""
+    async def submit(self, request: router_pb2.GenerateRequest, traceparent: str = "", tenant: Tenant = ANYONE) -> router_pb2.Job:
+        """`traceparent`: the submitter's trace (W3C), continued by the job's run. `tenant`: who
+        submits (router_svc.auth)."""
         job_id = request.request_id or uuid.uuid4().hex
         if not _JOB_ID.match(job_id):
             raise InvalidRequest("job_id", "1-64 characters of letters, digits, _ and -")
         request.request_id = job_id  # never in flight itself: each run is `<job_id>.<attempt>`
         # Bad input fails here, nothing stored. A full model queue does not: a job waits in RH_JOBS,
         # and meets the model's queue only when it runs (then it waits and retries).
-        admitted = self._gw.admit(request, check_queue=False, endpoint=None)
+        admitted = self._gw.admit(request, check_queue=False, endpoint=None, tenant=tenant)
         request.model = admitted.queued.model  # classified once: a rerun does not change its mind
         now = _now_ms()
         job = router_pb2.Job(job_id=job_id, state=router_pb2.JOB_STATE_QUEUED, model=admitted.queued.model,
-                             route_reason=admitted.route_reason, created_unix_ms=now, updated_unix_ms=now, request=request)
+                             route_reason=admitted.route_reason, created_unix_ms=now, updated_unix_ms=now, request=request,
+                             tenant=tenant.name)
         try:
             revision = await self._kv.create(job_id, to_json(job))
         except nats.js.errors.KeyWrongLastSequenceError:
             # Idempotent resubmission. A record still QUEUED may be one whose run message never
             # made it (see below): publish it again; within JetStream's duplicate window the
             # same message id is stored once.
-            existing = await self.get(job_id)
+            existing = await self.get(job_id, tenant)
             if existing.state == router_pb2.JOB_STATE_QUEUED:
                 await self._publish_run(existing.request, traceparent)
             return existing
@@ -164,8 +173,12 @@ class Jobs:
             headers[tracing.TRACEPARENT] = traceparent
         await self._js.publish(subjects.JOBS_RUN, request.SerializeToString(), headers=headers, timeout=10)
 
-    async def get(self, job_id: str) -> router_pb2.Job:
-        return (await self._read(job_id))[1]
+    async def get(self, job_id: str, tenant: Tenant = ANYONE) -> router_pb2.Job:
+        """The record of `job_id`; another tenant's job is not found (its existence is not told)."""
+        job = (await self._read(job_id))[1]
+        if tenant is not ANYONE and job.tenant != tenant.name:
+            raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)")
+        return job
 
     async def _read(self, job_id: str):
         """The stored record of `job_id` and its KV entry (for its revision)."""
@@ -175,7 +188,8 @@ class Jobs:
             raise JobNotFound(f"job {job_id!r} not found (unknown, or expired)") from None
         return entry, from_json(entry.value)
 
-    async def cancel(self, job_id: str) -> router_pb2.Job:
+    async def cancel(self, job_id: str, tenant: Tenant = ANYONE) -> router_pb2.Job:
+        await self.get(job_id, tenant)
         job = await self._update(job_id, lambda j: _finish(j, router_pb2.JOB_STATE_CANCELLED))
         await self._nc.publish(subjects.JOBS_CANCEL, job_id.encode())
         return job
@@ -197,8 +211,10 @@ class Jobs:
     # ---- NATS handlers ----------------------------------------------------------------------------
 
     async def _on_submit(self, msg) -> None:
-        proto = (msg.headers or {}).get("Content-Type") == PROTOBUF
+        headers = msg.headers or {}
+        proto = headers.get("Content-Type") == PROTOBUF
         try:
+            tenant = ANYONE if self._auth is None else await self._auth.check(headers.get("Authorization"), "nats", "job")
             if proto:
                 try:
                     request = router_pb2.GenerateRequest.FromString(msg.data)
@@ -210,8 +226,9 @@ class Jobs:
                 except ValueError as e:
                     raise InvalidRequest("body", f"not valid JSON: {e}") from None
                 endpoint = "chat" if isinstance(body, dict) and "messages" in body else "completions"
-                request, _ = openai_api.parse(body, endpoint, str(body.get("job_id", "")) if isinstance(body, dict) else "")
-            job = await self.submit(request, (msg.headers or {}).get(tracing.TRACEPARENT, ""))
+                request, _ = openai_api.parse(body, endpoint, str(body.get("job_id", "")) if isinstance(body, dict) else "",
+                                              also=frozenset({"job_id"}))
+            job = await self.submit(request, headers.get(tracing.TRACEPARENT, ""), tenant)
             reply = job.SerializeToString() if proto else to_json(job)
         except (RoundhouseError, nats.errors.Error, asyncio.TimeoutError) as e:
             err = _error_detail(e)
@@ -274,10 +291,11 @@ class Jobs:
             run.CopyFrom(request)
             run.request_id = f"{job_id}.{attempt}"  # a rerun is a new request: never spliced with the last
             try:
-                result = await self._generate(job_id, attempt, run, tracing.extract(msg.headers))
-            except QueueFull as e:
+                result = await self._generate(job_id, attempt, run, tracing.extract(msg.headers), self._tenant_of(job))
+            except QueueFull as e:  # a full queue, or its tenant over a limit
                 if attempt < self._config.max_deliver:  # transient: wait and run it again
-                    delay = min(self._config.queue_full_backoff_max_s, self._config.queue_full_backoff_s * 2 ** (attempt - 1))
+                    delay = min(self._config.queue_full_backoff_max_s, max(
+                        e.retry_after_s, self._config.queue_full_backoff_s * 2 ** (attempt - 1)))
                     await self._update(job_id, _requeue)
                     await msg.nak(delay=delay)
                     log.warning("job.queue_full", job_id=job_id, attempt=attempt, retry_in_s=delay)
@@ -305,12 +323,21 @@ class Jobs:
             metrics.JOBS.labels(job.model, router_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()).inc()
         return job
 
-    async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest, parent=None) -> router_pb2.Job:
+    def _tenant_of(self, job: router_pb2.Job) -> Tenant | None:
+        """The tenant a job runs as; None: its tenant is no longer configured."""
+        if self._auth is None or not self._auth.enabled:
+            return ANYONE
+        return self._auth.tenants.get(job.tenant)
+
+    async def _generate(self, job_id: str, attempt: int, request: router_pb2.GenerateRequest, parent=None,
+                        tenant: Tenant | None = ANYONE) -> router_pb2.Job:
         """Runs the request through the gateway; returns the result fields (state, text, ...)."""
         out = router_pb2.Job()
         try:
+            if tenant is None:
+                raise PermissionDenied(f"job {job_id}'s tenant is no longer configured on this router")
             # QueueFull goes to the caller: it waits and retries
-            admitted = self._gw.admit(request, endpoint="job", parent=parent)
+            admitted = self._gw.admit(request, endpoint="job", parent=parent, tenant=tenant)
             async for ev in self._gw.stream(admitted):
                 await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)})
                 kind = ev.WhichOneof("event")

@@ -33,6 +33,12 @@ PROMPT_TOKENS = Counter("roundhouse_prompt_tokens", "Prompt tokens of finished r
 GENERATION_TOKENS = Counter("roundhouse_generation_tokens", "Tokens generated for finished requests", ["model"])
 CLASSIFIED = Counter("roundhouse_classifications", "Requests for model \"auto\" by the model chosen and the rule that "
                      "chose it (a rule's name, classifier, or fallback)", ["model", "rule"])
+TENANT_REQUESTS = Counter("roundhouse_tenant_requests", "Requests by tenant and outcome (as roundhouse_requests; "
+                          "tenant \"\" when the router asks for no key)", ["tenant", "status"])
+TENANT_TOKENS = Counter("roundhouse_tenant_tokens", "Prompt and generated tokens charged to each tenant", ["tenant"])
+RATE_LIMITED = Counter("roundhouse_rate_limited", "Requests refused because their tenant was over a limit",
+                       ["tenant", "limit"])
+AUTH_FAILURES = Counter("roundhouse_auth_failures", "Calls refused for a missing or unknown API key", ["endpoint"])
 JOBS = Counter("roundhouse_jobs", "Async jobs submitted, and ended by state (succeeded, failed, cancelled)",
                ["model", "state"])
 
@@ -74,10 +80,10 @@ class RequestClock:
     """One request's timestamps on its way through the gateway (time.time_ns(): also the spans'
     times), turned into metrics once it ends."""
 
-    __slots__ = ("model", "endpoint", "admitted_ns", "queued_ns", "loading_ns", "started_ns", "first_ns", "last_ns")
+    __slots__ = ("model", "endpoint", "tenant", "admitted_ns", "queued_ns", "loading_ns", "started_ns", "first_ns", "last_ns")
 
-    def __init__(self, model: str, endpoint: str, admitted_ns: int) -> None:
-        self.model, self.endpoint = model, endpoint
+    def __init__(self, model: str, endpoint: str, admitted_ns: int, tenant: str = "") -> None:
+        self.model, self.endpoint, self.tenant = model, endpoint, tenant
         self.admitted_ns = admitted_ns
         self.queued_ns = self.loading_ns = self.started_ns = self.first_ns = self.last_ns = 0
 
@@ -86,6 +92,7 @@ class RequestClock:
         end = time.time_ns()
         m, ep = self.model, self.endpoint
         REQUESTS.labels(m, ep, status).inc()
+        TENANT_REQUESTS.labels(self.tenant, status).inc()
         if self.queued_ns:
             PUBLISH.labels(m).observe((self.queued_ns - self.admitted_ns) / 1e9)
         if self.started_ns:
@@ -101,6 +108,7 @@ class RequestClock:
         return end
 
 
-def refused(model: str, endpoint: str, code: str) -> None:
-    """A request refused at admission (bad input, full queue, unknown model)."""
+def refused(model: str, endpoint: str, code: str, tenant: str = "") -> None:
+    """A request refused at admission (bad input, full queue, unknown model, over a limit)."""
     REQUESTS.labels(model, endpoint, code.lower()).inc()
+    TENANT_REQUESTS.labels(tenant, code.lower()).inc()

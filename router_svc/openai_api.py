@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ FINISH = {
 # gRPC status name → (HTTP status, OpenAI error type)
 HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
     "FAILED_PRECONDITION": (400, "invalid_request_error"),
     "ALREADY_EXISTS": (409, "conflict_error"),
     "NOT_FOUND": (404, "not_found_error"),
@@ -46,6 +49,16 @@ _UNSUPPORTED = {
     "best_of": (None, 1), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
 }
 
+# What a body may carry besides those: the fields read below, and ones that change nothing here
+# (`user`: an end-user id for abuse tracking; `store`, `service_tier`, `parallel_tool_calls`: the
+# OpenAI platform's). Anything else is refused, as OpenAI does ("prompt_embeds" silently ignored
+# would generate from the wrong input).
+_KNOWN = frozenset({
+    "model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "seed", "stop", "ignore_eos", "metadata", "stream", "stream_options", "user", "store", "service_tier",
+    "parallel_tool_calls", *_UNSUPPORTED,
+})
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -55,10 +68,14 @@ class Options:
     include_usage: bool = False
 
 
-def parse(body: Any, endpoint: str, request_id: str = "") -> tuple[router_pb2.GenerateRequest, Options]:
-    """A GenerateRequest from an OpenAI JSON body; InvalidRequest names the bad field."""
+def parse(body: Any, endpoint: str, request_id: str = "", also: frozenset[str] = frozenset()) -> tuple[router_pb2.GenerateRequest, Options]:
+    """A GenerateRequest from an OpenAI JSON body; InvalidRequest names the bad field. `also`:
+    fields the caller reads itself (a job's `job_id`)."""
     if not isinstance(body, Mapping):
         raise InvalidRequest("body", "must be a JSON object")
+    unknown = sorted(k for k in body if k not in _KNOWN and k not in also)
+    if unknown:
+        raise InvalidRequest(str(unknown[0])[:64], "unknown field; leave it out (this server does not read it)")
     req = router_pb2.GenerateRequest(request_id=request_id)
     model = body.get("model", "")
     if not isinstance(model, str):
@@ -242,5 +259,5 @@ def error(code: str, message: str, param: str | None = None) -> tuple[int, dict]
 def error_from(e: RoundhouseError) -> tuple[int, dict, dict]:
     """(HTTP status, body, extra headers) for a RoundhouseError."""
     status, body = error(e.code.name, e.message, getattr(e, "field", None))
-    headers = {"Retry-After": str(int(round(e.retry_after_s)))} if isinstance(e, QueueFull) else {}
+    headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if isinstance(e, QueueFull) else {}
     return status, body, headers

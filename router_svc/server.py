@@ -14,7 +14,9 @@ from google.protobuf.message import DecodeError
 from protos.v1 import manager_pb2, queue_pb2, router_pb2, router_pb2_grpc
 from roundhouse import entry, grpcserver, jetstream, natsconn, subjects, tracing
 from roundhouse.errors import RoundhouseError
+from router_svc.auth import ANYONE, Auth, Tenant, peer_host
 from router_svc.config import RouterConfig
+from router_svc.limits import Limiter
 from router_svc.delivery import DeliveryServer
 from router_svc.gateway import Gateway
 from router_svc.readiness import ReadinessBook
@@ -31,15 +33,28 @@ ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """gRPC onto the gateway and the jobs; no request state of its own."""
 
-    def __init__(self, gateway: Gateway, jobs: Jobs, js):
+    def __init__(self, gateway: Gateway, jobs: Jobs, js, auth: Auth):
         self._gw = gateway
         self._jobs = jobs
         self._js = js
+        self._auth = auth
+
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+        """The caller's tenant from its `authorization` metadata; aborts UNAUTHENTICATED."""
+        if not self._auth.enabled:
+            return ANYONE
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return await self._auth.check(metadata.get("authorization"), peer_host(context.peer() or ""), "grpc")
+        except RoundhouseError as e:
+            await grpcserver.abort_with(context, e)
+            raise  # (abort raises; never reached)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateEvent]:
+        tenant = await self._tenant(context)
         try:
             admitted = self._gw.admit(request, context.time_remaining(), endpoint="grpc",
-                                      parent=tracing.extract(dict(context.invocation_metadata() or ())))
+                                      parent=tracing.extract(dict(context.invocation_metadata() or ())), tenant=tenant)
         except RoundhouseError as e:
             await grpcserver.abort_with(context, e)
             return
@@ -56,27 +71,35 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await events.aclose()
 
     async def ListModels(self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
+        """The models the caller's key may use (with only the adapters it may use)."""
+        tenant = await self._tenant(context)
         out = router_pb2.ListModelsResponse()
         for m in self._gw.catalogue.models:
+            adapters = [a.name for a in m.adapters if tenant.may_use(a.name)]
+            if not tenant.may_use(m.name) and not adapters:
+                continue
             try:
                 waiting = await jetstream.queued(self._js, m.name)
             except (nats.errors.Error, asyncio.TimeoutError):
                 waiting = -1
             out.models.add(
                 name=m.name, aliases=m.aliases, max_model_len=m.max_model_len, max_tokens_limit=m.token_limit, queued=waiting,
-                adapters=[a.name for a in m.adapters],
+                adapters=adapters,
             )
         return out
 
     async def SubmitJob(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
+        tenant = await self._tenant(context)
         metadata = dict(context.invocation_metadata() or ())
-        return await self._job_call(context, self._jobs.submit(request, metadata.get(tracing.TRACEPARENT, "")))
+        return await self._job_call(context, self._jobs.submit(request, metadata.get(tracing.TRACEPARENT, ""), tenant))
 
     async def GetJob(self, request: router_pb2.JobRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
-        return await self._job_call(context, self._jobs.get(request.job_id))
+        tenant = await self._tenant(context)
+        return await self._job_call(context, self._jobs.get(request.job_id, tenant))
 
     async def CancelJob(self, request: router_pb2.JobRequest, context: grpc.aio.ServicerContext) -> router_pb2.Job:
-        return await self._job_call(context, self._jobs.cancel(request.job_id))
+        tenant = await self._tenant(context)
+        return await self._job_call(context, self._jobs.cancel(request.job_id, tenant))
 
     async def _job_call(self, context, call) -> router_pb2.Job:
         try:
@@ -104,6 +127,8 @@ class Router:
         self._health = None
         self._http: HttpApi | None = None
         self._jobs: Jobs | None = None
+        self.auth = config.auth or Auth(config.catalogue)  # (built by config.parse; here for routers built in code)
+        self._limiter: Limiter | None = None
 
     @property
     def address(self) -> str:
@@ -124,19 +149,22 @@ class Router:
         self._server = grpcserver.new_server()
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         self._delivery.start(self.config.host, self.config.delivery_port)
-        gateway = Gateway(self.config, self._nc, self.tracker, self.delivery_address, self.readiness)
+        if any(t.limits.any for t in self.config.catalogue.tenants):
+            self._limiter = Limiter(js)
+            await self._limiter.start()
+        gateway = Gateway(self.config, self._nc, self.tracker, self.delivery_address, self.readiness, self._limiter)
         self._jobs = Jobs(gateway, self._nc, JobsConfig(ack_wait_s=self.config.job_ack_wait_s,
-                                                        concurrency=self.config.job_concurrency))
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(gateway, self._jobs, js), self._server)
+                                                        concurrency=self.config.job_concurrency), self.auth)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(gateway, self._jobs, js, self.auth), self._server)
         self._health = await grpcserver.add_standard_services(self._server, [ROUTER_SERVICE])
         await self._server.start()
         if self.config.http_port >= 0:
             nc = self._nc
-            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected, stop_grace_s=self.config.stop_grace_s)
+            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected, stop_grace_s=self.config.stop_grace_s, auth=self.auth)
             self.http_port = await self._http.start(self.config.host, self.config.http_port)
         await self._jobs.start()
         log.info("router.serving", address=self.address, delivery=self.delivery_address, http_port=self.http_port or None,
-                 models=[m.name for m in self.config.catalogue.models])
+                 models=[m.name for m in self.config.catalogue.models], tenants=sorted(self.auth.tenants) or None)
 
     async def _on_model_event(self, msg) -> None:
         try:
@@ -199,6 +227,8 @@ class Router:
         log.debug("router.stopping", step="http and grpc stopped")
         await self._delivery.stop(grace)
         log.debug("router.stopping", step="delivery stopped")
+        if self._limiter is not None:
+            await self._limiter.stop()  # charges still pending, and this router's in-flight counts back to 0
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):

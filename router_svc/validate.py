@@ -15,6 +15,7 @@ from protos.v1 import common_pb2, queue_pb2, router_pb2
 from roundhouse import routing
 from roundhouse.catalogue import Catalogue, ModelSpec
 from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
+from router_svc.auth import ANYONE, Tenant, check_model
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -32,6 +33,7 @@ class Admitted:
     prompt_tokens: int          # 0 when the model has no tokenizer the router can use
     route_reason: str = BY_NAME
     route_rule: str = ""        # for "auto": what chose the model (routing.Route.rule)
+    tenant: Tenant = ANYONE     # who asked (router_svc.auth)
     # Set by the gateway: which front door, when admission began (time.time_ns()), the
     # request's root span (roundhouse.tracing) and its W3C traceparent (what is handed on).
     endpoint: str = "grpc"
@@ -50,19 +52,25 @@ def admit(
     reply_to: str,
     readiness: Mapping[str, routing.Readiness] | None = None,
     predictor: routing.Predictor | None = None,
+    tenant: Tenant = ANYONE,
 ) -> Admitted:
     """Validates `req` and returns the fully resolved request to publish, or raises a RequestError.
     `readiness`: how soon each model could serve (the manager's word), for "auto" requests whose
-    rule lists fallbacks."""
+    rule lists fallbacks. `tenant`: who asks (router_svc.auth): it may use only its models, and
+    "auto" chooses only among them."""
     # 1. The deadline first: an expired request must not cost anything else.
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
     # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
     route = _route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000, predictor)
+    if tenant.models is not None and route.reason != BY_NAME:  # chosen for it: among its models
+        route = within(route, tenant, catalogue)
     name, reason = route.model, route.reason
     spec = catalogue.resolve(name)
     if spec is None:
         raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
+    adapter = catalogue.adapter(name)
+    check_model(tenant, adapter.name if adapter is not None else spec.name)
     # 3. The input.
     kind = req.WhichOneof("input")
     if kind is None:
@@ -126,7 +134,6 @@ def admit(
         reply_to=reply_to,
         enqueued_unix_ms=now_ms,
     )
-    adapter = catalogue.adapter(name)
     if adapter is not None:
         queued.adapter = adapter.name
     if prompt_ids is not None:
@@ -135,7 +142,25 @@ def admit(
         queued.prompt = req.prompt
     else:
         queued.chat.messages.extend(req.chat.messages)
-    return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule)
+    return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule, tenant)
+
+
+def within(route: routing.Route, tenant: Tenant, catalogue: Catalogue) -> routing.Route:
+    """`route` when `tenant` may use its model; else the first of its fallbacks, the routing
+    fallback, or the first model of the catalogue that the tenant may use, the reason saying so."""
+    def canonical(name: str) -> str:
+        adapter = catalogue.adapter(name)
+        return adapter.name if adapter is not None else getattr(catalogue.resolve(name), "name", name)
+
+    if tenant.may_use(canonical(route.model)):
+        return route
+    fallback = catalogue.routing.fallback if catalogue.routing is not None else ""
+    candidates = (*route.fallbacks, *((fallback,) if fallback else ()), *(m.name for m in catalogue.models))
+    for name in candidates:
+        if tenant.may_use(canonical(name)):
+            return routing.Route(name, f"{route.reason}; {route.model} is not among tenant {tenant.name}'s models: {name}",
+                                 rule=route.rule)
+    return route  # it may use none of them: check_model refuses it
 
 
 def request_view(req: router_pb2.GenerateRequest) -> routing.RequestView:

@@ -24,6 +24,12 @@ from router_svc import config as router_config
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch):
+    """The example configs read their tenant's key from the environment, as compose and k8s set it."""
+    monkeypatch.setenv("ROUNDHOUSE_API_KEY", "rh-test-key-0123456789abcdef")
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "roundhouse.json"

@@ -2,7 +2,7 @@
 import pytest
 
 from protos.v1 import common_pb2, router_pb2
-from roundhouse.errors import InvalidRequest, QueueFull, Unavailable
+from roundhouse.errors import InvalidRequest, PermissionDenied, QueueFull, Unauthenticated, Unavailable
 from router_svc import openai_api
 
 pytestmark = pytest.mark.unit
@@ -77,6 +77,8 @@ def test_whole_response_and_chunks_have_openai_shapes():
 @pytest.mark.parametrize("error, status", [
     (InvalidRequest("max_tokens", "too big"), 400),
     (QueueFull("full", retry_after_s=7.4), 429),
+    (Unauthenticated("no key"), 401),
+    (PermissionDenied("not yours"), 403),
     (Unavailable("down"), 503),
 ])
 def test_errors_map_to_http_status_and_openai_error_json(error, status):
@@ -84,7 +86,7 @@ def test_errors_map_to_http_status_and_openai_error_json(error, status):
     assert got == status
     assert body["error"]["message"].startswith("roundhouse: ") and body["error"]["type"]
     if status == 429:
-        assert headers == {"Retry-After": "7"}
+        assert headers == {"Retry-After": "8"}  # rounded up: at 7 s it would still be refused
     if status == 400:
         assert body["error"]["param"] == "max_tokens"
     assert openai_api.error("NOT_FOUND", "x")[0] == 404 and openai_api.error("DEADLINE_EXCEEDED", "x")[0] == 504
@@ -108,3 +110,14 @@ def test_the_per_token_framer_writes_exactly_the_chunk(endpoint, text):
     raw = frame(text)
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
     assert json.loads(raw[6:]) == openai_api.chunk(opts, "id-1", 7, "m/odel", text=text)
+
+
+def test_unknown_fields_are_refused_and_harmless_ones_accepted():
+    with pytest.raises(InvalidRequest) as e:
+        openai_api.parse({"model": "m", "prompt": "x", "prompt_embeds": "AAAA"}, "completions")
+    assert e.value.field == "prompt_embeds" and "unknown field" in e.value.message
+    req, _ = openai_api.parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u-1",
+                               "store": False}, "chat")
+    assert req.chat.messages[0].content == "hi"
+    req, _ = openai_api.parse({"model": "m", "prompt": "x", "job_id": "j"}, "completions", also=frozenset({"job_id"}))
+    assert req.prompt == "x"

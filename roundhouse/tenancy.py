@@ -1,0 +1,147 @@
+"""Tenants: who may call the router, which models each may use, and the limits each is held to.
+
+The catalogue's optional `tenants` section (validated by the pydantic models below; an error
+names the bad key):
+
+    tenants:
+      - name: team-a                   # letters, digits, _ and - (it names the tenant's counters)
+        keys:                          # one or more API keys, each given one way:
+          - sha256: 9f86d0...          #   the SHA-256 of the key, hex (`roundhouse key new` makes both)
+          - env: TEAM_A_KEY            #   an environment variable holding the key (a Kubernetes Secret)
+          - file: /run/secrets/team-a  #   a file holding the key (trailing newline ignored)
+        models: [chat, "code*"]        # names, aliases, adapters or shell patterns; default: every model.
+                                       # "auto" routes only among these.
+        limits:                        # all optional; enforced across every router (counters in NATS)
+          requests_per_minute: 600
+          tokens_per_minute: 100000    # prompt + generated tokens, charged when a request ends
+          tokens_per_day: 2000000      # per UTC day
+          concurrent_requests: 16
+
+With no tenants, the router asks for no key. Keys are only ever held as their SHA-256: what the
+router compares, logs and counts by is the tenant's name. The router reads `env` and `file` keys
+at its start (`key_digests`); other services never need them.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import pathlib
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+KEY_PREFIX = "rh-"   # of the keys `new_key` makes (any string of 16+ characters is accepted as a key)
+MIN_KEY_CHARS = 16
+
+
+class TenancyError(ValueError):
+    """The `tenants` section is wrong; the message names the key."""
+
+
+class _Strict(BaseModel):
+    # Scalars are strict (no "5" for 5, no 1 for "1"); lists from YAML become tuples.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyRef(_Strict):
+    """One API key, given exactly one way."""
+    sha256: StrictStr | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lowercase hex")
+    env: StrictStr | None = Field(None, min_length=1, description="environment variable holding the key")
+    file: StrictStr | None = Field(None, min_length=1, description="file holding the key (relative to the config file)")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "KeyRef":
+        given = [k for k in ("sha256", "env", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of sha256, env, file (got {', '.join(given) or 'none'})")
+        return self
+
+
+class Limits(_Strict):
+    requests_per_minute: StrictInt | None = Field(None, gt=0)
+    tokens_per_minute: StrictInt | None = Field(None, gt=0, description="prompt + generated tokens, charged when a request ends")
+    tokens_per_day: StrictInt | None = Field(None, gt=0, description="prompt + generated tokens per UTC day")
+    concurrent_requests: StrictInt | None = Field(None, gt=0, description="requests in flight at once, across every router")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
+class TenantSpec(_Strict):
+    name: StrictStr = Field(pattern=NAME_PATTERN)
+    keys: tuple[KeyRef, ...] = Field(min_length=1)
+    models: tuple[StrictStr, ...] = Field(("*",), min_length=1, description="names, aliases, adapters or shell patterns")
+    limits: Limits = Limits()
+
+
+class _Section(_Strict):
+    tenants: tuple[TenantSpec, ...]
+
+
+def parse(raw: Any) -> tuple[TenantSpec, ...]:
+    """The `tenants` section, validated; raises TenancyError naming the first bad key."""
+    try:
+        tenants = _Section.model_validate({"tenants": raw}).tenants
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        raise TenancyError(f"{where}: {first['msg']}") from None
+    names = [t.name for t in tenants]
+    for name in names:
+        if names.count(name) > 1:
+            raise TenancyError(f"tenants: name {name!r} is used twice")
+    return tenants
+
+
+def allowed_models(tenant: TenantSpec, names: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """What `tenant` may call, from `names` (what each servable thing is called: a model's name
+    and aliases, an adapter's name, keyed by that name). Raises TenancyError for a pattern that
+    matches nothing (a typo would otherwise lock a tenant out, or in)."""
+    allowed: set[str] = set()
+    for i, pattern in enumerate(tenant.models):
+        hits = {key for key, called in names.items() if any(fnmatch.fnmatchcase(n, pattern) for n in called)}
+        if not hits:
+            raise TenancyError(f"tenants[{tenant.name}].models[{i}]: {pattern!r} matches no model, alias or adapter")
+        allowed |= hits
+    return frozenset(allowed)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_digests(tenant: TenantSpec, base: pathlib.Path = pathlib.Path("."),
+                environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The SHA-256 of each of `tenant`'s keys, reading `env` and `file` keys now. Raises
+    TenancyError naming the key that cannot be read or is too short (never its value)."""
+    out = []
+    for i, ref in enumerate(tenant.keys):
+        where = f"tenants[{tenant.name}].keys[{i}]"
+        if ref.sha256 is not None:
+            out.append(ref.sha256)
+            continue
+        if ref.env is not None:
+            key = environ.get(ref.env)
+            if key is None:
+                raise TenancyError(f"{where}.env: environment variable {ref.env} is not set")
+        else:
+            path = pathlib.Path(ref.file) if pathlib.Path(ref.file).is_absolute() else base / ref.file
+            try:
+                key = path.read_text().rstrip("\r\n")
+            except OSError as e:
+                raise TenancyError(f"{where}.file: cannot read {path}: {e.strerror}") from None
+        if len(key) < MIN_KEY_CHARS:
+            raise TenancyError(f"{where}: the key is shorter than {MIN_KEY_CHARS} characters")
+        out.append(digest(key))
+    return out
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh API key and its SHA-256 (what goes in the config)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, digest(key)
