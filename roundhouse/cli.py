@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import pathlib
 import sys
 import time
@@ -61,7 +62,8 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         services.append(manager)
         manager_address = f"{a.host}:{manager.info['port']}"
         router = await stack.start_service("router_svc", "router", run_dir, *common, "--host", a.host,
-                                           "--port", str(a.port), "--http-port", str(a.http_port))
+                                           "--port", str(a.port), "--http-port", str(a.http_port),
+                                           *(["--insecure"] if a.insecure else []))
         services.append(router)
         progress = await nats_client.connect(nats.url, name="roundhouse-up")
         await progress.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=_model_progress(time.monotonic))
@@ -194,7 +196,7 @@ async def _generate(a: argparse.Namespace) -> int:
         req.sampling.temperature = a.temperature
     async with grpc.aio.insecure_channel(a.router) as ch:
         try:
-            async for ev in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=a.timeout):
+            async for ev in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=a.timeout, metadata=_key(a)):
                 kind = ev.WhichOneof("event")
                 if kind == "delta":
                     print(ev.delta.text, end="", flush=True)
@@ -212,7 +214,11 @@ async def _generate(a: argparse.Namespace) -> int:
 
 async def _models(a: argparse.Namespace) -> int:
     async with grpc.aio.insecure_channel(a.router) as ch:
-        resp = await router_pb2_grpc.RouterStub(ch).ListModels(router_pb2.ListModelsRequest(), timeout=10)
+        try:
+            resp = await router_pb2_grpc.RouterStub(ch).ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=_key(a))
+        except grpc.aio.AioRpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
     for m in resp.models:
         print(f"{m.name:24} aliases={','.join(m.aliases) or '-':16} context={m.max_model_len:6} queued={m.queued}")
     return 0
@@ -258,6 +264,23 @@ async def _admin(a: argparse.Namespace) -> int:
     return 0
 
 
+def _key(a: argparse.Namespace) -> tuple:
+    """gRPC metadata carrying the caller's API key, if it has one."""
+    return (("authorization", f"Bearer {a.api_key}"),) if a.api_key else ()
+
+
+def _cmd_key(a: argparse.Namespace) -> int:
+    from roundhouse import tenancy
+
+    key, digest = tenancy.new_key()
+    if a.quiet:
+        print(key)
+        return 0
+    print(f"key:    {key}\nsha256: {digest}\n\nGive the key to its user; put only the hash in the config:\n\n"
+          f"tenants:\n  - name: my-team\n    keys: [{{sha256: {digest}}}]")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roundhouse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -270,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-port", type=int, default=0)
     up.add_argument("--manager-port", type=int, default=50052)
     up.add_argument("--log-level", default="info")
+    up.add_argument("--insecure", action="store_true", help="let the router serve a non-loopback --host with no API keys")
     hl = sub.add_parser("health", help="exit 0 when a Roundhouse gRPC server is SERVING")
     hl.add_argument("address")
     hl.add_argument("--service", default="")
@@ -299,8 +323,13 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--timeout", type=float, default=120)
     gen.add_argument("--router", default="127.0.0.1:50051")
+    gen.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
     models = sub.add_parser("models", help="list the router's models")
     models.add_argument("--router", default="127.0.0.1:50051")
+    models.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
+    key = sub.add_parser("key", help="API keys for the config's tenants")
+    key.add_argument("action", choices=["new"], help="new: a fresh key and the SHA-256 the config holds")
+    key.add_argument("--quiet", action="store_true", help="print the key alone")
     status = sub.add_parser("status", help="residency of every model (the manager's view)")
     status.add_argument("--manager", default="127.0.0.1:50052")
     for name in ("pin", "unpin", "load", "evict", "drain"):
@@ -330,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_generate(a))
     if a.cmd == "status":
         return asyncio.run(_status(a))
+    if a.cmd == "key":
+        return _cmd_key(a)
     if a.cmd in ("pin", "unpin", "load", "evict", "drain"):
         return asyncio.run(_admin(a))
     return asyncio.run(_models(a))

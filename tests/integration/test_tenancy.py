@@ -1,0 +1,203 @@
+"""Tenants on the real stack: API keys at every front door, a tenant's models, and limits that hold
+across two routers and a router restart (counters in NATS KV).
+
+Its own nats-server and tiny-0 worker: routers with tenants must not share a jobs stream with the
+session's router, which has none."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import aiohttp
+import grpc
+import nats
+import pytest
+import pytest_asyncio
+
+from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
+from roundhouse import natsd, stack, subjects, tenancy
+from router_svc import limits
+from router_svc.config import RouterConfig
+from router_svc.server import Router
+from tests.conftest import TEST_ACK_WAIT_S, eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+KEYS = {name: f"rh-test-key-{name}-0123456789" for name in ("open", "rpm", "conc", "tpd", "other")}
+TENANTS = [
+    {"name": "open", "keys": [{"sha256": tenancy.digest(KEYS["open"])}], "models": ["chat"]},
+    {"name": "other", "keys": [{"sha256": tenancy.digest(KEYS["other"])}]},
+    {"name": "rpm", "keys": [{"sha256": tenancy.digest(KEYS["rpm"])}], "limits": {"requests_per_minute": 3}},
+    {"name": "conc", "keys": [{"sha256": tenancy.digest(KEYS["conc"])}], "limits": {"concurrent_requests": 1}},
+    {"name": "tpd", "keys": [{"sha256": tenancy.digest(KEYS["tpd"])}], "limits": {"tokens_per_day": 5}},
+]
+
+
+@dataclasses.dataclass
+class Stack:
+    nats_url: str
+    config: RouterConfig
+    a: Router
+    b: Router
+
+
+@pytest_asyncio.fixture(scope="module")
+async def tenancy_stack(tmp_path_factory, models_yaml, models):
+    d = tmp_path_factory.mktemp("tenancy")
+    server = await natsd.start_async(d / "js")
+    cat = dataclasses.replace(models, tenants=tenancy.parse(TENANTS))
+    config = RouterConfig(catalogue=cat, nats_url=server.url, port=0, http_port=0, publish_timeout_s=30.0,
+                          job_ack_wait_s=TEST_ACK_WAIT_S)
+    routers = [Router(config), Router(config)]
+    worker = None
+    try:
+        for r in routers:
+            await r.start()
+        worker = await stack.start_worker(models_yaml, "tiny-0", server.url, d / "run", "--ack-wait", str(TEST_ACK_WAIT_S))
+        await worker.load()
+        yield Stack(server.url, config, *routers)
+    finally:
+        for r in routers:
+            await r.stop(grace=1)
+        if worker is not None:
+            worker.stop(timeout=15)
+        server.stop()
+
+
+def _auth(name: str | None) -> dict:
+    return {"Authorization": f"Bearer {KEYS[name]}"} if name else {}
+
+
+async def _post(router: Router, tenant: str | None, body: dict, path: str = "chat/completions", **headers):
+    """(status, headers, JSON body) of one whole HTTP call."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{router.http_port}/v1/{path}", json=body,
+                          headers={**_auth(tenant), **headers}, timeout=aiohttp.ClientTimeout(total=120)) as r:
+            return r.status, r.headers, await r.json()
+
+
+def _chat(model: str = "chat", text: str = "hello", max_tokens: int = 2) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+
+
+async def test_keys_are_required_and_a_tenant_sees_and_uses_only_its_models(tenancy_stack, capfd):
+    a = tenancy_stack.a
+    for tenant, headers in ((None, {}), (None, {"Authorization": "Bearer rh-not-a-key-0000000000"})):
+        status, _, body = await _post(a, tenant, _chat(), **headers)
+        assert status == 401 and body["error"]["type"] == "authentication_error", body
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{a.http_port}/v1/models", headers=_auth("open")) as r:
+            listed = {m["id"] for m in (await r.json())["data"]}
+        async with s.get(f"http://127.0.0.1:{a.http_port}/v1/models") as r:
+            assert r.status == 401
+    assert listed == {"tiny-0", "chat", "auto"}, "only the models its key may use (and auto)"
+
+    status, headers, body = await _post(a, "open", _chat())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, _, body = await _post(a, "open", _chat("code"))
+    assert status == 403 and body["error"]["type"] == "permission_error" and "tiny-1" in body["error"]["message"]
+    # The test routing sends plain text to tiny-1 (code); this tenant may not use it: auto picks among its own.
+    status, headers, body = await _post(a, "open", _chat("auto"))
+    assert status == 200 and headers["x-roundhouse-model"] == "tiny-0"
+    assert "not among tenant open's models" in headers["x-roundhouse-route-reason"]
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        req = router_pb2.GenerateRequest(model="chat", prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=2))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in stub.Generate(req, timeout=60, metadata=(("authorization", "Bearer rh-wrong-000000000000"),)):
+                pass
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = await stub.ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=(("authorization", KEYS["open"]),))
+        assert [m.name for m in listed.models] == ["tiny-0"]
+        events = [ev async for ev in stub.Generate(req, timeout=60, metadata=(("authorization", f"Bearer {KEYS['open']}"),))]
+        assert events[-1].WhichOneof("event") == "finished"
+
+        # A job belongs to the tenant that submitted it (NATS, key in a header); another cannot see it.
+        nc = await nats.connect(tenancy_stack.nats_url)
+        try:
+            refused = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(_chat()).encode(), timeout=60)).data)
+            assert refused["error"]["code"] == "UNAUTHENTICATED"
+            reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(_chat()).encode(), timeout=60,
+                                                 headers=_auth("open"))).data)
+            assert reply["tenant"] == "open", reply
+        finally:
+            await nc.close()
+        job = router_pb2.JobRequest(job_id=reply["job_id"])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["other"]),))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+        async def succeeded() -> bool:
+            got = await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["open"]),))
+            return got.state == router_pb2.JOB_STATE_SUCCEEDED
+        await eventually(succeeded, 120, "the job ran as its tenant")
+
+    logs = capfd.readouterr()
+    assert "auth.refused" in logs.err
+    for key in KEYS.values():
+        assert key not in logs.out + logs.err, "an API key was logged"
+    assert "rh-not-a-key" not in logs.err and "rh-wrong" not in logs.err
+
+
+async def test_limits_hold_across_routers_and_a_router_restart(tenancy_stack):
+    s = tenancy_stack
+    # requests_per_minute 3: two through one router, one through the other, the fourth refused by either.
+    for router in (s.a, s.a, s.b):
+        status, _, body = await _post(router, "rpm", _chat())
+        assert status == 200, body
+    status, headers, body = await _post(s.b, "rpm", _chat())
+    assert status == 429 and body["error"]["type"] == "rate_limit_error" and "3 requests per minute" in body["error"]["message"]
+    assert 1 <= int(headers["Retry-After"]) <= 120
+    # The count lives in NATS: a router started now (as one restarted would be) sees it too.
+    fresh = Router(s.config)
+    await fresh.start()
+    try:
+        status, _, body = await _post(fresh, "rpm", _chat())
+        assert status == 429, body
+    finally:
+        await fresh.stop(grace=1)
+
+    # concurrent_requests 1: a request waiting for a model nobody serves (tiny-1) holds the slot.
+    async def held() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{s.a.http_port}/v1/chat/completions", headers=_auth("conc"),
+                                    json={**_chat("code"), "stream": True}) as r:
+                await r.content.read()
+    holder = asyncio.create_task(held())
+    await eventually(lambda: any(f.model == "tiny-1" for f in s.a.tracker.flights()), 30, "the held request is in flight")
+    status, headers, body = await _post(s.b, "conc", _chat())
+    assert status == 429 and "requests in flight" in body["error"]["message"] and headers["Retry-After"] == "1"
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
+
+    async def admitted_again() -> bool:
+        status, _, _ = await _post(s.b, "conc", _chat())
+        return status == 200
+    await eventually(admitted_again, 30, "the slot came back when the held request's caller left")
+
+    # tokens_per_day 5: one request of a prompt and 4 generated tokens uses it up (charged as it ends).
+    status, _, body = await _post(s.b, "tpd", _chat(max_tokens=4))
+    assert status == 200 and body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 5
+
+    async def refused_for_the_day() -> bool:
+        status, headers, body = await _post(s.a, "tpd", _chat())
+        return status == 429 and "tokens for today" in body["error"]["message"] \
+            and abs(int(headers["Retry-After"]) - (86400 - time.time() % 86400)) < 60
+    await eventually(refused_for_the_day, 30, "the day's tokens are used up, on the other router too")
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{s.b.http_port}/metrics") as r:
+            text = await r.text()
+    assert 'roundhouse_rate_limited_total{limit="requests_per_minute",tenant="rpm"}' in text
+    assert 'roundhouse_tenant_requests_total{status="ok",tenant="tpd"}' in text
+
+
+def test_retry_after_covers_the_sliding_window():
+    # 3 this minute, none before, 20 s in: the fourth fits once this minute's weight has shrunk enough.
+    assert limits.seconds_until_room(3, 0, 20, 3) == pytest.approx(40 + 20)
