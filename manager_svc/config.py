@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from roundhouse import catalogue, entry, metrics
+from roundhouse import catalogue, entry, metrics, tenancy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +17,7 @@ class ManagerConfig:
     ready_file: str = ""                 # written with the port as JSON once serving
     metrics_port: int = 0                # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
+    credentials: tenancy.AdminCredentials | None = None   # read at the edge (None: from the catalogue)
 
 
 _env = entry.env_reader("manager")
@@ -34,5 +35,9 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     entry.otel_flag(p, _env)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
+    try:
+        credentials = tenancy.AdminCredentials.of(cat.admin)
+    except tenancy.TenancyError as e:
+        p.error(f"{a.config}: {e}")
     return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
-                         ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel)
+                         ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel, credentials=credentials)

@@ -12,6 +12,7 @@ from manager_svc.servicer import ManagerServicer
 from protos.v1 import manager_pb2, manager_pb2_grpc
 from roundhouse import entry, grpcserver
 from roundhouse import metrics as shared_metrics
+from roundhouse.tenancy import AdminCredentials
 
 log = structlog.get_logger("manager")
 
@@ -35,7 +36,8 @@ class ManagerService:
     async def start(self) -> None:
         await self.manager.start()
         self._server = grpcserver.new_server()
-        manager_pb2_grpc.add_ManagerServicer_to_server(ManagerServicer(self.manager), self._server)
+        credentials = self.config.credentials or AdminCredentials.of(self.config.catalogue.admin)
+        manager_pb2_grpc.add_ManagerServicer_to_server(ManagerServicer(self.manager, credentials), self._server)
         self._health = await grpcserver.add_standard_services(self._server, [SERVICE_NAME])
         self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self._server.start()

@@ -8,15 +8,27 @@ import grpc
 from manager_svc.manager import Manager
 from manager_svc.policy import used_bytes
 from protos.v1 import manager_pb2, manager_pb2_grpc
-from roundhouse.errors import RoundhouseError
+from roundhouse.errors import RoundhouseError, Unauthenticated
 from roundhouse.grpcserver import abort_with
+from roundhouse.tenancy import AdminCredentials
 
 
 class ManagerServicer(manager_pb2_grpc.ManagerServicer):
-    def __init__(self, manager: Manager):
+    """Reports need the worker key and admin calls an admin key, when the config's `admin` gives
+    them (roundhouse.tenancy.AdminSpec); ListResidency (read only) is open."""
+
+    def __init__(self, manager: Manager, credentials: AdminCredentials = AdminCredentials()):
         self._m = manager
+        self._credentials = credentials
+
+    async def _check(self, context, worker: bool = False) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        if not self._credentials.allows(metadata.get("authorization"), worker=worker):
+            what = "the worker key (admin.worker_key)" if worker else "an admin key (admin.keys)"
+            await abort_with(context, Unauthenticated(f"this call needs {what} as 'authorization' metadata"))
 
     async def Report(self, request, context):
+        await self._check(context, worker=True)
         try:
             self._m.on_report(request)
         except RoundhouseError as e:
@@ -52,6 +64,7 @@ class ManagerServicer(manager_pb2_grpc.ManagerServicer):
         return await self._admin(context, self._m.drain, request.model)
 
     async def _admin(self, context, fn, *args) -> manager_pb2.ModelResidency:
+        await self._check(context)
         try:
             entry = await fn(*args)
         except RoundhouseError as e:

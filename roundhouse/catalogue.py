@@ -147,6 +147,7 @@ class Catalogue:
     routing: "routing.RoutingSpec | None" = None
     hosts: tuple[HostSpec, ...] = ()
     tenants: tuple[tenancy.TenantSpec, ...] = ()   # none: the router asks for no key
+    admin: tenancy.AdminSpec | None = None         # none: the manager's admin calls and reports are open
 
     def servable(self) -> dict[str, tuple[str, ...]]:
         """What a request can name, by canonical name: each model (its name and aliases) and
@@ -295,9 +296,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"models", "gpus", "hosts", "manager", "routing", "tenants"}
+    unknown = set(raw) - {"admin", "models", "gpus", "hosts", "manager", "routing", "tenants"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: gpus, hosts, manager, models, routing, tenants)")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: admin, gpus, hosts, manager, models, routing, tenants)")
     specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
     gpus = DEFAULT_GPUS
     if "gpus" in raw:
@@ -337,6 +338,14 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
         cat = dataclasses.replace(cat, routing=rules)
     if raw.get("tenants") is not None:
         cat = dataclasses.replace(cat, tenants=_tenants(raw["tenants"], cat, base))
+    if raw.get("admin") is not None:
+        try:
+            admin = tenancy.parse_admin(raw["admin"])
+        except tenancy.TenancyError as e:
+            raise ConfigError(str(e)) from e
+        absolute = lambda k: k.model_copy(update={"file": _absolute(k.file, base)}) if k and k.file is not None else k  # noqa: E731
+        cat = dataclasses.replace(cat, admin=admin.model_copy(update={
+            "keys": tuple(absolute(k) for k in admin.keys), "worker_key": absolute(admin.worker_key)}))
     return cat
 
 

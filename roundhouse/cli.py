@@ -256,7 +256,9 @@ async def _admin(a: argparse.Namespace) -> int:
     method = {"pin": "Pin", "unpin": "Unpin", "load": "LoadModel", "evict": "EvictModel", "drain": "Drain"}[a.cmd]
     async with grpc.aio.insecure_channel(a.manager) as ch:
         try:
-            m = await getattr(manager_pb2_grpc.ManagerStub(ch), method)(manager_pb2.ModelRequest(model=a.model), timeout=a.timeout)
+            m = await getattr(manager_pb2_grpc.ManagerStub(ch), method)(
+                manager_pb2.ModelRequest(model=a.model), timeout=a.timeout,
+                metadata=(("authorization", f"Bearer {a.admin_key}"),) if a.admin_key else ())
         except grpc.aio.AioRpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -337,6 +339,8 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("model")
         cmd.add_argument("--manager", default="127.0.0.1:50052")
         cmd.add_argument("--timeout", type=float, default=600)
+        cmd.add_argument("--admin-key", default=os.environ.get("ROUNDHOUSE_ADMIN_KEY", ""),
+                         help="an admin key, when the config's admin.keys asks for one (env ROUNDHOUSE_ADMIN_KEY)")
     return p
 
 

@@ -23,6 +23,7 @@ at its start (`key_digests`); other services never need them.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -83,14 +84,46 @@ class _Section(_Strict):
     tenants: tuple[TenantSpec, ...]
 
 
-def parse(raw: Any) -> tuple[TenantSpec, ...]:
-    """The `tenants` section, validated; raises TenancyError naming the first bad key."""
+class AdminSpec(_Strict):
+    """`admin`: who may change residency, and what proves a worker is one of ours.
+
+        admin:
+          keys: [{env: ROUNDHOUSE_ADMIN_KEY}]       # the manager's pin / unpin / load / evict / drain need one
+          worker_key: {file: secrets/worker.key}    # workers send it with every report; the manager checks it
+
+    Without `keys` anyone who reaches the manager's port may call them; without `worker_key` any
+    report is believed (which re-points a model's traffic at whatever address it names)."""
+    keys: tuple[KeyRef, ...] = ()
+    worker_key: KeyRef | None = Field(None, description="env or file: workers send the key itself")
+
+    @model_validator(mode="after")
+    def _worker_key_readable(self) -> "AdminSpec":
+        if self.worker_key is not None and self.worker_key.sha256 is not None:
+            raise ValueError("worker_key: give env or file (workers send the key itself, so a hash is not enough)")
+        return self
+
+
+class _AdminSection(_Strict):
+    admin: AdminSpec
+
+
+def _validate(model: type[BaseModel], raw: dict) -> BaseModel:
     try:
-        tenants = _Section.model_validate({"tenants": raw}).tenants
+        return model.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
         raise TenancyError(f"{where}: {first['msg']}") from None
+
+
+def parse_admin(raw: Any) -> AdminSpec:
+    """The `admin` section, validated; raises TenancyError naming the first bad key."""
+    return _validate(_AdminSection, {"admin": raw}).admin
+
+
+def parse(raw: Any) -> tuple[TenantSpec, ...]:
+    """The `tenants` section, validated; raises TenancyError naming the first bad key."""
+    tenants = _validate(_Section, {"tenants": raw}).tenants
     names = [t.name for t in tenants]
     for name in names:
         if names.count(name) > 1:
@@ -119,26 +152,61 @@ def key_digests(tenant: TenantSpec, base: pathlib.Path = pathlib.Path("."),
                 environ: Mapping[str, str] = os.environ) -> list[str]:
     """The SHA-256 of each of `tenant`'s keys, reading `env` and `file` keys now. Raises
     TenancyError naming the key that cannot be read or is too short (never its value)."""
-    out = []
-    for i, ref in enumerate(tenant.keys):
-        where = f"tenants[{tenant.name}].keys[{i}]"
-        if ref.sha256 is not None:
-            out.append(ref.sha256)
-            continue
-        if ref.env is not None:
-            key = environ.get(ref.env)
-            if key is None:
-                raise TenancyError(f"{where}.env: environment variable {ref.env} is not set")
-        else:
-            path = pathlib.Path(ref.file) if pathlib.Path(ref.file).is_absolute() else base / ref.file
-            try:
-                key = path.read_text().rstrip("\r\n")
-            except OSError as e:
-                raise TenancyError(f"{where}.file: cannot read {path}: {e.strerror}") from None
-        if len(key) < MIN_KEY_CHARS:
-            raise TenancyError(f"{where}: the key is shorter than {MIN_KEY_CHARS} characters")
-        out.append(digest(key))
-    return out
+    return [digests_of(ref, f"tenants[{tenant.name}].keys[{i}]", base, environ) for i, ref in enumerate(tenant.keys)]
+
+
+def digests_of(ref: KeyRef, where: str, base: pathlib.Path = pathlib.Path("."),
+               environ: Mapping[str, str] = os.environ) -> str:
+    """The SHA-256 of the key `ref` gives."""
+    return ref.sha256 if ref.sha256 is not None else digest(read_key(ref, where, base, environ))
+
+
+def read_key(ref: KeyRef, where: str, base: pathlib.Path = pathlib.Path("."),
+             environ: Mapping[str, str] = os.environ) -> str:
+    """The key itself, from its environment variable or file. Raises TenancyError naming `where`
+    when it cannot be read or is too short (never its value)."""
+    if ref.env is not None:
+        key = environ.get(ref.env)
+        if key is None:
+            raise TenancyError(f"{where}.env: environment variable {ref.env} is not set")
+    elif ref.file is not None:
+        path = pathlib.Path(ref.file) if pathlib.Path(ref.file).is_absolute() else base / ref.file
+        try:
+            key = path.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise TenancyError(f"{where}.file: cannot read {path}: {e.strerror}") from None
+    else:
+        raise TenancyError(f"{where}: only its hash is given; the key itself is needed here")
+    if len(key) < MIN_KEY_CHARS:
+        raise TenancyError(f"{where}: the key is shorter than {MIN_KEY_CHARS} characters")
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminCredentials:
+    """What the manager checks, resolved at its edge: admin key digests, the worker key's digest."""
+    admin: frozenset[str] = frozenset()
+    worker: str = ""
+
+    @classmethod
+    def of(cls, spec: "AdminSpec | None", environ: Mapping[str, str] = os.environ) -> "AdminCredentials":
+        if spec is None:
+            return cls()
+        admin = frozenset(digests_of(k, f"admin.keys[{i}]", environ=environ) for i, k in enumerate(spec.keys))
+        worker = digest(read_key(spec.worker_key, "admin.worker_key", environ=environ)) if spec.worker_key else ""
+        return cls(admin, worker)
+
+    def allows(self, credential: str | None, worker: bool = False) -> bool:
+        """Whether `credential` ("Bearer <key>" or the key) is an admin key (or, `worker`, the
+        worker key). True when no such key is configured."""
+        wanted = self.worker if worker else self.admin
+        if not wanted:
+            return True
+        key = (credential or "").strip()
+        if key[:7].lower() == "bearer ":
+            key = key[7:].strip()
+        d = digest(key)
+        return d == wanted if worker else d in wanted
 
 
 def new_key() -> tuple[str, str]:

@@ -6,7 +6,7 @@ import dataclasses
 import socket
 import uuid
 
-from roundhouse import catalogue, entry, metrics
+from roundhouse import catalogue, entry, metrics, tenancy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class WorkerConfig:
     log_level: str = "info"
     metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
+    manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
 
 
 _env = entry.env_reader("worker")
@@ -65,6 +66,12 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         p.error("--stop-grace must be >= 0")
     if a.ack_wait <= 1:
         p.error("--ack-wait must be > 1 second")
+    manager_key = ""
+    if a.manager and cat.admin is not None and cat.admin.worker_key is not None:
+        try:
+            manager_key = tenancy.read_key(cat.admin.worker_key, "admin.worker_key")
+        except tenancy.TenancyError as e:
+            p.error(f"{a.config}: {e}")
     return WorkerConfig(
         model=spec,
         nats_url=a.nats_url,
@@ -83,4 +90,5 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         log_level=a.log_level,
         metrics_port=a.metrics_port,
         otel=a.otel,
+        manager_key=manager_key,
     )

@@ -89,10 +89,14 @@ async def _report_loop(worker: ModelWorker, config: WorkerConfig, address: str) 
     problem = await asyncio.to_thread(preflight.check, config.model.path)
     async with grpc.aio.insecure_channel(config.manager) as channel:
         stub = manager_pb2_grpc.ManagerStub(channel)
+        metadata = (("authorization", f"Bearer {config.manager_key}"),) if config.manager_key else ()
         while True:
             worker.went_idle.clear()
             try:
-                await stub.Report(worker.report(address, problem), timeout=5)
+                await stub.Report(worker.report(address, problem), timeout=5, metadata=metadata)
             except grpc.aio.AioRpcError as e:
-                log.debug("worker.report_failed", manager=config.manager, code=e.code().name)
+                refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                # A refused key is a configuration error a person must see; a manager away is routine.
+                (log.error if refused else log.debug)("worker.report_failed", manager=config.manager,
+                                                       code=e.code().name, error=e.details() if refused else None)
             await worker.next_report(config.report_interval_s)

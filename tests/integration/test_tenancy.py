@@ -1,5 +1,5 @@
 """Tenants on the real stack: API keys at every front door, a tenant's models, and limits that hold
-across two routers and a router restart (counters in NATS KV).
+across two routers and a router restart (counters in NATS KV); the manager's admin and worker keys.
 
 Its own nats-server and tiny-0 worker: routers with tenants must not share a jobs stream with the
 session's router, which has none."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 
 import aiohttp
@@ -16,8 +17,10 @@ import nats
 import pytest
 import pytest_asyncio
 
-from protos.v1 import common_pb2, router_pb2, router_pb2_grpc
-from roundhouse import natsd, stack, subjects, tenancy
+from manager_svc.config import ManagerConfig
+from manager_svc.service import ManagerService
+from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
+from roundhouse import catalogue, natsd, stack, subjects, tenancy
 from router_svc import limits
 from router_svc.config import RouterConfig
 from router_svc.server import Router
@@ -201,3 +204,48 @@ async def test_limits_hold_across_routers_and_a_router_restart(tenancy_stack):
 def test_retry_after_covers_the_sliding_window():
     # 3 this minute, none before, 20 s in: the fourth fits once this minute's weight has shrunk enough.
     assert limits.seconds_until_room(3, 0, 20, 3) == pytest.approx(40 + 20)
+
+
+ADMIN_KEY, WORKER_KEY = "rh-test-admin-key-0123456789", "rh-test-worker-key-0123456789"
+
+
+async def test_the_managers_admin_calls_and_reports_need_their_keys(tmp_path, models_yaml):
+    """A worker reports with the worker key it reads from its environment; a report or an admin
+    call without the right key is refused; the admin key pins."""
+    config = models_yaml.with_name("admin-models.yaml")
+    config.write_text(models_yaml.read_text() + f"\nadmin:\n  keys: [{{sha256: {tenancy.digest(ADMIN_KEY)}}}]\n"
+                                                "  worker_key: {env: RH_TEST_WORKER_KEY}\n")
+    cat = catalogue.load(config)
+    server = await natsd.start_async(tmp_path / "js")
+    manager = ManagerService(ManagerConfig(catalogue=cat, nats_url=server.url, port=0,
+                                           credentials=tenancy.AdminCredentials.of(cat.admin, {"RH_TEST_WORKER_KEY": WORKER_KEY})))
+    worker = None
+    try:
+        await manager.start()
+        worker = await stack.start_worker(config, "tiny-0", server.url, tmp_path / "run", "--manager", manager.address,
+                                          env={**os.environ, "RH_TEST_WORKER_KEY": WORKER_KEY})
+        await eventually(lambda: manager.manager.entries["tiny-0"].address == worker.address, 60,
+                         "the worker's report, with its key, was taken")
+        async with grpc.aio.insecure_channel(manager.address) as ch:
+            stub = manager_pb2_grpc.ManagerStub(ch)
+            forged = manager_pb2.WorkerReport(worker_id="intruder", model="tiny-1", address="10.9.9.9:1",
+                                              gpu="cpu", state=worker_pb2.ENGINE_STATE_READY)
+            for metadata in ((), (("authorization", f"Bearer {ADMIN_KEY}"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Report(forged, timeout=10, metadata=metadata)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "worker key" in e.value.details()
+            assert manager.manager.entries["tiny-1"].address != "10.9.9.9:1"
+            for metadata in ((), (("authorization", f"Bearer {WORKER_KEY}"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Pin(manager_pb2.ModelRequest(model="tiny-1"), timeout=10, metadata=metadata)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin key" in e.value.details()
+            assert not manager.manager.entries["tiny-1"].pinned
+            got = await stub.Pin(manager_pb2.ModelRequest(model="tiny-1"), timeout=10,
+                                 metadata=(("authorization", f"Bearer {ADMIN_KEY}"),))
+            assert got.pinned
+            assert (await stub.ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)).models  # read only: open
+    finally:
+        if worker is not None:
+            worker.stop(timeout=15)
+        await manager.stop()
+        server.stop()

@@ -185,3 +185,17 @@ def test_decide_names_the_limit_and_when_to_retry():
 def test_charged_tokens():
     assert limits.tokens_of(10, 5, started=True) == 15
     assert limits.tokens_of(10, 0, started=False) == 0  # waited for a load, cancelled: nothing
+
+
+def test_admin_section_and_credentials():
+    with pytest.raises(tenancy.TenancyError, match="worker_key: .*give env or file"):
+        tenancy.parse_admin({"worker_key": {"sha256": "0" * 64}})
+    with pytest.raises(tenancy.TenancyError, match=r"admin.keys\[0\].sha256"):
+        tenancy.parse_admin({"keys": [{"sha256": "nope"}]})
+    spec = tenancy.parse_admin({"keys": [{"sha256": tenancy.digest(KEY_A)}], "worker_key": {"env": "W"}})
+    creds = tenancy.AdminCredentials.of(spec, {"W": KEY_B})
+    assert creds.allows(f"Bearer {KEY_A}") and not creds.allows(KEY_B) and not creds.allows(None)
+    assert creds.allows(KEY_B, worker=True) and not creds.allows(KEY_A, worker=True)
+    assert tenancy.AdminCredentials.of(None).allows(None) and tenancy.AdminCredentials.of(None).allows(None, worker=True)
+    with pytest.raises(tenancy.TenancyError, match="admin.worker_key.env: environment variable W is not set"):
+        tenancy.AdminCredentials.of(spec, {})
