@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from roundhouse import catalogue, entry, metrics, tenancy
+from roundhouse import catalogue, entry, metrics, tenancy, tls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,7 @@ class ManagerConfig:
     metrics_port: int = 0                # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
     credentials: tenancy.AdminCredentials | None = None   # read at the edge (None: from the catalogue)
+    tls_internal: tls.Internal | None = None   # read at the edge (None: from the catalogue's tls, if any)
 
 
 _env = entry.env_reader("manager")
@@ -37,7 +38,8 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     cat = entry.load_catalogue(p, a.config)
     try:
         credentials = tenancy.AdminCredentials.of(cat.admin)
-    except tenancy.TenancyError as e:
+        internal, _ = tls.load(cat.tls)
+    except (tenancy.TenancyError, tls.TlsError) as e:
         p.error(f"{a.config}: {e}")
-    return ManagerConfig(catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
+    return ManagerConfig(tls_internal=internal, catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
                          ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel, credentials=credentials)

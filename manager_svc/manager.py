@@ -30,6 +30,7 @@ from manager_svc.policy import Evict, Fail, Load, Phase, plan, sleep_level_for
 from manager_svc.state import PHASE_OF, Entry
 from protos.v1 import manager_pb2, worker_pb2, worker_pb2_grpc
 from roundhouse import grpcserver, jetstream, natsconn, subjects
+from roundhouse import tls as roundhouse_tls
 from roundhouse.catalogue import Catalogue
 from roundhouse.catalogue import weight_bytes as catalogue_weight_bytes
 from roundhouse.errors import ModelNotFound, ModelPinned, RoundhouseError, Unavailable
@@ -45,8 +46,9 @@ STOP_STEP_TIMEOUT_S = 5.0
 
 
 class Manager:
-    def __init__(self, catalogue: Catalogue, nats_url: str, clock=time.time):
+    def __init__(self, catalogue: Catalogue, nats_url: str, clock=time.time, tls: "roundhouse_tls.Internal | None" = None):
         self.catalogue = catalogue
+        self._tls = tls   # mutual TLS to the workers' control ports
         self.settings = catalogue.manager
         self.budgets = budget.budgets(catalogue.gpus)
         gpus = {g.id: g for g in catalogue.gpus}
@@ -459,7 +461,7 @@ class Manager:
     def _worker(self, e: Entry) -> worker_pb2_grpc.WorkerStub:
         ch = self._channels.get(e.address)
         if ch is None:
-            ch = self._channels[e.address] = grpc.aio.insecure_channel(e.address)
+            ch = self._channels[e.address] = roundhouse_tls.channel(e.address, self._tls)
         return worker_pb2_grpc.WorkerStub(ch)
 
     # ---- effects and waiting ----------------------------------------------------------------

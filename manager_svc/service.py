@@ -10,7 +10,7 @@ from manager_svc.config import ManagerConfig
 from manager_svc.manager import Manager
 from manager_svc.servicer import ManagerServicer
 from protos.v1 import manager_pb2, manager_pb2_grpc
-from roundhouse import entry, grpcserver
+from roundhouse import entry, grpcserver, tls
 from roundhouse import metrics as shared_metrics
 from roundhouse.tenancy import AdminCredentials
 
@@ -24,7 +24,8 @@ class ManagerService:
 
     def __init__(self, config: ManagerConfig):
         self.config = config
-        self.manager = Manager(config.catalogue, config.nats_url)
+        self.tls = config.tls_internal or tls.load(config.catalogue.tls)[0]
+        self.manager = Manager(config.catalogue, config.nats_url, tls=self.tls)
         self.port = 0
         self._server = None
         self._health = None
@@ -39,7 +40,7 @@ class ManagerService:
         credentials = self.config.credentials or AdminCredentials.of(self.config.catalogue.admin)
         manager_pb2_grpc.add_ManagerServicer_to_server(ManagerServicer(self.manager, credentials), self._server)
         self._health = await grpcserver.add_standard_services(self._server, [SERVICE_NAME])
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = tls.add_port(self._server, f"{self.config.host}:{self.config.port}", self.tls)
         await self._server.start()
         log.info("manager.serving", address=self.address)
 

@@ -64,7 +64,7 @@ from typing import Any
 
 import yaml
 
-from roundhouse import routing, tenancy
+from roundhouse import routing, tenancy, tls
 
 
 class ConfigError(ValueError):
@@ -148,6 +148,7 @@ class Catalogue:
     hosts: tuple[HostSpec, ...] = ()
     tenants: tuple[tenancy.TenantSpec, ...] = ()   # none: the router asks for no key
     admin: tenancy.AdminSpec | None = None         # none: the manager's admin calls and reports are open
+    tls: tls.TlsSpec | None = None                 # none: plaintext ports (roundhouse.tls)
 
     def servable(self) -> dict[str, tuple[str, ...]]:
         """What a request can name, by canonical name: each model (its name and aliases) and
@@ -296,9 +297,9 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"admin", "models", "gpus", "hosts", "manager", "routing", "tenants"}
+    unknown = set(raw) - {"admin", "models", "gpus", "hosts", "manager", "routing", "tenants", "tls"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: admin, gpus, hosts, manager, models, routing, tenants)")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: admin, gpus, hosts, manager, models, routing, tenants, tls)")
     specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
     gpus = DEFAULT_GPUS
     if "gpus" in raw:
@@ -346,6 +347,11 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
         absolute = lambda k: k.model_copy(update={"file": _absolute(k.file, base)}) if k and k.file is not None else k  # noqa: E731
         cat = dataclasses.replace(cat, admin=admin.model_copy(update={
             "keys": tuple(absolute(k) for k in admin.keys), "worker_key": absolute(admin.worker_key)}))
+    if raw.get("tls") is not None:
+        try:
+            cat = dataclasses.replace(cat, tls=tls.parse(raw["tls"], lambda p: _absolute(p, base)))
+        except tls.TlsError as e:
+            raise ConfigError(str(e)) from e
     return cat
 
 

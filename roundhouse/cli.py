@@ -77,9 +77,10 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
             metrics_at = f", metrics http://{a.host}:{first.info['metrics_port']}/metrics" if first.info.get("metrics_port") else ""
             print(f"roundhouse: worker for {m.name} started (log {first.log_path}{metrics_at})", flush=True)
         models = ", ".join(m.name + (" (" + ", ".join(m.aliases) + ")" if m.aliases else "") for m in cat.models)
-        print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP http://{a.host}:{router.info['http_port']}/v1  "
+        web = "https" if cat.tls is not None and cat.tls.public is not None else "http"
+        print(f"roundhouse: ready. gRPC {a.host}:{router.info['port']}  HTTP {web}://{a.host}:{router.info['http_port']}/v1  "
               f"manager {manager_address}  NATS {nats.url}", flush=True)
-        print(f"roundhouse: metrics: http://{a.host}:{router.info['http_port']}/metrics (router), "
+        print(f"roundhouse: metrics: {web}://{a.host}:{router.info['http_port']}/metrics (router), "
               f"http://{a.host}:{manager.info.get('metrics_port')}/metrics (manager)", flush=True)
         print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
               f"(or `roundhouse load MODEL`). Logs under {run_dir}. Ctrl-C stops everything.", flush=True)
@@ -158,7 +159,7 @@ async def _health(a: argparse.Namespace) -> int:
     """Exit 0 when the gRPC server at a.address reports SERVING (container health checks)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(a.address) as ch:
+    async with _channel(a, a.address, public=a.public) as ch:
         try:
             resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
         except grpc.aio.AioRpcError as e:
@@ -194,7 +195,7 @@ async def _generate(a: argparse.Namespace) -> int:
         req.sampling.max_tokens = a.max_tokens
     if a.temperature is not None:
         req.sampling.temperature = a.temperature
-    async with grpc.aio.insecure_channel(a.router) as ch:
+    async with _channel(a, a.router, public=True) as ch:
         try:
             async for ev in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=a.timeout, metadata=_key(a)):
                 kind = ev.WhichOneof("event")
@@ -213,7 +214,7 @@ async def _generate(a: argparse.Namespace) -> int:
 
 
 async def _models(a: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(a.router) as ch:
+    async with _channel(a, a.router, public=True) as ch:
         try:
             resp = await router_pb2_grpc.RouterStub(ch).ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=_key(a))
         except grpc.aio.AioRpcError as e:
@@ -225,7 +226,7 @@ async def _models(a: argparse.Namespace) -> int:
 
 
 async def _status(a: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(a.manager) as ch:
+    async with _channel(a, a.manager) as ch:
         resp = await manager_pb2_grpc.ManagerStub(ch).ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)
     for g in resp.gpus:
         print(f"gpu {g.gpu}: {g.used_bytes / 2**20:.0f} / {g.budget_bytes / 2**20:.0f} MiB; evicts by {g.swap or 'stop'}; "
@@ -254,7 +255,7 @@ def _last_use(m: manager_pb2.ModelResidency) -> str:
 
 async def _admin(a: argparse.Namespace) -> int:
     method = {"pin": "Pin", "unpin": "Unpin", "load": "LoadModel", "evict": "EvictModel", "drain": "Drain"}[a.cmd]
-    async with grpc.aio.insecure_channel(a.manager) as ch:
+    async with _channel(a, a.manager) as ch:
         try:
             m = await getattr(manager_pb2_grpc.ManagerStub(ch), method)(
                 manager_pb2.ModelRequest(model=a.model), timeout=a.timeout,
@@ -264,6 +265,16 @@ async def _admin(a: argparse.Namespace) -> int:
             return 1
     print(f"{m.model}: {state_label(m)}{' (pinned)' if m.pinned else ''}")
     return 0
+
+
+def _channel(a: argparse.Namespace, address: str, public: bool = False) -> grpc.aio.Channel:
+    """A channel to `address` with the TLS of `--config`'s tls section: its public side for the
+    router's public port, mutual TLS (the internal certificate) for the manager and workers."""
+    from roundhouse import tls
+    from roundhouse.catalogue import load
+
+    internal, public_tls = tls.load(load(a.config).tls) if getattr(a, "config", None) else (None, None)
+    return tls.channel(address, public_tls if public else internal)
 
 
 def _key(a: argparse.Namespace) -> tuple:
@@ -300,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
     hl.add_argument("address")
     hl.add_argument("--service", default="")
     hl.add_argument("--timeout", type=float, default=3)
+    hl.add_argument("--config", help="models YAML whose tls section to use (internal: mutual TLS)")
+    hl.add_argument("--public", action="store_true", help="the router's public port (its tls.public)")
     wk = sub.add_parser("workers", help="run one worker per model of a GPU (a container's entry point)")
     wk.add_argument("--config", required=True)
     wk.add_argument("--gpu", default="", help="only the models on this gpu id (default: all)")
@@ -325,19 +338,23 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--timeout", type=float, default=120)
     gen.add_argument("--router", default="127.0.0.1:50051")
+    gen.add_argument("--config", help="models YAML whose tls.public to trust")
     gen.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
     models = sub.add_parser("models", help="list the router's models")
     models.add_argument("--router", default="127.0.0.1:50051")
+    models.add_argument("--config", help="models YAML whose tls.public to trust")
     models.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
     key = sub.add_parser("key", help="API keys for the config's tenants")
     key.add_argument("action", choices=["new"], help="new: a fresh key and the SHA-256 the config holds")
     key.add_argument("--quiet", action="store_true", help="print the key alone")
     status = sub.add_parser("status", help="residency of every model (the manager's view)")
     status.add_argument("--manager", default="127.0.0.1:50052")
+    status.add_argument("--config", help="models YAML whose tls.internal to use")
     for name in ("pin", "unpin", "load", "evict", "drain"):
         cmd = sub.add_parser(name, help=f"{name} a model (manager admin)")
         cmd.add_argument("model")
         cmd.add_argument("--manager", default="127.0.0.1:50052")
+        cmd.add_argument("--config", help="models YAML whose tls.internal to use")
         cmd.add_argument("--timeout", type=float, default=600)
         cmd.add_argument("--admin-key", default=os.environ.get("ROUNDHOUSE_ADMIN_KEY", ""),
                          help="an admin key, when the config's admin.keys asks for one (env ROUNDHOUSE_ADMIN_KEY)")

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
-from roundhouse import catalogue, tinymodels
+from roundhouse import catalogue, tinymodels, tls
 
 
 def write_tiny_catalogue(root: pathlib.Path, count: int = 2, aliases: dict[str, list[str]] | None = None,
@@ -111,6 +111,7 @@ class ServiceProcess:
 @dataclasses.dataclass
 class WorkerProcess(ServiceProcess):
     model: str = ""
+    internal: "tls.Internal | None" = None   # its control port's mutual TLS (the config's tls.internal)
 
     @property
     def port(self) -> int:
@@ -121,7 +122,7 @@ class WorkerProcess(ServiceProcess):
         return f"127.0.0.1:{self.port}"
 
     def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.address)
+        return tls.channel(self.address, self.internal)
 
     async def call(self, method: str, request, timeout: float = 120.0) -> worker_pb2.WorkerStatus:
         async with self.channel() as ch:
@@ -186,7 +187,8 @@ async def start_worker(config_path: pathlib.Path, model: str, nats_url: str, run
     """Starts a worker process and returns once its gRPC server listens (not once loaded)."""
     proc = spawn_worker(config_path, model, nats_url, run_dir, *extra, env=env)
     info = await wait_ready(proc, f"worker {model}", timeout)
-    return WorkerProcess(model, proc, info, proc.log_path, model=model)  # type: ignore[attr-defined]
+    internal, _ = tls.load(catalogue.load(config_path).tls)
+    return WorkerProcess(model, proc, info, proc.log_path, model=model, internal=internal)  # type: ignore[attr-defined]
 
 
 class Supervisor:

@@ -6,7 +6,7 @@ import dataclasses
 import ipaddress
 import socket
 
-from roundhouse import catalogue, entry, tenancy
+from roundhouse import catalogue, entry, tenancy, tls
 from router_svc.auth import Auth
 
 
@@ -29,6 +29,8 @@ class RouterConfig:
     ready_file: str = ""                 # written with the ports as JSON once serving
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
     auth: Auth | None = None             # the tenants' keys, read at the edge (None: built from the catalogue)
+    tls_internal: tls.Internal | None = None   # the delivery port's mutual TLS (None: from the catalogue's tls)
+    tls_public: tls.Public | None = None       # the gRPC and HTTP ports' TLS (None: from the catalogue's tls)
 
 
 _env = entry.env_reader("router")
@@ -60,7 +62,8 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     cat = entry.load_catalogue(p, a.config)
     try:
         auth = Auth(cat)
-    except tenancy.TenancyError as e:
+        internal, public = tls.load(cat.tls)
+    except (tenancy.TenancyError, tls.TlsError) as e:
         p.error(f"{a.config}: {e}")
     if not auth.enabled and not a.insecure and not is_loopback(a.host):
         p.error(f"--host {a.host} is reachable from other machines and the config has no tenants, so anyone could use "
@@ -88,6 +91,8 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         ready_file=a.ready_file,
         otel=a.otel,
         auth=auth,
+        tls_internal=internal,
+        tls_public=public,
     )
 
 

@@ -24,7 +24,7 @@ import grpc
 import structlog
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
-from roundhouse import grpcserver
+from roundhouse import grpcserver, tls
 from router_svc.tracker import Action, Tracker
 
 log = structlog.get_logger("router.delivery")
@@ -135,8 +135,9 @@ class DeliveryServicer(worker_pb2_grpc.DeliveryServicer):
 class DeliveryServer:
     """The router's internal Delivery endpoint: its own port and threads (see the module doc)."""
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: Tracker, internal: tls.Internal | None = None):
         self._tracker = tracker
+        self._tls = internal     # mutual TLS: only workers holding the internal certificate deliver
         self._server: grpc.Server | None = None
         self.port = 0
 
@@ -146,7 +147,7 @@ class DeliveryServer:
                                    options=grpcserver.SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_LINKS)
         worker_pb2_grpc.add_DeliveryServicer_to_server(DeliveryServicer(self._tracker, loop), self._server)
         grpcserver.add_standard_services_sync(self._server, [worker_pb2.DESCRIPTOR.services_by_name["Delivery"].full_name])
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self.port = tls.add_port(self._server, f"{host}:{port}", self._tls)
         self._server.start()
         return self.port
 

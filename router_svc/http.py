@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Callable
 
@@ -73,8 +74,10 @@ async def _next_or_comment(events, write):
 
 
 class HttpApi:
-    def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0, auth: Auth | None = None):
+    def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0, auth: Auth | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self._gw = gateway
+        self._ssl = ssl_context
         self._auth = auth
         self._stop_grace_s = stop_grace_s
         self._healthy = healthy
@@ -97,7 +100,7 @@ class HttpApi:
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=self._stop_grace_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.port

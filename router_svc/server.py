@@ -12,7 +12,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from protos.v1 import manager_pb2, queue_pb2, router_pb2, router_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, natsconn, subjects, tracing
+from roundhouse import entry, grpcserver, jetstream, natsconn, subjects, tls, tracing
 from roundhouse.errors import RoundhouseError
 from router_svc.auth import ANYONE, Auth, Tenant, peer_host
 from router_svc.config import RouterConfig
@@ -123,11 +123,14 @@ class Router:
         self._nc: nats.NATS | None = None
         self._js = None
         self._server: grpc.aio.Server | None = None
-        self._delivery = DeliveryServer(self.tracker)
         self._health = None
         self._http: HttpApi | None = None
         self._jobs: Jobs | None = None
         self.auth = config.auth or Auth(config.catalogue)  # (built by config.parse; here for routers built in code)
+        internal, public = tls.load(config.catalogue.tls) if config.tls_internal is None and config.tls_public is None \
+            else (config.tls_internal, config.tls_public)
+        self.tls_internal, self.tls_public = internal, public
+        self._delivery = DeliveryServer(self.tracker, self.tls_internal)
         self._limiter: Limiter | None = None
 
     @property
@@ -147,7 +150,7 @@ class Router:
         await self._nc.subscribe(subjects.RESIDENCY_SNAPSHOTS, cb=self._on_snapshot)
         await self._nc.subscribe(subjects.max_deliveries_subject(), cb=self._on_max_deliveries)
         self._server = grpcserver.new_server()
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = tls.add_port(self._server, f"{self.config.host}:{self.config.port}", self.tls_public)
         self._delivery.start(self.config.host, self.config.delivery_port)
         if any(t.limits.any for t in self.config.catalogue.tenants):
             self._limiter = Limiter(js)
@@ -160,7 +163,8 @@ class Router:
         await self._server.start()
         if self.config.http_port >= 0:
             nc = self._nc
-            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected, stop_grace_s=self.config.stop_grace_s, auth=self.auth)
+            self._http = HttpApi(gateway, healthy=lambda: nc.is_connected, stop_grace_s=self.config.stop_grace_s, auth=self.auth,
+                                 ssl_context=self.tls_public.ssl_context() if self.tls_public else None)
             self.http_port = await self._http.start(self.config.host, self.config.http_port)
         await self._jobs.start()
         log.info("router.serving", address=self.address, delivery=self.delivery_address, http_port=self.http_port or None,

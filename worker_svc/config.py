@@ -6,7 +6,7 @@ import dataclasses
 import socket
 import uuid
 
-from roundhouse import catalogue, entry, metrics, tenancy
+from roundhouse import catalogue, entry, metrics, tenancy, tls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class WorkerConfig:
     metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
     manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
+    tls_internal: tls.Internal | None = None   # mutual TLS on its port and to the manager and routers
 
 
 _env = entry.env_reader("worker")
@@ -67,11 +68,12 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     if a.ack_wait <= 1:
         p.error("--ack-wait must be > 1 second")
     manager_key = ""
-    if a.manager and cat.admin is not None and cat.admin.worker_key is not None:
-        try:
+    try:
+        if a.manager and cat.admin is not None and cat.admin.worker_key is not None:
             manager_key = tenancy.read_key(cat.admin.worker_key, "admin.worker_key")
-        except tenancy.TenancyError as e:
-            p.error(f"{a.config}: {e}")
+        internal, _ = tls.load(cat.tls)
+    except (tenancy.TenancyError, tls.TlsError) as e:
+        p.error(f"{a.config}: {e}")
     return WorkerConfig(
         model=spec,
         nats_url=a.nats_url,
@@ -91,4 +93,5 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         metrics_port=a.metrics_port,
         otel=a.otel,
         manager_key=manager_key,
+        tls_internal=internal,
     )

@@ -15,6 +15,7 @@ import grpc
 import structlog
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
+from roundhouse import tls
 
 log = structlog.get_logger("worker.delivery")
 
@@ -25,7 +26,7 @@ OnLost = Callable[[str], None]
 class RouterLink:
     """The stream to one router. Dies as a whole: then `on_lost(address)` is called once."""
 
-    def __init__(self, address: str, worker_id: str, on_cancel: OnCancel, on_lost: OnLost):
+    def __init__(self, address: str, worker_id: str, on_cancel: OnCancel, on_lost: OnLost, internal: tls.Internal | None = None):
         self.address = address
         self._worker_id = worker_id
         self._on_cancel = on_cancel
@@ -34,7 +35,7 @@ class RouterLink:
         self._wake = asyncio.Event()
         self._closed = False
         self._receipts: dict[str, asyncio.Future] = {}
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = tls.channel(address, internal)
         self._task = asyncio.create_task(self._run(), name=f"delivery-{address}")
 
     @property
@@ -105,8 +106,9 @@ def _shutting_down(task: asyncio.Task) -> bool:
 class Links:
     """The worker's links, one per router address, made on first use."""
 
-    def __init__(self, worker_id: str, on_cancel: OnCancel, on_lost: OnLost):
+    def __init__(self, worker_id: str, on_cancel: OnCancel, on_lost: OnLost, internal: tls.Internal | None = None):
         self._worker_id = worker_id
+        self._tls = internal
         self._on_cancel = on_cancel
         self._on_lost = on_lost
         self._links: dict[str, RouterLink] = {}
@@ -114,7 +116,7 @@ class Links:
     def to(self, address: str) -> RouterLink:
         link = self._links.get(address)
         if link is None or not link.alive:
-            link = RouterLink(address, self._worker_id, self._on_cancel, self._lost)
+            link = RouterLink(address, self._worker_id, self._on_cancel, self._lost, self._tls)
             self._links[address] = link
         return link
 

@@ -9,7 +9,7 @@ import structlog
 
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects
+from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects, tls
 from roundhouse import metrics as shared_metrics
 from worker_svc import consume, metrics, preflight
 from worker_svc.config import WorkerConfig
@@ -42,7 +42,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     server = grpcserver.new_server()
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health = await grpcserver.add_standard_services(server, [SERVICE_NAME])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = tls.add_port(server, f"{config.host}:{config.port}", config.tls_internal)
     await server.start()
     log.info("worker.serving", address=f"{config.host}:{port}", subject=subjects.request_subject(config.model.name),
              metrics_port=metrics_port or None)
@@ -87,7 +87,7 @@ async def _report_loop(worker: ModelWorker, config: WorkerConfig, address: str) 
     """Registers with the manager, then reports every state change, every time it goes idle
     (the manager may evict an idle model at once), and periodically."""
     problem = await asyncio.to_thread(preflight.check, config.model.path)
-    async with grpc.aio.insecure_channel(config.manager) as channel:
+    async with tls.channel(config.manager, config.tls_internal) as channel:
         stub = manager_pb2_grpc.ManagerStub(channel)
         metadata = (("authorization", f"Bearer {config.manager_key}"),) if config.manager_key else ()
         while True:

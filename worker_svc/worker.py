@@ -96,7 +96,7 @@ class ModelWorker:
         # Finished requests waiting for their router to confirm the last chunk: still ours, so
         # still heartbeated (else JetStream redelivers a finished request after ack_wait).
         self.settling: dict[str, Msg] = {}
-        self.links = Links(config.worker_id, self.cancel, self._router_lost)
+        self.links = Links(config.worker_id, self.cancel, self._router_lost, config.tls_internal)
         self._slot_freed = asyncio.Event()
         self.went_idle = asyncio.Event()   # the last request in hand was settled (see report)
         # Suspects (see redelivery) waiting to run alone, heartbeated meanwhile; one runs at a

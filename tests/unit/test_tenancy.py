@@ -199,3 +199,15 @@ def test_admin_section_and_credentials():
     assert tenancy.AdminCredentials.of(None).allows(None) and tenancy.AdminCredentials.of(None).allows(None, worker=True)
     with pytest.raises(tenancy.TenancyError, match="admin.worker_key.env: environment variable W is not set"):
         tenancy.AdminCredentials.of(spec, {})
+
+
+def test_tls_section_errors_name_the_key(tmp_path):
+    with pytest.raises(catalogue.ConfigError, match=r"tls.internal.key: Field required"):
+        catalogue.from_mapping(
+            {"models": [{"name": "m", "path": "m", "max_model_len": 512}], "tls": {"internal": {"ca": "a", "cert": "b"}}})
+    cat = catalogue.from_mapping({"models": [{"name": "m", "path": "m", "max_model_len": 512}],
+                                  "tls": {"public": {"cert": "c.pem", "key": "c.key"}}}, tmp_path)
+    assert cat.tls.public.cert == str(tmp_path / "c.pem")  # relative to the config file
+    from roundhouse import tls
+    with pytest.raises(tls.TlsError, match=r"tls.public.cert: cannot read .*c.pem"):
+        tls.load(cat.tls)
