@@ -39,7 +39,7 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
     router and one worker per model, each started here and stopped on SIGINT / SIGTERM."""
     import nats as nats_client
 
-    from roundhouse import natsd, reaper, stack, subjects
+    from roundhouse import natsauth, natsd, reaper, stack, subjects
     from roundhouse.catalogue import load
 
     reaper.guard()  # killed outright, it takes nats-server, the services and their engines with it
@@ -51,27 +51,36 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         config_path = stack.write_default(var)
     cat = load(config_path)
     run_dir = var / "run"
-    nats = await natsd.start_async(var / "jetstream", a.nats_port or None, durable=True)
-    common = ["--config", str(config_path), "--nats-url", nats.url, "--log-level", a.log_level]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # NATS with one user per role, fresh passwords each run (roundhouse.natsauth). Each service
+    # gets its role's URL in its environment, never on a command line others can read.
+    passwords = natsauth.new_passwords()
+    nats = await natsd.start_async(var / "jetstream", a.nats_port or None, durable=True,
+                                   authorization=natsauth.authorization(passwords), log_file=run_dir / "nats.log")
+    creds = {role: natsauth.url(nats.url, role, passwords[role]) for role in natsauth.ROLES}
+    common = ["--config", str(config_path), "--log-level", a.log_level]
     services: list[stack.ServiceProcess] = []
     supervisors: list[stack.Supervisor] = []
     progress = None
     try:
         manager = await stack.start_service("manager_svc", "manager", run_dir, *common, "--host", a.host,
-                                            "--port", str(a.manager_port))
+                                            "--port", str(a.manager_port),
+                                            env={"ROUNDHOUSE_MANAGER_NATS_URL": creds["manager"]})
         services.append(manager)
         manager_address = f"{a.host}:{manager.info['port']}"
         router = await stack.start_service("router_svc", "router", run_dir, *common, "--host", a.host,
                                            "--port", str(a.port), "--http-port", str(a.http_port),
-                                           *(["--insecure"] if a.insecure else []))
+                                           *(["--insecure"] if a.insecure else []),
+                                           env={"ROUNDHOUSE_ROUTER_NATS_URL": creds["router"]})
         services.append(router)
-        progress = await nats_client.connect(nats.url, name="roundhouse-up")
+        progress = await nats_client.connect(creds["observer"], name="roundhouse-up")
         await progress.subscribe(f"{subjects.MODEL_EVENTS_PREFIX}.>", cb=_model_progress(time.monotonic))
         for m in cat.models:
             if stop.is_set():
                 return
-            start = functools.partial(stack.start_worker, config_path, m.name, nats.url, run_dir, "--manager",
-                                      manager_address, "--log-level", a.log_level)
+            start = functools.partial(stack.start_worker, config_path, m.name, "", run_dir, "--manager",
+                                      manager_address, "--log-level", a.log_level,
+                                      env={"ROUNDHOUSE_WORKER_NATS_URL": creds["worker"]})
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
             first = await supervisors[-1].begin(stop)
             metrics_at = f", metrics http://{a.host}:{first.info['metrics_port']}/metrics" if first.info.get("metrics_port") else ""
@@ -144,7 +153,8 @@ async def _workers(a: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         for i, m in enumerate(models):
             port = ["--metrics-port", str(a.metrics_port + i if a.metrics_port > 0 else a.metrics_port)]
-            start = functools.partial(stack.start_worker, pathlib.Path(a.config).resolve(), m.name, a.nats_url,
+            from_env = a.nats_url == os.environ.get("ROUNDHOUSE_WORKER_NATS_URL")  # the workers inherit it
+            start = functools.partial(stack.start_worker, pathlib.Path(a.config).resolve(), m.name, "" if from_env else a.nats_url,
                                       pathlib.Path(a.run_dir), *extra, *port, timeout=300)
             supervisors.append(stack.Supervisor(f"worker for {m.name}", start, say=_say))
             first = await supervisors[-1].begin(stop)
@@ -316,7 +326,8 @@ def parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("workers", help="run one worker per model of a GPU (a container's entry point)")
     wk.add_argument("--config", required=True)
     wk.add_argument("--gpu", default="", help="only the models on this gpu id (default: all)")
-    wk.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    wk.add_argument("--nats-url", default=os.environ.get("ROUNDHOUSE_WORKER_NATS_URL", "nats://127.0.0.1:4222"),
+                    help="with credentials when NATS asks (env ROUNDHOUSE_WORKER_NATS_URL keeps them off the command line)")
     wk.add_argument("--manager", required=True, help="host:port of the manager")
     wk.add_argument("--host", default="0.0.0.0")
     wk.add_argument("--advertise-host", default="", help="address the manager calls (e.g. the pod IP)")
@@ -344,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--router", default="127.0.0.1:50051")
     models.add_argument("--config", help="models YAML whose tls.public to trust")
     models.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
+    sub.add_parser("nats-auth", help="nats-server's users block: one user per role, least privilege (passwords from "
+                                     "its environment: NATS_ROUTER_PASSWORD, ...)")
     key = sub.add_parser("key", help="API keys for the config's tenants")
     key.add_argument("action", choices=["new"], help="new: a fresh key and the SHA-256 the config holds")
     key.add_argument("--quiet", action="store_true", help="print the key alone")
@@ -382,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_status(a))
     if a.cmd == "key":
         return _cmd_key(a)
+    if a.cmd == "nats-auth":
+        from roundhouse import natsauth
+
+        print(natsauth.HEADER + natsauth.authorization(), end="")
+        return 0
     if a.cmd in ("pin", "unpin", "load", "evict", "drain"):
         return asyncio.run(_admin(a))
     return asyncio.run(_models(a))

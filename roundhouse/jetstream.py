@@ -54,7 +54,7 @@ async def ensure_stream(js: JetStreamContext) -> None:
 def consumer_config(model: str, ack_wait_s: float, max_deliver: int) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.consumer_name(model),
-        filter_subject=subjects.request_subject(model),
+        filter_subjects=[subjects.request_subject(model), subjects.handback_subject(model)],
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,

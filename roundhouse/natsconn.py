@@ -20,7 +20,7 @@ async def connect(url: str, name: str) -> nats.NATS:
         log.warning("nats.disconnected", connection=name)
 
     async def reconnected() -> None:
-        log.info("nats.reconnected", connection=name, server=str(nc.connected_url.netloc) if nc.connected_url else "")
+        log.info("nats.reconnected", connection=name, server=f"{nc.connected_url.hostname}:{nc.connected_url.port}" if nc.connected_url else "")  # never its password
 
     nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, error_cb=error,
                             disconnected_cb=disconnected, reconnected_cb=reconnected)

@@ -61,17 +61,25 @@ DURABLE_CONFIG = """jetstream {{
 }}
 max_payload: 8MB
 """
+PLAIN_CONFIG = """jetstream {{
+  store_dir: "{store_dir}"
+}}
+"""
 
 
-def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.0, durable: bool = False) -> NatsServer:
+def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.0, durable: bool = False,
+          authorization: str = "", log_file: pathlib.Path | None = None) -> NatsServer:
     """Starts nats-server with JetStream on `port` (a free one if None) and waits until it is ready.
-    `durable`: fsync every write (`roundhouse up`); the tests leave it off to spare the disk."""
+    `durable`: fsync every write (`roundhouse up`); the tests leave it off to spare the disk.
+    `authorization`: a users block (roundhouse.natsauth) — then every client needs its role's
+    credentials. `log_file`: where the server logs (permission violations among them)."""
     port = port or free_port()
     store_dir.mkdir(parents=True, exist_ok=True)
     cmd = [server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js"]
-    if durable:  # the store directory is in the file (nats-server refuses it twice)
+    if durable or authorization:  # the store directory is in the file (nats-server refuses it twice)
         conf = store_dir / "nats.conf"
-        conf.write_text(DURABLE_CONFIG.format(store_dir=store_dir))
+        conf.write_text((DURABLE_CONFIG if durable else PLAIN_CONFIG).format(store_dir=store_dir) + authorization)
+        conf.chmod(0o600)  # it holds the passwords
         cmd += ["-c", str(conf)]
     else:
         cmd += ["-sd", str(store_dir)]
@@ -90,23 +98,31 @@ def start(store_dir: pathlib.Path, port: int | None = None, timeout: float = 20.
         lines.append(line.rstrip())
         if "Server is ready" in line:
             # Keep draining stderr so the server never blocks on a full pipe.
-            _drain_in_background(proc)
+            _drain_in_background(proc, log_file, lines)
             return NatsServer(proc, port, store_dir)
     proc.kill()
     fatal = [ln for ln in lines if "[FTL]" in ln] or lines[-5:]
     raise RuntimeError(f"roundhouse: nats-server did not start: {' | '.join(fatal)}")
 
 
-def _drain_in_background(proc: subprocess.Popen) -> None:
+def _drain_in_background(proc: subprocess.Popen, log_file: pathlib.Path | None = None, first: list[str] = ()) -> None:
     import threading
 
     def drain() -> None:
         with contextlib.suppress(Exception):
-            for _ in proc.stderr:  # type: ignore[union-attr]
-                pass
+            if log_file is None:
+                for _ in proc.stderr:  # type: ignore[union-attr]
+                    pass
+                return
+            with open(log_file, "a") as out:
+                out.writelines(line + "\n" for line in first)
+                for line in proc.stderr:  # type: ignore[union-attr]
+                    out.write(line)
+                    out.flush()
 
     threading.Thread(target=drain, daemon=True, name="nats-server-stderr").start()
 
 
-async def start_async(store_dir: pathlib.Path, port: int | None = None, durable: bool = False) -> NatsServer:
-    return await asyncio.to_thread(start, store_dir, port, 20.0, durable)
+async def start_async(store_dir: pathlib.Path, port: int | None = None, durable: bool = False,
+                      authorization: str = "", log_file: pathlib.Path | None = None) -> NatsServer:
+    return await asyncio.to_thread(start, store_dir, port, 20.0, durable, authorization, log_file)

@@ -178,8 +178,10 @@ async def start_service(module: str, name: str, run_dir: pathlib.Path, *args: st
 
 def spawn_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,
                  *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`nats_url` "": the worker takes it from its environment (ROUNDHOUSE_WORKER_NATS_URL in `env`),
+    which keeps credentials off its command line."""
     return spawn("worker_svc", model, run_dir, "--config", str(config_path), "--model", model,
-                 "--nats-url", nats_url, *extra, env=env)
+                 *(["--nats-url", nats_url] if nats_url else []), *extra, env=env)
 
 
 async def start_worker(config_path: pathlib.Path, model: str, nats_url: str, run_dir: pathlib.Path,

@@ -27,7 +27,18 @@ def model_token(model: str) -> str:
 
 
 def request_subject(model: str) -> str:
+    """Where routers queue `model`'s requests."""
     return f"{SUBJECT_PREFIX}.{model_token(model)}"
+
+
+HANDBACK_SUFFIX = "back"
+
+
+def handback_subject(model: str) -> str:
+    """Where a worker queues a handed-back copy of one of `model`'s requests (worker_svc/redelivery):
+    its own subject, so that NATS can let workers hand back and never queue a request of their own
+    (roundhouse/natsauth.py). Same stream, same consumer (it filters on both)."""
+    return f"{request_subject(model)}.{HANDBACK_SUFFIX}"
 
 
 def consumer_name(model: str) -> str:

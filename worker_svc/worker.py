@@ -26,7 +26,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from protos.v1 import common_pb2, manager_pb2, queue_pb2, worker_pb2
-from roundhouse import catalogue, entry, tracing
+from roundhouse import catalogue, entry, subjects, tracing
 from roundhouse.errors import EngineDead, RequestError, Unavailable
 from worker_svc.config import WorkerConfig
 from worker_svc.delivery import Links, RouterLink
@@ -478,7 +478,7 @@ class ModelWorker:
         if self._republish is not None:
             try:
                 headers = redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream, suspect)
-                await self._republish(msg.subject, msg.data, headers)
+                await self._republish(subjects.handback_subject(self.config.model.name), msg.data, headers)
             except Exception as e:  # noqa: BLE001 - any failure: keep the original instead
                 log.warning("request.hand_back_failed", error=repr(e))
             else:

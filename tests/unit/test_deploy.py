@@ -186,3 +186,44 @@ def test_kubernetes_services_probes_config_maps_and_commands_agree():
                         host, port = target.removeprefix("nats://").split(":")
                         assert host in service_ports and int(port) in service_ports[host], f"{wname} {flag} {target}"
     assert "nvidia.com/gpu" in workloads["roundhouse-gpu0"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+_ROLE_OF = {"manager-svc": "manager", "router-svc": "router", "roundhouse": "worker"}
+
+
+def test_nats_runs_one_user_per_role_as_roundhouse_nats_auth_writes_it():
+    from roundhouse import natsauth
+
+    written = natsauth.HEADER + natsauth.authorization()
+    assert (DEPLOY / "nats" / "auth.conf").read_text() == written, "run `roundhouse nats-auth > deploy/nats/auth.conf`"
+    assert re.search(r"^include \./auth\.conf", (DEPLOY / "nats" / "nats.conf").read_text(), re.M)
+    config_map = next(d for d in _k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
+    assert config_map["data"]["auth.conf"] == written and "include ./auth.conf" in config_map["data"]["nats.conf"]
+
+
+def test_every_service_connects_to_nats_as_its_role():
+    from roundhouse import natsauth
+
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    nats_env = doc["services"]["nats"]["environment"]
+    assert {f"NATS_{r.upper()}_PASSWORD" for r in natsauth.ROLES} <= set(nats_env)
+    for name, svc in doc["services"].items():
+        if svc.get("image", "").split(":")[0] != "roundhouse":
+            continue
+        role = _ROLE_OF[svc["command"][0]]
+        assert "--nats-url" not in svc["command"], f"{name}: credentials stay off the command line"
+        url = svc["environment"][f"ROUNDHOUSE_{role.upper()}_NATS_URL"]
+        assert url == f"nats://{role}:${{NATS_{role.upper()}_PASSWORD}}@nats:4222", (name, url)
+    for d in _k8s_docs():
+        if d["kind"] != "Deployment" and d["kind"] != "StatefulSet":
+            continue
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            if not c["image"].startswith("roundhouse"):
+                continue
+            argv = shlex.split(c["command"][-1]) if c["command"][0] == "sh" else c["command"]
+            argv = argv[1:] if argv[0] == "exec" else argv
+            role = _ROLE_OF[argv[0]]
+            env = {e["name"]: e for e in c["env"]}
+            assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "roundhouse-nats", "key": role}
+            assert env[f"ROUNDHOUSE_{role.upper()}_NATS_URL"]["value"] == f"nats://{role}:$(NATS_PASSWORD)@nats:4222"
+            assert "--nats-url" not in argv

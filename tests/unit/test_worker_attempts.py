@@ -11,6 +11,7 @@ import types
 import pytest
 
 from protos.v1 import queue_pb2
+from roundhouse import subjects
 from roundhouse.catalogue import ModelSpec
 from worker_svc import redelivery
 from worker_svc.config import WorkerConfig
@@ -39,6 +40,7 @@ async def test_a_redelivery_adopted_while_a_suspect_waits_is_no_attempt(tmp_path
     copies: list[dict] = []
 
     async def republish(subject, data, headers):
+        assert subject == subjects.handback_subject("m"), "a hand-back goes to the model's .back subject (natsauth)"
         copies.append(headers)
 
     worker = ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64)), republish)
