@@ -190,20 +190,30 @@ class Limiter:
         else:
             raise Unavailable(f"tenant {tenant.name}'s counters changed {CAS_TRIES} times while being read; retry")
         if lim.concurrent_requests is not None:
-            # Counted in this router's own entry (only this router writes it): the check above
-            # read every router's; two routers admitting at the same instant can overrun the
-            # limit by one each, never more.
+            # Counted in this router's own entry (only this router writes it), written in the
+            # background (the request need not wait for it: this router's own count is local):
+            # the check above read every router's; routers admitting within the same few
+            # milliseconds can overrun the limit by one each.
             self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + 1
-            await self._write_own(tenant.name)
+            self._background(self._write_own_quietly(tenant.name))
 
     def release(self, lease: Lease | None, tokens: int) -> None:
         """The request is over: gives back its slot and charges `tokens`. Runs in the background
         (a caller's cancellation must not lose a count); `stop` waits for what is pending."""
         if lease is None:
             return
-        task = asyncio.get_running_loop().create_task(self._release(lease, tokens))
+        self._background(self._release(lease, tokens))
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _write_own_quietly(self, tenant: str) -> None:
+        try:
+            await self._write_own(tenant)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:  # the renewer writes it again within LEASE_S / 3
+            log.warning("limits.write_failed", tenant=tenant, error=repr(e))
 
     async def _release(self, lease: Lease, tokens: int) -> None:
         name, lim = lease.tenant.name, lease.tenant.limits
