@@ -62,12 +62,14 @@ class Auth:
 
     async def check(self, credential: str | None, peer: str, endpoint: str) -> Tenant:
         """`authenticate` at a front door: a refusal is counted and logged (never the key), and
-        held back when `peer` keeps failing (Guard)."""
+        held back when `peer` keeps failing (Guard). `peer` "": not held back (NATS submissions:
+        one subscription serves them in turn, so a delay would hold everyone's; NATS itself
+        authenticates those clients)."""
         try:
             return self.authenticate(credential)
         except Unauthenticated as e:
             metrics.AUTH_FAILURES.labels(endpoint).inc()
-            delay = self._guard.failed(peer)
+            delay = self._guard.failed(peer) if peer else 0.0
             log.warning("auth.refused", endpoint=endpoint, peer=peer, reason=e.message, held_back_s=delay or None)
             if delay:
                 await asyncio.sleep(delay)  # slows a key guesser down; other callers are not held

@@ -214,7 +214,7 @@ class Jobs:
         headers = msg.headers or {}
         proto = headers.get("Content-Type") == PROTOBUF
         try:
-            tenant = ANYONE if self._auth is None else await self._auth.check(headers.get("Authorization"), "nats", "job")
+            tenant = ANYONE if self._auth is None else await self._auth.check(headers.get("Authorization"), "", "job")
             if proto:
                 try:
                     request = router_pb2.GenerateRequest.FromString(msg.data)
