@@ -344,9 +344,8 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
             admin = tenancy.parse_admin(raw["admin"])
         except tenancy.TenancyError as e:
             raise ConfigError(str(e)) from e
-        absolute = lambda k: k.model_copy(update={"file": _absolute(k.file, base)}) if k and k.file is not None else k  # noqa: E731
         cat = dataclasses.replace(cat, admin=admin.model_copy(update={
-            "keys": tuple(absolute(k) for k in admin.keys), "worker_key": absolute(admin.worker_key)}))
+            "keys": tuple(_key_file(k, base) for k in admin.keys), "worker_key": _key_file(admin.worker_key, base)}))
     if raw.get("tls") is not None:
         try:
             cat = dataclasses.replace(cat, tls=tls.parse(raw["tls"], lambda p: _absolute(p, base)))
@@ -364,9 +363,12 @@ def _tenants(raw: Any, cat: Catalogue, base: pathlib.Path) -> tuple[tenancy.Tena
             tenancy.allowed_models(t, servable)
     except tenancy.TenancyError as e:
         raise ConfigError(str(e)) from e
-    return tuple(t.model_copy(update={"keys": tuple(
-        k.model_copy(update={"file": _absolute(k.file, base)}) if k.file is not None else k for k in t.keys)})
-        for t in tenants)
+    return tuple(t.model_copy(update={"keys": tuple(_key_file(k, base) for k in t.keys)}) for t in tenants)
+
+
+def _key_file(ref: "tenancy.KeyRef | None", base: pathlib.Path) -> "tenancy.KeyRef | None":
+    """`ref` with its file (if it names one) relative to the config file, as model paths."""
+    return ref.model_copy(update={"file": _absolute(ref.file, base)}) if ref is not None and ref.file is not None else ref
 
 
 def load(path: str | pathlib.Path) -> Catalogue:

@@ -32,7 +32,10 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import Field, StrictInt, StrictStr, model_validator
+
+from roundhouse.schema import Strict as _Strict
+from roundhouse.schema import validate
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 KEY_PREFIX = "rh-"   # of the keys `new_key` makes (any string of 16+ characters is accepted as a key)
@@ -41,11 +44,6 @@ MIN_KEY_CHARS = 16
 
 class TenancyError(ValueError):
     """The `tenants` section is wrong; the message names the key."""
-
-
-class _Strict(BaseModel):
-    # Scalars are strict (no "5" for 5, no 1 for "1"); lists from YAML become tuples.
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class KeyRef(_Strict):
@@ -107,23 +105,14 @@ class _AdminSection(_Strict):
     admin: AdminSpec
 
 
-def _validate(model: type[BaseModel], raw: dict) -> BaseModel:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-        raise TenancyError(f"{where}: {first['msg']}") from None
-
-
 def parse_admin(raw: Any) -> AdminSpec:
     """The `admin` section, validated; raises TenancyError naming the first bad key."""
-    return _validate(_AdminSection, {"admin": raw}).admin
+    return validate(_AdminSection, {"admin": raw}, TenancyError).admin
 
 
 def parse(raw: Any) -> tuple[TenantSpec, ...]:
     """The `tenants` section, validated; raises TenancyError naming the first bad key."""
-    tenants = _validate(_Section, {"tenants": raw}).tenants
+    tenants = validate(_Section, {"tenants": raw}, TenancyError).tenants
     names = [t.name for t in tenants]
     for name in names:
         if names.count(name) > 1:
@@ -144,6 +133,12 @@ def allowed_models(tenant: TenantSpec, names: Mapping[str, Iterable[str]]) -> fr
     return frozenset(allowed)
 
 
+def bearer(credential: str | None) -> str:
+    """The key in a credential: "Bearer <key>" (HTTP's form; any case) or the key alone."""
+    key = (credential or "").strip()
+    return key[7:].strip() if key[:7].lower() == "bearer " else key
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -152,10 +147,10 @@ def key_digests(tenant: TenantSpec, base: pathlib.Path = pathlib.Path("."),
                 environ: Mapping[str, str] = os.environ) -> list[str]:
     """The SHA-256 of each of `tenant`'s keys, reading `env` and `file` keys now. Raises
     TenancyError naming the key that cannot be read or is too short (never its value)."""
-    return [digests_of(ref, f"tenants[{tenant.name}].keys[{i}]", base, environ) for i, ref in enumerate(tenant.keys)]
+    return [digest_of(ref, f"tenants[{tenant.name}].keys[{i}]", base, environ) for i, ref in enumerate(tenant.keys)]
 
 
-def digests_of(ref: KeyRef, where: str, base: pathlib.Path = pathlib.Path("."),
+def digest_of(ref: KeyRef, where: str, base: pathlib.Path = pathlib.Path("."),
                environ: Mapping[str, str] = os.environ) -> str:
     """The SHA-256 of the key `ref` gives."""
     return ref.sha256 if ref.sha256 is not None else digest(read_key(ref, where, base, environ))
@@ -192,7 +187,7 @@ class AdminCredentials:
     def of(cls, spec: "AdminSpec | None", environ: Mapping[str, str] = os.environ) -> "AdminCredentials":
         if spec is None:
             return cls()
-        admin = frozenset(digests_of(k, f"admin.keys[{i}]", environ=environ) for i, k in enumerate(spec.keys))
+        admin = frozenset(digest_of(k, f"admin.keys[{i}]", environ=environ) for i, k in enumerate(spec.keys))
         worker = digest(read_key(spec.worker_key, "admin.worker_key", environ=environ)) if spec.worker_key else ""
         return cls(admin, worker)
 
@@ -202,10 +197,7 @@ class AdminCredentials:
         wanted = self.worker if worker else self.admin
         if not wanted:
             return True
-        key = (credential or "").strip()
-        if key[:7].lower() == "bearer ":
-            key = key[7:].strip()
-        d = digest(key)
+        d = digest(bearer(credential))
         return d == wanted if worker else d in wanted
 
 

@@ -25,17 +25,16 @@ import ssl
 from typing import Any
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import Field, StrictStr
+
+from roundhouse.schema import Strict as _Strict
+from roundhouse.schema import validate
 
 DEFAULT_SERVER_NAME = "roundhouse.internal"
 
 
 class TlsError(ValueError):
     """The `tls` section is wrong or names a file that cannot be read."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class InternalSpec(_Strict):
@@ -62,11 +61,7 @@ class _Section(_Strict):
 
 def parse(raw: Any, absolute) -> TlsSpec:
     """The `tls` section with its paths made absolute by `absolute`; TlsError names the bad key."""
-    try:
-        spec = _Section.model_validate({"tls": raw}).tls
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise TlsError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    spec = validate(_Section, {"tls": raw}, TlsError).tls
     internal = spec.internal and spec.internal.model_copy(update={
         "ca": absolute(spec.internal.ca), "cert": absolute(spec.internal.cert), "key": absolute(spec.internal.key)})
     public = spec.public and spec.public.model_copy(update={

@@ -84,9 +84,7 @@ class Auth:
         Unauthenticated. With no tenants configured, everyone is ANYONE."""
         if not self._by_digest:
             return ANYONE
-        key = (credential or "").strip()
-        if key[:7].lower() == "bearer ":
-            key = key[7:].strip()
+        key = tenancy.bearer(credential)
         if not key:
             raise Unauthenticated(f"an API key is required: {HOW}")
         tenant = self._by_digest.get(tenancy.digest(key))
