@@ -22,7 +22,6 @@ from collections.abc import Callable
 import grpc
 import nats
 import nats.errors
-import nats.js.errors
 import structlog
 
 from manager_svc import budget, metrics
@@ -259,16 +258,14 @@ class Manager:
             e.reread = False
             self._read_soon(e)
 
-    def _set_queue(self, e: Entry, info, now: float) -> None:
-        if info is not None:
-            e.set_queue(int(info.num_pending or 0), int(info.num_ack_pending or 0), now)
+    def _set_queue(self, e: Entry, depth: jetstream.Depth | None, now: float) -> None:
+        if depth is not None:
+            e.set_queue(depth.total, depth.ack_pending, now, depth.top)
 
-    async def _queue_info(self, e: Entry):
-        """Its consumer's info, or None (not there yet, or NATS did not answer)."""
+    async def _queue_info(self, e: Entry) -> jetstream.Depth | None:
+        """Its queue, every priority class; None (no consumer there yet, or NATS did not answer)."""
         try:
-            return await self._js.consumer_info(subjects.STREAM, subjects.consumer_name(e.spec.name))
-        except nats.js.errors.NotFoundError:
-            return None
+            return await jetstream.depth(self._js, e.spec.name)
         except (nats.errors.Error, asyncio.TimeoutError) as err:
             log.warning("manager.queue_poll_failed", model=e.spec.name, error=repr(err))
             return None

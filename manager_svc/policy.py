@@ -5,8 +5,9 @@ applies the result and waits for the workers' reports before deciding again.
 
 Rules, per GPU:
   - one transition at a time: while a model loads or is evicted, nothing else starts;
-  - a model with waiting requests and no engine is loaded, highest priority first, then the one
-    waiting longest; it shares the budget with what is resident (weights + KV + overhead);
+  - a model with waiting requests and no engine is loaded: the one whose waiting requests
+    include the highest tenant class first (high, normal, low: roundhouse.tenancy), then the
+    highest model priority, then the one waiting longest; it shares the budget with what is resident (weights + KV + overhead);
   - to make room, evict only models that are: not pinned, past their minimum resident time
     (or four of their own loads or wakes, if shorter), not of a higher priority than the one
     loading, and idle (no requests in flight or queued, none just announced). Among those,
@@ -50,6 +51,7 @@ class ModelView:
     phase: Phase
     has_worker: bool = True
     queue_depth: int = 0
+    lane: int = 1                          # the highest priority class waiting (0 high, 1 normal, 2 low)
     in_flight: int = 0
     waiting_since: float | None = None     # when its oldest queued request was first seen
     pinned: bool = False
@@ -136,7 +138,7 @@ def plan(models: Sequence[ModelView], budgets: Mapping[str, int], now: float, st
             continue  # one load or eviction at a time per GPU
         waiting = sorted(
             (m for m in on_gpu if wants_load(m, now)),
-            key=lambda m: (-m.priority, m.waiting_since if m.waiting_since is not None else now, m.name),
+            key=lambda m: (m.lane, -m.priority, m.waiting_since if m.waiting_since is not None else now, m.name),
         )
         if not waiting:
             continue

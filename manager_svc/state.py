@@ -39,6 +39,7 @@ class Entry:
     in_flight: int = 0
     reported_in_flight: int = 0
     queue_depth: int = 0
+    top_lane: int = 1                 # the highest priority class with requests waiting (subjects.PRIORITIES index)
     waiting_since: float | None = None
     last_used: float = 0.0
     frequency: float = 0.0
@@ -149,8 +150,9 @@ class Entry:
     def decayed_frequency(self, now: float) -> float:
         return self.frequency * 0.5 ** (max(0.0, now - self.frequency_at) / FREQUENCY_HALF_LIFE_S)
 
-    def set_queue(self, depth: int, acked_pending: int, now: float) -> bool:
-        """`depth`: the consumer's num_pending; `acked_pending`: its num_ack_pending.
+    def set_queue(self, depth: int, acked_pending: int, now: float, top_lane: int = 1) -> bool:
+        """`depth`: its consumers' num_pending; `acked_pending`: their num_ack_pending; `top_lane`:
+        the highest priority class with requests waiting (jetstream.Depth.top).
 
         A worker pulls only while its engine is READY, so a message handed out and not acked
         while the model is not resident belongs to nobody: one a dead worker took (redelivered
@@ -163,6 +165,7 @@ class Entry:
             depth += acked_pending
         changed = depth != self.queue_depth
         self.queue_depth = depth
+        self.top_lane = top_lane
         self.in_flight = max(acked_pending, self.reported_in_flight)
         if depth == 0:
             self.waiting_since = None
@@ -199,6 +202,7 @@ class Entry:
             phase=self.phase,
             has_worker=bool(self.address),
             queue_depth=max(self.demand, 1 if self.requested else 0),
+            lane=self.top_lane,
             in_flight=self.in_flight,
             waiting_since=self.waiting_since if self.waiting_since is not None else (now if self.requested else None),
             pinned=self.pinned,

@@ -51,10 +51,10 @@ async def ensure_stream(js: JetStreamContext) -> None:
         await js.update_stream(config)
 
 
-def consumer_config(model: str, ack_wait_s: float, max_deliver: int) -> ConsumerConfig:
+def consumer_config(model: str, ack_wait_s: float, max_deliver: int, priority: str = subjects.NORMAL) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=subjects.consumer_name(model),
-        filter_subjects=[subjects.request_subject(model), subjects.handback_subject(model)],
+        durable_name=subjects.consumer_name(model, priority),
+        filter_subjects=[subjects.request_subject(model, priority), subjects.handback_subject(model, priority)],
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
@@ -64,18 +64,46 @@ def consumer_config(model: str, ack_wait_s: float, max_deliver: int) -> Consumer
     )
 
 
-async def ensure_consumer(js: JetStreamContext, model: str, ack_wait_s: float, max_deliver: int) -> None:
-    """Creates the model's durable consumer, or updates its mutable settings (nats-server >= 2.10)."""
-    await js.add_consumer(subjects.STREAM, consumer_config(model, ack_wait_s, max_deliver))
+async def ensure_consumers(js: JetStreamContext, model: str, ack_wait_s: float, max_deliver: int) -> None:
+    """Creates the model's durable consumers, one per priority class, or updates their mutable
+    settings (nats-server >= 2.10)."""
+    for priority in subjects.PRIORITIES:
+        await js.add_consumer(subjects.STREAM, consumer_config(model, ack_wait_s, max_deliver, priority))
+
+
+class Depth(NamedTuple):
+    pending: tuple[int, ...]    # per priority class (subjects.PRIORITIES order): not yet handed to a worker
+    ack_pending: int            # handed to a worker and not acked yet, every class
+
+    @property
+    def total(self) -> int:
+        return sum(self.pending)
+
+    @property
+    def top(self) -> int:
+        """The highest class with requests waiting (its index in subjects.PRIORITIES); the
+        normal class's when none wait."""
+        return next((i for i, n in enumerate(self.pending) if n), subjects.PRIORITIES.index(subjects.NORMAL))
+
+
+async def depth(js: JetStreamContext, model: str) -> Depth | None:
+    """`model`'s queue, every class; None when none of its consumers exists yet."""
+    infos = []
+    for priority in subjects.PRIORITIES:
+        try:
+            infos.append(await js.consumer_info(subjects.STREAM, subjects.consumer_name(model, priority)))
+        except nats.js.errors.NotFoundError:
+            infos.append(None)
+    if all(i is None for i in infos):
+        return None
+    return Depth(tuple(int(i.num_pending or 0) if i else 0 for i in infos),
+                 sum(int(i.num_ack_pending or 0) for i in infos if i))
 
 
 async def queued(js: JetStreamContext, model: str) -> int:
-    """Requests waiting for `model` (not yet handed to a worker); 0 when no consumer exists yet."""
-    try:
-        info = await js.consumer_info(subjects.STREAM, subjects.consumer_name(model))
-    except nats.js.errors.NotFoundError:
-        return 0
-    return int(info.num_pending or 0)
+    """Requests waiting for `model` (not yet handed to a worker), every class; 0 when no consumer exists yet."""
+    d = await depth(js, model)
+    return 0 if d is None else d.total
 
 
 # nats-server's JSConsumerDeliveryExceededAdvisory (server/jetstream_events.go), published on
@@ -133,8 +161,11 @@ class Puller:
 
         self._sub = await self._nc.subscribe(self._inbox, cb=arrived, pending_msgs_limit=4 * PULL_BATCH_MAX)
 
-    async def request(self, batch: int) -> None:
-        body = json.dumps({"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
+    async def request(self, batch: int, no_wait: bool = False) -> None:
+        """Asks for up to `batch` messages: those there now (`no_wait`: the request ends at once
+        with what there is), or as they come until PULL_EXPIRES_S passes."""
+        body = json.dumps({"batch": batch, "no_wait": True} if no_wait else
+                          {"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
         await self._nc.publish(self._api, body, reply=self._inbox)
 
     async def next(self) -> Msg | None:

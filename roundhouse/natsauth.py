@@ -44,13 +44,18 @@ def _kv(stream: str) -> list[str]:
             f"{API}.STREAM.MSG.GET.{stream}", f"$KV.{bucket}.>"]
 
 
+def _request_subjects(handback: bool = False) -> list[str]:
+    """Every model's request subjects, one per priority class (or their hand-back subjects)."""
+    return [subjects.request_pattern(p, handback) for p in subjects.PRIORITIES]
+
+
 def permissions() -> dict[str, dict]:
     """Each role's NATS permissions (nats-server's `permissions` block)."""
     inbox = "_INBOX.>"
     return {
         "router": {
             "publish": {"allow": [
-                f"{subjects.SUBJECT_PREFIX}.*", f"{API}.INFO", *_stream_admin(_REQ),
+                *_request_subjects(), f"{API}.INFO", *_stream_admin(_REQ),
                 f"{API}.STREAM.MSG.DELETE.{_REQ}", f"{API}.STREAM.MSG.GET.{_REQ}", f"{API}.CONSUMER.INFO.{_REQ}.*",
                 *_stream_admin(subjects.JOBS_STREAM), *_consumer(subjects.JOBS_STREAM, subjects.JOBS_RUNNERS),
                 subjects.JOBS_RUN, *(s for kv in _KV for s in _kv(kv)),
@@ -68,7 +73,7 @@ def permissions() -> dict[str, dict]:
             "subscribe": {"allow": [inbox, subjects.REQUEST_EVENTS]},
         },
         "worker": {
-            "publish": {"allow": [f"{subjects.SUBJECT_PREFIX}.*.{subjects.HANDBACK_SUFFIX}", f"{API}.INFO",
+            "publish": {"allow": [*_request_subjects(handback=True), f"{API}.INFO",
                                   *_stream_admin(_REQ), *_consumer(_REQ)]},
             "subscribe": {"allow": [inbox]},
         },

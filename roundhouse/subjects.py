@@ -26,30 +26,56 @@ def model_token(model: str) -> str:
     return f"{slug}-{digest}"
 
 
-def request_subject(model: str) -> str:
-    """Where routers queue `model`'s requests."""
-    return f"{SUBJECT_PREFIX}.{model_token(model)}"
+# Priority classes (a tenant's `priority`, roundhouse.tenancy), highest first. Each has its own
+# subject and its own durable consumer per model, so a worker can take the highest class first
+# (worker_svc/lanes.py); "normal" keeps the plain subject and consumer (what a deployment without
+# classes has always used).
+PRIORITIES = ("high", "normal", "low")
+NORMAL = "normal"
+
+
+def _lane_suffix(priority: str) -> str:
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; one of {', '.join(PRIORITIES)}")
+    return "" if priority == NORMAL else f".{priority}"
+
+
+def request_subject(model: str, priority: str = NORMAL) -> str:
+    """Where routers queue `model`'s requests of class `priority`."""
+    return f"{SUBJECT_PREFIX}.{model_token(model)}{_lane_suffix(priority)}"
 
 
 HANDBACK_SUFFIX = "back"
 
 
-def handback_subject(model: str) -> str:
+def request_pattern(priority: str = NORMAL, handback: bool = False) -> str:
+    """Every model's request subject of class `priority` (or its hand-back subject), as a NATS
+    wildcard (roundhouse/natsauth.py)."""
+    return f"{SUBJECT_PREFIX}.*{_lane_suffix(priority)}" + (f".{HANDBACK_SUFFIX}" if handback else "")
+
+
+def handback_subject(model: str, priority: str = NORMAL) -> str:
     """Where a worker queues a handed-back copy of one of `model`'s requests (worker_svc/redelivery):
     its own subject, so that NATS can let workers hand back and never queue a request of their own
     (roundhouse/natsauth.py). Same stream, same consumer (it filters on both)."""
-    return f"{request_subject(model)}.{HANDBACK_SUFFIX}"
+    return f"{request_subject(model, priority)}.{HANDBACK_SUFFIX}"
 
 
-def consumer_name(model: str) -> str:
-    """The durable pull consumer shared by every worker of `model`."""
-    return f"rh-worker-{model_token(model)}"
+def handback_of(subject: str) -> str:
+    """The hand-back subject for a request delivered from `subject` (a request subject of any
+    class, or a hand-back subject already): a copy keeps its class."""
+    return subject if subject.endswith(f".{HANDBACK_SUFFIX}") else f"{subject}.{HANDBACK_SUFFIX}"
+
+
+def consumer_name(model: str, priority: str = NORMAL) -> str:
+    """The durable pull consumer of `model`'s requests of class `priority`, shared by every worker of `model`."""
+    return f"rh-worker-{model_token(model)}{_lane_suffix(priority).replace('.', '-')}"
 
 
 def model_of_consumer(consumer: str, models: Iterable[str]) -> str | None:
-    """The model among `models` whose consumer is `consumer` (consumer names hash the model name,
-    so only a list of candidates turns one back); None for any other consumer."""
-    return next((m for m in models if consumer_name(m) == consumer), None)
+    """The model among `models` one of whose consumers is `consumer` (consumer names hash the
+    model name, so only a list of candidates turns one back); None for any other consumer."""
+    return next((m for m in models if consumer in {consumer_name(m, p) for p in PRIORITIES}), None)
 
 
 # JetStream's own advisory (core NATS): a message of `stream` was delivered max_deliver times to

@@ -16,6 +16,8 @@ names the bad key):
           tokens_per_minute: 100000    # prompt + generated tokens, charged when a request ends
           tokens_per_day: 2000000      # per UTC day
           concurrent_requests: 16
+        priority: normal               # high, normal (default) or low: under load a model's
+                                       # workers start a higher class's requests first
 
 With no tenants, the router asks for no key. Keys are only ever held as their SHA-256: what the
 router compares, logs and counts by is the tenant's name. The router reads `env` and `file` keys
@@ -30,10 +32,11 @@ import os
 import pathlib
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, StrictInt, StrictStr, model_validator
 
+from roundhouse import subjects
 from roundhouse.schema import Strict as _Strict
 from roundhouse.schema import validate
 
@@ -76,6 +79,9 @@ class TenantSpec(_Strict):
     keys: tuple[KeyRef, ...] = Field(min_length=1)
     models: tuple[StrictStr, ...] = Field(("*",), min_length=1, description="names, aliases, adapters or shell patterns")
     limits: Limits = Limits()
+    priority: Literal["high", "normal", "low"] = Field(
+        subjects.NORMAL, description="its requests' class: under load a worker starts higher classes first "
+                                     "(a lower class still gets a turn), and the manager loads for them first")
 
 
 class _Section(_Strict):

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from roundhouse import tenancy
+from roundhouse import subjects, tenancy
 from roundhouse.catalogue import Catalogue
 from roundhouse.errors import PermissionDenied, Unauthenticated
 from router_svc import metrics
@@ -36,6 +36,7 @@ class Tenant:
     name: str                                  # "" when the router asks for no key
     models: frozenset[str] | None              # canonical names it may call; None: every one
     limits: tenancy.Limits = tenancy.Limits()
+    priority: str = subjects.NORMAL            # its requests' class (subjects.PRIORITIES)
 
     def may_use(self, name: str) -> bool:
         return self.models is None or name in self.models
@@ -51,7 +52,7 @@ class Auth:
         self._by_digest: dict[str, Tenant] = {}
         servable = catalogue.servable()
         for spec in catalogue.tenants:
-            tenant = Tenant(spec.name, tenancy.allowed_models(spec, servable), spec.limits)
+            tenant = Tenant(spec.name, tenancy.allowed_models(spec, servable), spec.limits, spec.priority)
             for i, d in enumerate(tenancy.key_digests(spec, environ=environ)):
                 other = self._by_digest.get(d)
                 if other is not None and other.name != spec.name:

@@ -129,7 +129,8 @@ class Gateway:
         status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
         try:
-            ack = await self._publish(q, admitted.traceparent)
+            priority = admitted.tenant.priority
+            ack = await self._publish(q, admitted.traceparent, priority)
             if ack is None:
                 status = "unavailable"
                 raise Unavailable("cannot queue the request (NATS unavailable); retry")
@@ -162,7 +163,7 @@ class Gateway:
                         ready.append(events.get_nowait())
                 event = ready.popleft()
                 if event is REQUEUE:  # its worker was lost before sending anything: queue it again
-                    failed = await self._requeue(flight, q, admitted.traceparent)
+                    failed = await self._requeue(flight, q, admitted.traceparent, priority)
                     if failed is not None:
                         status = "unavailable"
                         yield failed
@@ -206,15 +207,16 @@ class Gateway:
                 await self._forget(flight)
             structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
 
-    async def _publish(self, q, traceparent: str) -> "nats.js.api.PubAck | None":
-        """Publishes once, and once more on a timeout. The message id is unique to this call, so
-        JetStream's duplicate window stores a retried publish once, yet a caller that reuses its
-        request_id later is never mistaken for a duplicate. The request's trace goes with it."""
+    async def _publish(self, q, traceparent: str, priority: str) -> "nats.js.api.PubAck | None":
+        """Publishes once, and once more on a timeout, to its model's subject for `priority` (its
+        tenant's class: workers take the highest class first). The message id is unique to this
+        call, so JetStream's duplicate window stores a retried publish once, yet a caller that
+        reuses its request_id later is never mistaken for a duplicate. The request's trace goes with it."""
         headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}
         if traceparent:
             headers[tracing.TRACEPARENT] = traceparent
         payload = q.SerializeToString()
-        subject = subjects.request_subject(q.model)
+        subject = subjects.request_subject(q.model, priority)
         for attempt in (1, 2):
             try:
                 return await self._js.publish(subject, payload, timeout=self._config.publish_timeout_s, headers=headers)
@@ -222,11 +224,11 @@ class Gateway:
                 log.error("request.publish_failed", attempt=attempt, error=repr(e))
         return None
 
-    async def _requeue(self, flight, q, traceparent: str) -> router_pb2.GenerateEvent | None:
+    async def _requeue(self, flight, q, traceparent: str, priority: str) -> router_pb2.GenerateEvent | None:
         """Replaces the lost worker's message with a new one; an error event if NATS refuses."""
         with contextlib.suppress(Exception):  # gone already is fine: it must not run again
             await self._js.delete_msg(subjects.STREAM, flight.seq)
-        ack = await self._publish(q, traceparent)
+        ack = await self._publish(q, traceparent, priority)
         if ack is None:
             return error_event("UNAVAILABLE", f"roundhouse: the worker serving model {q.model} was lost and the request "
                                               "could not be queued again (NATS unavailable); send it again", True)

@@ -160,8 +160,8 @@ async def assert_quiescent(router: Router, js, workers, models=("tiny-0",), time
             if st.in_flight or st.engine_unfinished:
                 return False
         for m in models:
-            info = await js.consumer_info(subjects.STREAM, subjects.consumer_name(m))
-            if info.num_pending or info.num_ack_pending:
+            depth = await jetstream.depth(js, m)
+            if depth is not None and (depth.total or depth.ack_pending):
                 return False
         return True
 

@@ -11,7 +11,7 @@ import structlog
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
 from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects, tls
 from roundhouse import metrics as shared_metrics
-from worker_svc import consume, metrics, preflight
+from worker_svc import consume, lanes, metrics, preflight
 from worker_svc.config import WorkerConfig
 from worker_svc.servicer import WorkerServicer
 from worker_svc.worker import ModelWorker
@@ -28,15 +28,15 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     nc = await natsconn.connect(config.nats_url, config.worker_id)
     js = nc.jetstream()
     await jetstream.ensure_stream(js)
-    await jetstream.ensure_consumer(js, config.model.name, config.ack_wait_s, config.max_deliver)
-    puller = consume.puller(nc, config.model.name)
-    await puller.start()
+    await jetstream.ensure_consumers(js, config.model.name, config.ack_wait_s, config.max_deliver)
 
     # 2. The worker and its control server.
     async def republish(subject: str, payload: bytes, headers: dict) -> None:
         await js.publish(subject, payload, headers=headers, timeout=10)
 
     worker = ModelWorker(config, republish)
+    pull = lanes.Lanes(worker, lanes.pullers(nc, config.model.name))   # one consumer per priority class
+    await pull.start()
     metrics.GAUGES.watch(worker)
     metrics_port = shared_metrics.serve(config.host, config.metrics_port)
     server = grpcserver.new_server()
@@ -48,8 +48,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
              metrics_port=metrics_port or None)
     entry.write_ready(config.ready_file, port=port, worker_id=config.worker_id, metrics_port=metrics_port)
 
-    heartbeat = asyncio.create_task(consume.heartbeat_loop(worker, config.ack_wait_s / 3), name="heartbeat")
-    tasks = [asyncio.create_task(consume.pull_loop(worker, puller), name="pull")]
+    heartbeat = asyncio.create_task(consume.heartbeat_loop(worker, pull, config.ack_wait_s / 3), name="heartbeat")
+    tasks = [asyncio.create_task(pull.run(), name="pull")]
     if config.manager:
         tasks.append(asyncio.create_task(_report_loop(worker, config, f"{config.advertise_host or config.host}:{port}"), name="report"))
     if config.load_on_start:
@@ -68,8 +68,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         await server.stop(grace=2)
-        with contextlib.suppress(Exception):
-            await puller.close()
+        await pull.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         log.info("worker.stopped")

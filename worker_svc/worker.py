@@ -249,6 +249,10 @@ class ModelWorker:
     def free_slots(self) -> int:
         return self.config.model.max_num_seqs - len(self.active)
 
+    def slots_now(self) -> int:
+        """Requests it can take now: its free slots, none while a suspect waits to run alone or runs."""
+        return 0 if self._alone.locked() else max(0, self.free_slots())
+
     async def wait_for_slot(self) -> int:
         while self.free_slots() <= 0 or self._alone.locked():  # a suspect waits to run alone, or runs
             self._slot_freed.clear()
@@ -478,7 +482,7 @@ class ModelWorker:
         if self._republish is not None:
             try:
                 headers = redelivery.copy_headers(msg.headers, d, msg.metadata.sequence.stream, suspect)
-                await self._republish(subjects.handback_subject(self.config.model.name), msg.data, headers)
+                await self._republish(subjects.handback_of(msg.subject), msg.data, headers)
             except Exception as e:  # noqa: BLE001 - any failure: keep the original instead
                 log.warning("request.hand_back_failed", error=repr(e))
             else:

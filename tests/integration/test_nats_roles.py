@@ -81,6 +81,9 @@ async def test_each_role_may_do_only_its_part(tmp_path, models):
         async with Client(url["worker"]) as worker:
             assert await worker.refused(_publish(request_subject)), "a worker queues no request"
             assert not await worker.refused(_publish(subjects.handback_subject("tiny-0"))), "it hands one back"
+            for priority in ("high", "low"):   # each priority class likewise
+                assert await worker.refused(_publish(subjects.request_subject("tiny-0", priority)))
+                assert not await worker.refused(_publish(subjects.handback_subject("tiny-0", priority)))
             assert await worker.refused(_api(f"$JS.API.STREAM.INFO.KV_{subjects.JOBS_BUCKET}")), "it reads no job"
             assert await worker.refused(_publish(subjects.model_event_subject("tiny-0"))), "it speaks not for the manager"
             assert await worker.refused(_publish(subjects.JOBS_RUN))

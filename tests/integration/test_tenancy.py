@@ -1,14 +1,17 @@
-"""Tenants on the real stack: API keys at every front door, a tenant's models, and limits that hold
-across two routers and a router restart (counters in NATS KV); the manager's admin and worker keys.
+"""Tenants on the real stack: API keys at every front door, a tenant's models, limits that hold
+across two routers and a router restart (counters in NATS KV), priority classes under saturation;
+the manager's admin and worker keys.
 
 Its own nats-server and tiny-0 worker: routers with tenants must not share a jobs stream with the
-session's router, which has none."""
+session's router, which has none. Here tiny-0 has one slot and slow steps (tests/slow_steps.py),
+so that a single request saturates it."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
 import os
+import pathlib
 import time
 
 import aiohttp
@@ -16,11 +19,12 @@ import grpc
 import nats
 import pytest
 import pytest_asyncio
+import yaml
 
 from manager_svc.config import ManagerConfig
 from manager_svc.service import ManagerService
 from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
-from roundhouse import catalogue, natsd, stack, subjects, tenancy
+from roundhouse import catalogue, jetstream, natsd, stack, subjects, tenancy
 from router_svc import limits
 from router_svc.config import RouterConfig
 from router_svc.server import Router
@@ -28,14 +32,28 @@ from tests.conftest import TEST_ACK_WAIT_S, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-KEYS = {name: f"rh-test-key-{name}-0123456789" for name in ("open", "rpm", "conc", "tpd", "other")}
+KEYS = {name: f"rh-test-key-{name}-0123456789" for name in ("open", "rpm", "conc", "tpd", "other", "vip", "batch")}
 TENANTS = [
     {"name": "open", "keys": [{"sha256": tenancy.digest(KEYS["open"])}], "models": ["chat"]},
     {"name": "other", "keys": [{"sha256": tenancy.digest(KEYS["other"])}]},
     {"name": "rpm", "keys": [{"sha256": tenancy.digest(KEYS["rpm"])}], "limits": {"requests_per_minute": 3}},
     {"name": "conc", "keys": [{"sha256": tenancy.digest(KEYS["conc"])}], "limits": {"concurrent_requests": 1}},
     {"name": "tpd", "keys": [{"sha256": tenancy.digest(KEYS["tpd"])}], "limits": {"tokens_per_day": 5}},
+    {"name": "vip", "keys": [{"sha256": tenancy.digest(KEYS["vip"])}], "priority": "high"},
+    {"name": "batch", "keys": [{"sha256": tenancy.digest(KEYS["batch"])}], "priority": "low"},
 ]
+
+
+def _one_slow_slot(models_yaml, d) -> pathlib.Path:
+    """The session catalogue with tiny-0 given one slot and slow steps (paths made absolute)."""
+    raw = yaml.safe_load(models_yaml.read_text())
+    for m in raw["models"]:
+        m["path"] = str(models_yaml.parent / m["path"])
+        if m["name"] == "tiny-0":
+            m.update(max_num_seqs=1, logits_processors=["tests.slow_steps:SlowSteps"])
+    path = d / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 @dataclasses.dataclass
@@ -47,10 +65,11 @@ class Stack:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def tenancy_stack(tmp_path_factory, models_yaml, models):
+async def tenancy_stack(tmp_path_factory, models_yaml):
     d = tmp_path_factory.mktemp("tenancy")
     server = await natsd.start_async(d / "js")
-    cat = dataclasses.replace(models, tenants=tenancy.parse(TENANTS))
+    models_yaml = _one_slow_slot(models_yaml, d)
+    cat = dataclasses.replace(catalogue.load(models_yaml), tenants=tenancy.parse(TENANTS))
     config = RouterConfig(catalogue=cat, nats_url=server.url, port=0, http_port=0, publish_timeout_s=30.0,
                           job_ack_wait_s=TEST_ACK_WAIT_S)
     routers = [Router(config), Router(config)]
@@ -199,6 +218,57 @@ async def test_limits_hold_across_routers_and_a_router_restart(tenancy_stack):
             text = await r.text()
     assert 'roundhouse_rate_limited_total{limit="requests_per_minute",tenant="rpm"}' in text
     assert 'roundhouse_tenant_requests_total{status="ok",tenant="tpd"}' in text
+
+
+async def test_under_saturation_a_higher_class_starts_before_earlier_lower_ones(tenancy_stack):
+    """tiny-0 has one slot. While a low-class request holds it, three more low ones queue, then a
+    normal one, then a high one; when the slot frees they start high, normal, then the lows in
+    their order. (That no class waits forever is tests/unit/test_lanes.py's.)"""
+    s = tenancy_stack
+    started: list[str] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{s.a.port}") as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        queued = {name: asyncio.Event() for name in ("blocker", "low-1", "low-2", "low-3", "normal", "high")}
+
+        async def run(tenant: str, name: str, max_tokens: int) -> str:
+            req = router_pb2.GenerateRequest(model="chat", prompt="hi", sampling=common_pb2.SamplingParams(
+                max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            async for ev in stub.Generate(req, timeout=180, metadata=(("authorization", KEYS[tenant]),)):
+                kind = ev.WhichOneof("event")
+                if kind == "queued":
+                    queued[name].set()
+                elif kind == "started":
+                    started.append(name)
+                elif kind in ("finished", "error"):
+                    return kind
+            return "ended"
+
+        blocker = asyncio.create_task(run("batch", "blocker", 1500))   # ~30 s at 20 ms a step; cancelled
+        await eventually(lambda: started == ["blocker"], 60, "the low-class blocker holds the one slot")
+        rest = []
+        for tenant, name in (("batch", "low-1"), ("batch", "low-2"), ("batch", "low-3"), ("open", "normal"), ("vip", "high")):
+            rest.append(asyncio.create_task(run(tenant, name, 6)))
+            async with asyncio.timeout(30):
+                await queued[name].wait()          # in its class's queue (JetStream acked it) before the next
+        assert started == ["blocker"], "one slot: nothing else started"
+        blocker.cancel()                           # the caller leaves: its engine stops, the slot frees
+        await asyncio.gather(blocker, return_exceptions=True)
+        assert await asyncio.gather(*rest) == ["finished"] * 5
+    assert started == ["blocker", "high", "normal", "low-1", "low-2", "low-3"]
+
+    # The manager's view of a queue: each class's depth, and the highest class waiting.
+    nc = await nats.connect(s.nats_url)
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_consumers(js, "nobody-serves-this", 30.0, 5)
+        for priority in ("low", "high", "low"):
+            await js.publish(subjects.request_subject("nobody-serves-this", priority), b"x")
+        depth = await jetstream.depth(js, "nobody-serves-this")
+        assert depth.pending == (1, 0, 2) and depth.total == 3 and depth.top == 0
+        await js.purge_stream(subjects.STREAM, subject=subjects.request_subject("nobody-serves-this", "low"))
+        await js.purge_stream(subjects.STREAM, subject=subjects.request_subject("nobody-serves-this", "high"))
+    finally:
+        await nc.close()
 
 
 def test_retry_after_covers_the_sliding_window():

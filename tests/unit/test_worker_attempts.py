@@ -22,7 +22,7 @@ pytestmark = pytest.mark.unit
 
 class FakeMsg:
     def __init__(self, data: bytes, headers: dict, num_delivered: int, stream_seq: int):
-        self.subject, self.data, self.headers = "rh.req.m", data, headers
+        self.subject, self.data, self.headers = subjects.request_subject("m", "low"), data, headers
         self.metadata = types.SimpleNamespace(num_delivered=num_delivered, sequence=types.SimpleNamespace(stream=stream_seq))
         self.settled: list[str] = []
 
@@ -40,7 +40,7 @@ async def test_a_redelivery_adopted_while_a_suspect_waits_is_no_attempt(tmp_path
     copies: list[dict] = []
 
     async def republish(subject, data, headers):
-        assert subject == subjects.handback_subject("m"), "a hand-back goes to the model's .back subject (natsauth)"
+        assert subject == subjects.handback_subject("m", "low"), "a hand-back goes to its class's .back subject (natsauth)"
         copies.append(headers)
 
     worker = ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64)), republish)

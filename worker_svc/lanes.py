@@ -1,0 +1,178 @@
+"""Priority classes on the worker's side: which of its model's queues the next free slot takes from.
+
+Each class (roundhouse.subjects.PRIORITIES: high, normal, low) has its own subject and durable
+consumer, a "lane". JetStream orders messages within a consumer, not across them, so the order
+across lanes is decided here, each time slots are free:
+
+  - the highest lane with requests waiting goes first: a request of a higher class starts before
+    earlier requests of a lower one (`sweep`: no-wait pulls, highest lane first);
+  - no lane waits forever: a lower lane not tried for OWED_AFTER starts is tried first, for one
+    request (so under a flood of high requests a low one still starts at least once in every
+    OWED_AFTER + 1, where it has one waiting);
+  - when every lane is empty, each gets a pull request that lingers (batch 1), so an arrival in
+    any class starts at once. Such a pull can deliver after the slots filled up: the message is
+    *held* (heartbeated, at most one per lane) and started when its lane's turn comes, not pushed
+    into an engine that is full, where it would start before higher requests that came later.
+
+Messages that arrive while the engine is not READY (an eviction began) are handed back: a copy
+keeps its class (roundhouse.subjects.handback_of). Nothing here decides how a request is served;
+that is the worker's (worker_svc.worker).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from roundhouse import jetstream, subjects
+from worker_svc.residency import State
+from worker_svc.worker import ModelWorker
+
+log = structlog.get_logger("worker.lanes")
+
+OWED_AFTER = 8   # starts after which a lower lane that was not tried is tried first
+
+
+def sweep(picks: int, tried_at: Sequence[int], owed_after: int = OWED_AFTER) -> list[tuple[int, int | None]]:
+    """Where the next free slots take requests from, in order: (lane, at most this many; None: as
+    many as fit). `picks`: requests started so far; `tried_at[i]`: `picks` when lane i (0 is the
+    highest class) was last tried. Lower lanes that have gone `owed_after` starts untried come
+    first, one request each (the one that has waited longest first); then every lane, highest first."""
+    owed = sorted((i for i in range(1, len(tried_at)) if picks - tried_at[i] >= owed_after), key=lambda i: (tried_at[i], i))
+    return [(i, 1) for i in owed] + [(i, None) for i in range(len(tried_at))]
+
+
+def pullers(nc: Client, model: str) -> list[jetstream.Puller]:
+    """One per lane, highest class first."""
+    return [jetstream.Puller(nc, subjects.STREAM, subjects.consumer_name(model, p)) for p in subjects.PRIORITIES]
+
+
+class Lanes:
+    """The worker's pull loop over its lanes; the one owner of the lanes' pull requests and of
+    the messages they hold."""
+
+    def __init__(self, worker: ModelWorker, lanes: list[jetstream.Puller], owed_after: int = OWED_AFTER):
+        self._worker = worker
+        self._lanes = lanes
+        self._owed_after = owed_after
+        self._polls: dict[int, asyncio.Task] = {}      # lane -> its lingering pull's next message
+        self.held: dict[int, Msg] = {}                  # lane -> a message its pull delivered with no slot free
+        self.picks = 0
+        self._tried_at = [0] * len(lanes)
+
+    async def start(self) -> None:
+        for lane in self._lanes:
+            await lane.start()
+
+    async def close(self) -> None:
+        for lane in self._lanes:
+            with contextlib.suppress(Exception):
+                await lane.close()
+
+    async def run(self) -> None:
+        """Forever (until cancelled; then what it holds is handed back)."""
+        worker = self._worker
+        try:
+            while True:
+                self._harvest()
+                if worker.residency.state is not State.READY:
+                    await self._give_back_held()
+                    await self._wait(worker.residency.ready())
+                    continue
+                free = worker.slots_now()
+                if free <= 0:
+                    await self._wait(worker.wait_for_slot())
+                    continue
+                if await self._sweep(free):
+                    continue
+                for i, lane in enumerate(self._lanes):   # every lane empty: wait for the first arrival
+                    if i not in self._polls and i not in self.held:
+                        try:
+                            await lane.request(1)
+                        except nats.errors.Error as e:
+                            log.warning("lanes.pull_failed", error=repr(e))
+                            await asyncio.sleep(0.5)  # back off: the connection is reconnecting
+                            break
+                        self._polls[i] = asyncio.create_task(lane.next(), name=f"lane-{subjects.PRIORITIES[i]}")
+                if self._polls:
+                    await self._wait(None)
+        finally:
+            for task in self._polls.values():
+                task.cancel()
+            self._harvest()
+            await self._give_back_held()
+
+    async def heartbeat(self) -> None:
+        """Held messages are ours until they start: JetStream must not redeliver them meanwhile."""
+        await asyncio.gather(*(m.in_progress() for m in list(self.held.values())), return_exceptions=True)
+
+    def _harvest(self) -> None:
+        """Lingering pulls that ended: the message each brought, if any, is held for its turn."""
+        for i, task in list(self._polls.items()):
+            if task.done():
+                del self._polls[i]
+                self._tried_at[i] = self.picks
+                msg = None if task.cancelled() else task.result()
+                if msg is not None:
+                    self.held[i] = msg
+
+    async def _wait(self, other) -> None:
+        """Until `other` (an awaitable, or None) completes or a lingering pull ends."""
+        task = asyncio.ensure_future(other) if other is not None else None
+        waits = {*self._polls.values(), *([task] if task is not None else [])}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _sweep(self, free: int) -> int:
+        """Starts up to `free` requests, lanes in `sweep` order; returns how many started."""
+        took = 0
+        for i, most in sweep(self.picks, self._tried_at, self._owed_after):
+            want = free - took if most is None else min(most, free - took)
+            if want <= 0:
+                break
+            n = 0
+            if i in self.held:
+                await self._start(self.held.pop(i))
+                n = 1
+            if n < want and i not in self._polls:   # a lane with a lingering pull gets its message there
+                n += await self._pull_now(i, want - n)
+            self._tried_at[i] = self.picks
+            took += n
+        return took
+
+    async def _pull_now(self, i: int, batch: int) -> int:
+        """Starts what lane `i` has now, up to `batch`."""
+        lane = self._lanes[i]
+        try:
+            await lane.request(batch, no_wait=True)
+        except nats.errors.Error as e:
+            log.warning("lanes.pull_failed", error=repr(e))
+            return 0
+        got = 0
+        while got < batch:
+            msg = await lane.next()
+            if msg is None:
+                break
+            await self._start(msg)
+            got += 1
+        return got
+
+    async def _start(self, msg: Msg) -> None:
+        self.picks += 1
+        if self._worker.residency.state is State.READY:
+            self._worker.start(msg)
+        else:  # evicting since the pull began: hand it back (a copy; no delivery spent)
+            await self._worker.hand_back(msg)
+
+    async def _give_back_held(self) -> None:
+        for i in list(self.held):
+            with contextlib.suppress(Exception):  # not handed back: JetStream redelivers it after ack_wait
+                await self._worker.hand_back(self.held.pop(i))
