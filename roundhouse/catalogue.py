@@ -1,6 +1,9 @@
 """The model catalogue: which models exist, under which names, with which limits.
 
-Loaded once from YAML at each service's edge and passed down. Every error names the bad key:
+Loaded once from YAML at each service's edge and passed down. The whole file is checked by one
+pydantic schema (`ConfigFile`: the sections below, routing's, tenancy's and tls's); every error
+names the bad key, and `roundhouse config schema` prints it as JSON Schema for editors
+(`roundhouse config check FILE` checks a file):
 
     models:
       - name: tiny-0               # required, unique across names and aliases
@@ -58,85 +61,152 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic.dataclasses import dataclass
 
-from roundhouse import routing, tenancy, tls
+from roundhouse import routing, schema, tenancy, tls
+from roundhouse.routing import RoutingSpec
+from roundhouse.tenancy import AdminSpec, Tenants
+from roundhouse.tls import TlsSpec
+from roundhouse.schema import ConfigPath, NonEmpty, Size
 
 
 class ConfigError(ValueError):
     """The configuration file is wrong; the message names the key."""
 
 
-@dataclasses.dataclass(frozen=True)
+Positive = Annotated[StrictInt, Field(gt=0)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Seconds = Annotated[StrictFloat, Field(ge=0)]
+PositiveSeconds = Annotated[StrictFloat, Field(gt=0)]
+
+
+@dataclass(frozen=True, config=schema.DATA)
 class AdapterSpec:
     """A LoRA adapter: requests name it like a model; the base model's engine serves it."""
-    name: str
-    path: str
+    name: NonEmpty
+    path: ConfigPath
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=schema.DATA)
 class ModelSpec:
-    name: str
-    path: str
-    max_model_len: int
-    aliases: tuple[str, ...] = ()
-    max_tokens_limit: int = 0       # 0: max_model_len
-    default_max_tokens: int = 256
-    max_num_seqs: int = 64
-    kv_cache_bytes: int = 256 * 2**20
-    priority: int = 0
-    pinned: bool = False
-    min_resident_s: float = 30.0
-    gpu: str = "cpu"
-    max_queued: int = 1024
+    name: NonEmpty = Field(description="unique across names, aliases and adapters")
+    path: ConfigPath = Field(description="model directory (relative paths: to the config file)")
+    max_model_len: Positive = Field(description="context length (prompt + completion)")
+    aliases: tuple[NonEmpty, ...] = ()
+    max_tokens_limit: Count = Field(0, description="cap on max_tokens (0: max_model_len)")
+    default_max_tokens: Positive = Field(256, description="used when a request sets none")
+    max_num_seqs: Positive = Field(64, description="engine slots")
+    kv_cache_bytes: Size = Field(256 * 2**20, description="KV-cache reservation per engine")
+    priority: StrictInt = Field(0, description="higher stays resident longer under pressure")
+    pinned: StrictBool = Field(False, description="never evicted")
+    min_resident_s: Seconds = Field(30.0, description="not evicted sooner after its load (stops thrashing)")
+    gpu: NonEmpty = Field("cpu", description="which GPU budget it counts against (an id in gpus)")
+    max_queued: Positive = Field(1024, description="waiting requests a router admits; more get 429 / RESOURCE_EXHAUSTED")
     adapters: tuple[AdapterSpec, ...] = ()
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    enforce_eager: bool = False     # True: no torch.compile / CUDA graphs (faster start, slower steps)
-    logits_processors: tuple[str, ...] = ()   # vLLM logits processor classes loaded into its engine
-    engine_metrics: bool = True     # vLLM's own `vllm:*` metrics on the worker's /metrics (as `vllm serve`)
+    max_loras: Positive = Field(4, description="adapters in one engine batch")
+    max_lora_rank: Positive = 16
+    enforce_eager: StrictBool = Field(False, description="no torch.compile / CUDA graphs: faster start, slower steps")
+    logits_processors: tuple[NonEmpty, ...] = Field(
+        (), description="vLLM logits processor classes (package.module:Class) loaded into its engine")
+    engine_metrics: StrictBool = Field(True, description="vLLM's own vllm:* metrics on the worker's /metrics")
 
     @property
     def token_limit(self) -> int:
         return self.max_tokens_limit or self.max_model_len
 
-
-@dataclasses.dataclass(frozen=True)
-class GpuSpec:
-    id: str
-    budget_bytes: int = 0            # 0: detect (CUDA) — required on CPU
-    utilization: float = 0.85
-    engine_overhead_bytes: int = 256 * 2**20   # also what a sleeping engine keeps on it
-    swap: str = "auto"               # how its models are evicted: auto (sleep on CUDA, stop on CPU) | sleep | stop
-    host: str = "local"              # the worker host it is on: its GPUs share that host's sleep budget
+    @model_validator(mode="after")
+    def _default_fits(self) -> "ModelSpec":
+        if self.default_max_tokens > self.token_limit:
+            raise ValueError(f"default_max_tokens: above the model's token limit {self.token_limit}")
+        return self
 
 
 SWAP_MODES = ("auto", "sleep", "stop")
 DEFAULT_SLEEP_BUDGET_BYTES = 32 * 2**30
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=schema.DATA)
+class GpuSpec:
+    id: NonEmpty = Field(description="cpu, cuda:0, ...")
+    budget_bytes: Size = Field(0, description="0: detected (CUDA only; required on CPU)")
+    utilization: float = Field(0.85, gt=0, le=1, strict=True, description="of the detected memory, on CUDA")
+    engine_overhead_bytes: Size = Field(256 * 2**20, description="also what a sleeping engine keeps on it")
+    swap: Literal["auto", "sleep", "stop"] = Field(
+        "auto", description="how its models are evicted: auto (sleep on CUDA, stop on CPU), sleep, stop")
+    host: NonEmpty = Field("local", description="the worker host it is on: its GPUs share that host's sleep budget")
+
+    @model_validator(mode="after")
+    def _budget_known(self) -> "GpuSpec":
+        if self.budget_bytes == 0 and not self.id.startswith("cuda"):
+            raise ValueError(f"budget_bytes: required for {self.id!r} (detected only on CUDA)")
+        return self
+
+
+@dataclass(frozen=True, config=schema.DATA)
 class HostSpec:
     """A worker host: the RAM it lends to the weights of sleeping engines (level 1)."""
-    id: str
-    sleep_budget_bytes: int = DEFAULT_SLEEP_BUDGET_BYTES
+    id: NonEmpty
+    sleep_budget_bytes: Size = DEFAULT_SLEEP_BUDGET_BYTES
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=schema.DATA)
 class ManagerSpec:
-    drain_timeout_s: float = 30.0
-    load_backoff_s: float = 10.0
-    report_interval_s: float = 2.0
-    queue_poll_s: float = 0.5
-    starvation_s: float = 30.0        # a waiting model may drain busy ones after this long
-    worker_timeout_s: float = 10.0    # a worker silent this long is lost: its models count as unloaded
+    drain_timeout_s: Seconds = Field(30.0, description="in-flight requests of a model being evicted get this long")
+    load_backoff_s: PositiveSeconds = Field(10.0, description="after a failed load or an engine death; doubles, up to 300 s")
+    report_interval_s: PositiveSeconds = Field(2.0, description="workers refresh their report this often")
+    queue_poll_s: PositiveSeconds = 0.5
+    starvation_s: PositiveSeconds = Field(30.0, description="a waiting model may drain busy ones after this long")
+    worker_timeout_s: PositiveSeconds = Field(10.0, description="a worker silent this long is lost: its models count as unloaded")
+
+    @model_validator(mode="after")
+    def _timeout_spans_reports(self) -> "ManagerSpec":
+        if self.worker_timeout_s <= 2 * self.report_interval_s:
+            raise ValueError(f"worker_timeout_s ({self.worker_timeout_s}) must exceed twice report_interval_s "
+                             f"({self.report_interval_s}): one late report must not count as a lost worker")
+        return self
 
 
 DEFAULT_GPUS = (GpuSpec(id="cpu", budget_bytes=8 * 2**30),)
+
+
+def _none_is_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+class ConfigFile(schema.Strict):
+    """The whole configuration file (YAML), as written: what `roundhouse config schema` describes."""
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    gpus: tuple[GpuSpec, ...] = Field(DEFAULT_GPUS, min_length=1, description="default: one cpu GPU with 8GiB")
+    hosts: tuple[HostSpec, ...] = Field((), description="a host not listed lends 32GiB to sleepers")
+    manager: Annotated[ManagerSpec, BeforeValidator(_none_is_empty)] = ManagerSpec()
+    routing: RoutingSpec | None = Field(None, description='model "auto": rules, classifier, fallback')
+    tenants: Tenants = Field((), description="API keys, their models, limits and priority (none: no key asked)")
+    admin: AdminSpec | None = Field(None, description="keys for the manager's admin calls and workers' reports")
+    tls: TlsSpec | None = Field(None, description="mutual TLS between the services, TLS at the public ports")
+
+    @model_validator(mode="after")
+    def _references(self) -> "ConfigFile":
+        names: set[str] = set()
+        for m in self.models:
+            for key in (m.name, *m.aliases, *(a.name for a in m.adapters)):
+                if key in names:
+                    raise ValueError(f"models: name, alias or adapter {key!r} is used twice")
+                names.add(key)
+        if self.routing is not None and routing.AUTO in names:
+            raise ValueError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
+        for section, ids in (("gpus", [g.id for g in self.gpus]), ("hosts", [h.id for h in self.hosts])):
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{section}: an id is used twice")
+        known = {g.id for g in self.gpus}
+        for i, m in enumerate(self.models):
+            if m.gpu not in known:
+                raise ValueError(f"models[{i}].gpu: {m.gpu!r} is not in gpus ({', '.join(sorted(known))})")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,187 +258,29 @@ class Catalogue:
         return spec
 
 
-def _build(cls, raw: Any, where: str, required: set[str]):
-    """A `cls` dataclass from a mapping, every value type-checked; errors name the key."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    missing = required - set(raw)
-    if missing:
-        raise ConfigError(f"{where}.{sorted(missing)[0]}: required")
-    return cls(**{key: _coerce(f"{where}.{key}", fields[key].type, value) for key, value in raw.items()})
-
-
-def _positive(obj, where: str, *keys: str, allow_zero: tuple[str, ...] = ()) -> None:
-    for key in keys:
-        value = getattr(obj, key)
-        if value < 0 or (value == 0 and key not in allow_zero):
-            raise ConfigError(f"{where}.{key}: must be {'>= 0' if key in allow_zero else '> 0'}")
-
-
-_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
-_REQUIRED = {"name", "path", "max_model_len"}
-
-
-def _model(raw: Any, where: str, base: pathlib.Path) -> ModelSpec:
-    spec = _build(ModelSpec, raw, where, _REQUIRED)
-    spec = dataclasses.replace(spec, path=_absolute(spec.path, base),
-                               adapters=tuple(dataclasses.replace(a, path=_absolute(a.path, base)) for a in spec.adapters))
-    _positive(spec, where, "max_model_len", "default_max_tokens", "max_num_seqs", "kv_cache_bytes", "max_tokens_limit",
-              "min_resident_s", "max_queued", "max_loras", "max_lora_rank", allow_zero=("max_tokens_limit", "min_resident_s"))
-    if spec.default_max_tokens > spec.token_limit:
-        raise ConfigError(f"{where}.default_max_tokens: above the model's token limit {spec.token_limit}")
-    return spec
-
-
-def _absolute(path: str, base: pathlib.Path) -> str:
-    p = pathlib.Path(path)
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def _gpu(raw: Any, where: str) -> GpuSpec:
-    gpu = _build(GpuSpec, raw, where, {"id"})
-    _positive(gpu, where, "budget_bytes", "engine_overhead_bytes", allow_zero=("budget_bytes", "engine_overhead_bytes"))
-    if not 0 < gpu.utilization <= 1:
-        raise ConfigError(f"{where}.utilization: must be in (0, 1]")
-    if gpu.budget_bytes == 0 and not gpu.id.startswith("cuda"):
-        raise ConfigError(f"{where}.budget_bytes: required for {gpu.id!r} (detected only on CUDA)")
-    if gpu.swap not in SWAP_MODES:
-        raise ConfigError(f"{where}.swap: must be one of {', '.join(SWAP_MODES)}, got {gpu.swap!r}")
-    return gpu
-
-
-def _host(raw: Any, where: str) -> HostSpec:
-    host = _build(HostSpec, raw, where, {"id"})
-    _positive(host, where, "sleep_budget_bytes", allow_zero=("sleep_budget_bytes",))
-    return host
-
-
-def _coerce(where: str, typ: str, value: Any) -> Any:
-    if typ == "str":
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: must be a non-empty string")
-        return value
-    if typ == "int" and where.endswith("_bytes"):
-        return parse_size(where, value)
-    if typ == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
-        return value
-    if typ == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
-        return value
-    if typ == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
-        return float(value)
-    if typ == "tuple[AdapterSpec, ...]":
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: must be a list of {{name, path}}")
-        return tuple(_build(AdapterSpec, a, f"{where}[{i}]", {"name", "path"}) for i, a in enumerate(value))
-    if typ == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{where}: must be a list of non-empty strings")
-        return tuple(value)
-    raise AssertionError(typ)
-
-
-_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_size(where: str, value: Any) -> int:
-    """Bytes from an integer or a string like '256MiB' / '1.5 GiB'."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{where}: must be a size in bytes (an integer, or like '256MiB', '2GiB'), got {value!r}")
-
-
 def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
-    if not isinstance(raw, Mapping) or "models" not in raw:
+    """The catalogue from the config file's contents: checked by one schema (ConfigFile), then
+    its references (a model named in routing, a tenant's model patterns) resolved. Relative
+    paths are taken from `base`. Every error names the key."""
+    if not isinstance(raw, Mapping):
         raise ConfigError("models: required (a list of models)")
-    models = raw["models"]
-    if not isinstance(models, list) or not models:
-        raise ConfigError("models: must be a non-empty list")
-    unknown = set(raw) - {"admin", "models", "gpus", "hosts", "manager", "routing", "tenants", "tls"}
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: admin, gpus, hosts, manager, models, routing, tenants, tls)")
-    specs = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(models))
-    gpus = DEFAULT_GPUS
-    if "gpus" in raw:
-        if not isinstance(raw["gpus"], list) or not raw["gpus"]:
-            raise ConfigError("gpus: must be a non-empty list")
-        gpus = tuple(_gpu(g, f"gpus[{i}]") for i, g in enumerate(raw["gpus"]))
-        if len({g.id for g in gpus}) != len(gpus):
-            raise ConfigError("gpus: an id is used twice")
-    manager = _build(ManagerSpec, raw.get("manager") or {}, "manager", set())
-    _positive(manager, "manager", "drain_timeout_s", "load_backoff_s", "report_interval_s", "queue_poll_s", "starvation_s",
-              "worker_timeout_s", allow_zero=("drain_timeout_s",))
-    if manager.worker_timeout_s <= 2 * manager.report_interval_s:
-        raise ConfigError(f"manager.worker_timeout_s ({manager.worker_timeout_s}) must exceed twice report_interval_s "
-                          f"({manager.report_interval_s}): one late report must not count as a lost worker")
-    known = {g.id for g in gpus}
-    for i, m in enumerate(specs):
-        if m.gpu not in known:
-            raise ConfigError(f"models[{i}].gpu: {m.gpu!r} is not in gpus ({', '.join(sorted(known))})")
-    hosts: tuple[HostSpec, ...] = ()
-    if "hosts" in raw:
-        if not isinstance(raw["hosts"], list):
-            raise ConfigError("hosts: must be a list")
-        hosts = tuple(_host(h, f"hosts[{i}]") for i, h in enumerate(raw["hosts"]))
-        if len({h.id for h in hosts}) != len(hosts):
-            raise ConfigError("hosts: an id is used twice")
-    cat = Catalogue(specs, gpus, manager, hosts=hosts)
-    if raw.get("routing") is not None:
+    doc = schema.validate(ConfigFile, raw, ConfigError, context={schema.BASE: str(base)})
+    cat = Catalogue(doc.models, doc.gpus, doc.manager, hosts=doc.hosts, admin=doc.admin, tls=doc.tls)
+    if doc.routing is not None:
         try:
-            rules = routing.parse(raw["routing"], lambda name: name if cat.adapter(name) else getattr(cat.resolve(name), "name", None))
+            rules = routing.resolved(doc.routing, lambda name: name if cat.adapter(name) else getattr(cat.resolve(name), "name", None))
         except routing.RoutingError as e:
             raise ConfigError(str(e)) from e
-        if cat.resolve(routing.AUTO) is not None:
-            raise ConfigError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
-        if rules.classifier is not None and rules.classifier.model_file:  # relative to this file, as model paths
-            rules = dataclasses.replace(rules, classifier=dataclasses.replace(
-                rules.classifier, model_file=_absolute(rules.classifier.model_file, base)))
         cat = dataclasses.replace(cat, routing=rules)
-    if raw.get("tenants") is not None:
-        cat = dataclasses.replace(cat, tenants=_tenants(raw["tenants"], cat, base))
-    if raw.get("admin") is not None:
+    if doc.tenants:
         try:
-            admin = tenancy.parse_admin(raw["admin"])
+            servable = cat.servable()
+            for t in doc.tenants:
+                tenancy.allowed_models(t, servable)
         except tenancy.TenancyError as e:
             raise ConfigError(str(e)) from e
-        cat = dataclasses.replace(cat, admin=admin.model_copy(update={
-            "keys": tuple(_key_file(k, base) for k in admin.keys), "worker_key": _key_file(admin.worker_key, base)}))
-    if raw.get("tls") is not None:
-        try:
-            cat = dataclasses.replace(cat, tls=tls.parse(raw["tls"], lambda p: _absolute(p, base)))
-        except tls.TlsError as e:
-            raise ConfigError(str(e)) from e
+        cat = dataclasses.replace(cat, tenants=doc.tenants)
     return cat
-
-
-def _tenants(raw: Any, cat: Catalogue, base: pathlib.Path) -> tuple[tenancy.TenantSpec, ...]:
-    """The tenants, their key files made absolute (as model paths), every model pattern checked."""
-    try:
-        tenants = tenancy.parse(raw)
-        servable = cat.servable()
-        for t in tenants:
-            tenancy.allowed_models(t, servable)
-    except tenancy.TenancyError as e:
-        raise ConfigError(str(e)) from e
-    return tuple(t.model_copy(update={"keys": tuple(_key_file(k, base) for k in t.keys)}) for t in tenants)
-
-
-def _key_file(ref: "tenancy.KeyRef | None", base: pathlib.Path) -> "tenancy.KeyRef | None":
-    """`ref` with its file (if it names one) relative to the config file, as model paths."""
-    return ref.model_copy(update={"file": _absolute(ref.file, base)}) if ref is not None and ref.file is not None else ref
 
 
 def load(path: str | pathlib.Path) -> Catalogue:
@@ -380,6 +292,15 @@ def load(path: str | pathlib.Path) -> Catalogue:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     return from_mapping(raw, path.parent)
+
+
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+_REQUIRED = {"name", "path", "max_model_len"}
+
+
+def schema_json() -> dict:
+    """The JSON Schema of the configuration file (`roundhouse config schema`)."""
+    return schema.json_schema(ConfigFile)
 
 
 def dump(models: Iterable[ModelSpec], gpus: Iterable[GpuSpec] = (), manager: ManagerSpec | None = None,

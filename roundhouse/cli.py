@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import pathlib
 import sys
@@ -357,6 +358,11 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
     sub.add_parser("nats-auth", help="nats-server's users block: one user per role, least privilege (passwords from "
                                      "its environment: NATS_ROUTER_PASSWORD, ...)")
+    cfg = sub.add_parser("config", help="the configuration file: its JSON Schema, or check one")
+    cfg.add_argument("action", choices=["schema", "check"],
+                     help="schema: print the JSON Schema (for editors: yaml-language-server, VS Code); "
+                          "check FILE: validate a config, naming the first bad key")
+    cfg.add_argument("file", nargs="?", help="the config to check")
     key = sub.add_parser("key", help="API keys for the config's tenants")
     key.add_argument("action", choices=["new"], help="new: a fresh key and the SHA-256 the config holds")
     key.add_argument("--quiet", action="store_true", help="print the key alone")
@@ -372,6 +378,24 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--admin-key", default=os.environ.get("ROUNDHOUSE_ADMIN_KEY", ""),
                          help="an admin key, when the config's admin.keys asks for one (env ROUNDHOUSE_ADMIN_KEY)")
     return p
+
+
+def _cmd_config(a) -> int:
+    from roundhouse import catalogue
+
+    if a.action == "schema":
+        print(json.dumps(catalogue.schema_json(), indent=2))
+        return 0
+    if not a.file:
+        print("roundhouse config check: give the config file to check", file=sys.stderr)
+        return 2
+    try:
+        cat = catalogue.load(a.file)
+    except catalogue.ConfigError as e:
+        print(f"{a.file}: {e}", file=sys.stderr)
+        return 1
+    print(f"{a.file}: ok ({len(cat.models)} models, {len(cat.gpus)} GPUs, {len(cat.tenants)} tenants)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_status(a))
     if a.cmd == "key":
         return _cmd_key(a)
+    if a.cmd == "config":
+        return _cmd_config(a)
     if a.cmd == "nats-auth":
         from roundhouse import natsauth
 

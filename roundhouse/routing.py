@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import re2
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, StrictFloat, StrictInt, StrictStr, WithJsonSchema
+from pydantic.dataclasses import dataclass
+
+from roundhouse import schema
 
 AUTO = "auto"
 ENDPOINTS = ("chat", "completions")
@@ -84,39 +88,107 @@ def scanned(texts: tuple[str, ...], limit: int = SCAN_CHARS) -> list[str]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+def _compiled(value: Any) -> Pattern:
+    if isinstance(value, Pattern):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty regular expression")
+    try:
+        return Pattern.compile(value)
+    except re2.error as e:
+        why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"{value!r} cannot be used: {why} (patterns run on RE2, in time linear in the text: "
+                         "no backreferences or lookaround)") from None
+
+
+def _listed(value: Any) -> Any:
+    """One value where a list is accepted: the list of it."""
+    return [value] if isinstance(value, str) else value
+
+
+def _metadata_pairs(value: Any) -> Any:
+    """`{key: value | [values] | "*"}` -> ((key, (values, lowercased)), ...)."""
+    if isinstance(value, tuple):
+        return value
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError("must be a mapping of key to a value, a list of values, or '*'")
+    out = []
+    for key, accepted in value.items():
+        values = [accepted] if isinstance(accepted, (str, int, float, bool)) else accepted
+        if not isinstance(key, str) or not isinstance(values, list) or not values:
+            raise ValueError(f"{key}: must be a value, a list of values, or '*'")
+        out.append((key, tuple(str(v).lower() for v in values)))
+    return tuple(out)
+
+
+def _pairs(value: Any) -> Any:
+    """A YAML mapping kept as its (key, value) pairs, in order."""
+    if isinstance(value, Mapping):
+        return tuple((str(k), _listed(v) if isinstance(v, list) else v) for k, v in value.items())
+    return value
+
+
+_Scalar = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+RegexField = Annotated[Pattern, PlainValidator(_compiled), WithJsonSchema(
+    {"type": "string", "description": "a regular expression (RE2: no backreferences or lookaround); case is ignored"})]
+ModelName = Annotated[StrictStr, Field(min_length=1, description="a configured model name, alias or adapter")]
+ModelNames = tuple[ModelName, ...]
+
+
+@dataclass(frozen=True, config=schema.DATA)
 class Rule:
-    name: str
-    model: str
-    endpoint: tuple[str, ...] = ()
-    metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()   # key -> accepted values; ("*",) any
-    min_messages: int = 0
-    min_chars: int = 0
-    max_chars: int = 0                                         # 0: no limit
-    patterns: tuple[Pattern, ...] = ()
-    fallbacks: tuple[str, ...] = ()                            # when its model is far from serving
+    name: ModelName = Field(description="unique among the rules")
+    model: ModelName = Field(description="where a request it holds for goes")
+    endpoint: Annotated[tuple[Literal["chat", "completions"], ...], BeforeValidator(_listed), WithJsonSchema(
+        {"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "array", "items": {"enum": list(ENDPOINTS)}}],
+         "description": "the front door: chat | completions (or a list of them)"})] = ()
+    metadata: Annotated[tuple[tuple[str, tuple[str, ...]], ...], BeforeValidator(_metadata_pairs), WithJsonSchema(
+        {"type": "object", "minProperties": 1, "additionalProperties": {"anyOf": [_Scalar, {"type": "array", "items": _Scalar}]},
+         "description": "key -> accepted value(s), any case; '*': present with any value"})] = ()
+    min_messages: Annotated[StrictInt, Field(ge=0)] = 0
+    min_chars: Annotated[StrictInt, Field(ge=0)] = 0
+    max_chars: Annotated[StrictInt, Field(ge=0, description="0: no limit")] = 0
+    patterns: Annotated[tuple[RegexField, ...], Field(description="any matches")] = ()
+    fallbacks: Annotated[ModelNames, Field(description="when its model is far from serving: the first of these that is not")] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=schema.DATA)
 class ClassifierSpec:
     """`routing.classifier`: the router's learned classifier, asked after the rules that read
     metadata and before the others."""
-    model_file: str = ""                                       # "": the model the router ships with
-    min_confidence: float = 0.5                                # below it, the other rules decide
-    labels: tuple[tuple[str, str], ...] = ()                   # its label -> a model (default: the same name)
-    fallbacks: tuple[tuple[str, tuple[str, ...]], ...] = ()    # its label -> fallbacks (as a rule's)
+    model_file: Annotated[StrictStr, AfterValidator(schema.relative_to_config)] = Field(
+        "", description="a model `roundhouse train-classifier` wrote (default: the one the router ships with)")
+    min_confidence: Annotated[StrictFloat, Field(ge=0, le=1, description="below it, the other rules decide")] = 0.5
+    labels: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs), WithJsonSchema(
+        {"type": "object", "additionalProperties": {"type": "string"},
+         "description": "its label -> a model (default: the model of that name)"})] = ()
+    fallbacks: Annotated[tuple[tuple[str, tuple[str, ...]], ...], BeforeValidator(_pairs), WithJsonSchema(
+        {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+         "description": "its label -> fallbacks (as a rule's)"})] = ()
 
     def model_for(self, label: str) -> str:
         return dict(self.labels).get(label, label)
 
 
-@dataclasses.dataclass(frozen=True)
+def _or_boolean(field_schema: dict) -> None:
+    """The field's JSON Schema also takes true / false (see _classifier_switch)."""
+    field_schema["anyOf"] = [{"type": "boolean"}, *field_schema.get("anyOf", [])]
+
+
+def _classifier_switch(value: Any) -> Any:
+    """`classifier: true` is the shipped classifier with its defaults; `false` is none."""
+    return ClassifierSpec() if value is True else None if value is False else value
+
+
+@dataclass(frozen=True, config=schema.DATA)
 class RoutingSpec:
-    fallback: str
-    rules: tuple[Rule, ...] = ()
-    default_model: str = AUTO
-    max_swap_wait_s: float = 0.0                               # 0: the request's deadline only
-    classifier: ClassifierSpec | None = None
+    fallback: ModelName = Field(description="the model for requests no rule matches")
+    rules: tuple[Rule, ...] = Field((), description="the first whose every condition holds wins")
+    default_model: Annotated[StrictStr, BeforeValidator(lambda v: "" if v is None else v)] = Field(
+        AUTO, description='what a request naming no model gets ("": a model is required)')
+    max_swap_wait_s: Annotated[StrictFloat, Field(ge=0, description="0: only the request's deadline bounds a wait for a swap")] = 0.0
+    classifier: Annotated[ClassifierSpec | None, BeforeValidator(_classifier_switch)] = Field(
+        None, description="true: the shipped classifier; a mapping: its settings", json_schema_extra=_or_boolean)
 
 
 class Predictor(Protocol):
@@ -234,150 +306,35 @@ def _holds(rule: Rule, req: RequestView, texts: list[str]) -> str | None:
 
 # ---- parsing (called by the catalogue loader) ------------------------------------------------
 
-_RULE_KEYS = {"name", "model", "endpoint", "metadata", "min_messages", "min_chars", "max_chars", "patterns", "fallbacks"}
-
-
-def parse(raw: Any, resolve) -> RoutingSpec:
-    """A RoutingSpec from the YAML mapping; `resolve(name)` maps a model name or alias to its
-    configured name, or None. Model names in rules are stored resolved."""
+def resolved(spec: RoutingSpec, resolve) -> RoutingSpec:
+    """`spec` with every model it names resolved by `resolve(name)` (a model name or alias to its
+    configured name, an adapter to itself; None: unknown), and rule names checked unique.
+    RoutingError names the key."""
     where = "routing"
-    if not isinstance(raw, Mapping):
-        raise RoutingError(f"{where}: must be a mapping")
-    unknown = set(raw) - {"default_model", "fallback", "rules", "max_swap_wait_s", "classifier"}
-    if unknown:
-        raise RoutingError(f"{where}.{sorted(unknown)[0]}: unknown key "
-                           "(known: classifier, default_model, fallback, max_swap_wait_s, rules)")
-    max_wait = raw.get("max_swap_wait_s", 0.0)
-    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or max_wait < 0:
-        raise RoutingError(f"{where}.max_swap_wait_s: must be a number of seconds >= 0, got {max_wait!r}")
 
-    def model(key: str, value: Any) -> str:
-        if not isinstance(value, str) or resolve(value) is None:
+    def model(key: str, value: str) -> str:
+        name = resolve(value)
+        if name is None:
             raise RoutingError(f"{key}: {value!r} is not a configured model name or alias")
-        return resolve(value)
+        return name
 
-    if "fallback" not in raw:
-        raise RoutingError(f"{where}.fallback: required (the model for requests no rule matches)")
-    fallback = model(f"{where}.fallback", raw["fallback"])
-    default = raw.get("default_model", AUTO)
-    if default is None:
-        default = ""
+    def all_of(key: str, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(model(f"{key}[{i}]", v) for i, v in enumerate(values))
+
+    rules, names = [], set()
+    for i, r in enumerate(spec.rules):
+        w = f"{where}.rules[{i}]"
+        if r.name in names:
+            raise RoutingError(f"{w}.name: {r.name!r} is used twice")
+        names.add(r.name)
+        rules.append(dataclasses.replace(r, model=model(f"{w}.model", r.model), fallbacks=all_of(f"{w}.fallbacks", r.fallbacks)))
+    c = spec.classifier
+    if c is not None:
+        c = dataclasses.replace(
+            c, labels=tuple((k, model(f"{where}.classifier.labels.{k}", v)) for k, v in c.labels),
+            fallbacks=tuple((k, all_of(f"{where}.classifier.fallbacks.{k}", v)) for k, v in c.fallbacks))
+    default = spec.default_model
     if default not in ("", AUTO):
         default = model(f"{where}.default_model", default)
-    rules_raw = raw.get("rules") or []
-    if not isinstance(rules_raw, list):
-        raise RoutingError(f"{where}.rules: must be a list")
-    rules, names = [], set()
-    for i, r in enumerate(rules_raw):
-        w = f"{where}.rules[{i}]"
-        if not isinstance(r, Mapping):
-            raise RoutingError(f"{w}: must be a mapping")
-        bad = set(r) - _RULE_KEYS
-        if bad:
-            raise RoutingError(f"{w}.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(_RULE_KEYS))})")
-        name = r.get("name")
-        if not isinstance(name, str) or not name:
-            raise RoutingError(f"{w}.name: required, a non-empty string")
-        if name in names:
-            raise RoutingError(f"{w}.name: {name!r} is used twice")
-        names.add(name)
-        rules.append(Rule(
-            name=name,
-            model=model(f"{w}.model", r.get("model")),
-            endpoint=_endpoints(f"{w}.endpoint", r.get("endpoint")),
-            metadata=_metadata(f"{w}.metadata", r.get("metadata")),
-            min_messages=_count(f"{w}.min_messages", r.get("min_messages", 0)),
-            min_chars=_count(f"{w}.min_chars", r.get("min_chars", 0)),
-            max_chars=_count(f"{w}.max_chars", r.get("max_chars", 0)),
-            patterns=_patterns(f"{w}.patterns", r.get("patterns")),
-            fallbacks=_fallbacks(f"{w}.fallbacks", r.get("fallbacks"), model),
-        ))
-    return RoutingSpec(fallback=fallback, rules=tuple(rules), default_model=default, max_swap_wait_s=float(max_wait),
-                       classifier=_classifier(f"{where}.classifier", raw.get("classifier"), model))
-
-
-_CLASSIFIER_KEYS = {"model_file", "min_confidence", "labels", "fallbacks"}
-
-
-def _classifier(where: str, value: Any, model) -> ClassifierSpec | None:
-    """`routing.classifier`: absent or false for none; true or a mapping for the learned one."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise RoutingError(f"{where}: must be true, false or a mapping (keys: {', '.join(sorted(_CLASSIFIER_KEYS))})")
-    bad = set(value) - _CLASSIFIER_KEYS
-    if bad:
-        raise RoutingError(f"{where}.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(_CLASSIFIER_KEYS))})")
-    path = value.get("model_file", "")
-    if not isinstance(path, str):
-        raise RoutingError(f"{where}.model_file: must be a path")
-    confidence = value.get("min_confidence", 0.5)
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
-        raise RoutingError(f"{where}.min_confidence: must be a number from 0 to 1, got {confidence!r}")
-    labels = value.get("labels") or {}
-    if not isinstance(labels, Mapping):
-        raise RoutingError(f"{where}.labels: must map the classifier's labels to model names")
-    fallbacks = value.get("fallbacks") or {}
-    if not isinstance(fallbacks, Mapping):
-        raise RoutingError(f"{where}.fallbacks: must map the classifier's labels to lists of models")
-    return ClassifierSpec(
-        model_file=path, min_confidence=float(confidence),
-        labels=tuple((str(k), model(f"{where}.labels.{k}", v)) for k, v in labels.items()),
-        fallbacks=tuple((str(k), _fallbacks(f"{where}.fallbacks.{k}", v, model)) for k, v in fallbacks.items()),
-    )
-
-
-def _fallbacks(where: str, value: Any, model) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not value:
-        raise RoutingError(f"{where}: must be a non-empty list of model names or aliases")
-    return tuple(model(f"{where}[{i}]", v) for i, v in enumerate(value))
-
-
-def _endpoints(where: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not values or any(v not in ENDPOINTS for v in values):
-        raise RoutingError(f"{where}: must be one of {', '.join(ENDPOINTS)} (or a list of them)")
-    return tuple(values)
-
-
-def _metadata(where: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping) or not value:
-        raise RoutingError(f"{where}: must be a mapping of key to a value, a list of values, or '*'")
-    out = []
-    for key, accepted in value.items():
-        values = [accepted] if isinstance(accepted, (str, int, float, bool)) else accepted
-        if not isinstance(key, str) or not isinstance(values, list) or not values:
-            raise RoutingError(f"{where}.{key}: must be a value, a list of values, or '*'")
-        out.append((key, tuple(str(v).lower() for v in values)))
-    return tuple(out)
-
-
-def _count(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RoutingError(f"{where}: must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _patterns(where: str, value: Any) -> tuple[Pattern, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise RoutingError(f"{where}: must be a non-empty list of regular expressions")
-    out = []
-    for i, v in enumerate(value):
-        try:
-            out.append(Pattern.compile(v))
-        except re2.error as e:
-            why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
-            raise RoutingError(f"{where}[{i}]: {v!r} cannot be used: {why} (patterns run on RE2, in time "
-                               "linear in the text: no backreferences or lookaround)") from e
-    return tuple(out)
-
+    return dataclasses.replace(spec, fallback=model(f"{where}.fallback", spec.fallback), rules=tuple(rules),
+                               default_model=default, classifier=c)

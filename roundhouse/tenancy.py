@@ -32,11 +32,12 @@ import os
 import pathlib
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr, model_validator
 
 from roundhouse import subjects
+from roundhouse.schema import ConfigPath
 from roundhouse.schema import Strict as _Strict
 from roundhouse.schema import validate
 
@@ -53,7 +54,7 @@ class KeyRef(_Strict):
     """One API key, given exactly one way."""
     sha256: StrictStr | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lowercase hex")
     env: StrictStr | None = Field(None, min_length=1, description="environment variable holding the key")
-    file: StrictStr | None = Field(None, min_length=1, description="file holding the key (relative to the config file)")
+    file: ConfigPath | None = Field(None, description="file holding the key (relative to the config file)")
 
     @model_validator(mode="after")
     def _one_way(self) -> "KeyRef":
@@ -84,8 +85,24 @@ class TenantSpec(_Strict):
                                      "(a lower class still gets a turn), and the manager loads for them first")
 
 
+def _unique_names(tenants: tuple[TenantSpec, ...]) -> tuple[TenantSpec, ...]:
+    names = [t.name for t in tenants]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"name {name!r} is used twice")
+    return tenants
+
+
+def _none_is_empty(value: Any) -> Any:
+    return () if value is None else value
+
+
+# The `tenants` section: names unique; `tenants:` with nothing under it is none.
+Tenants = Annotated[tuple[TenantSpec, ...], BeforeValidator(_none_is_empty), AfterValidator(_unique_names)]
+
+
 class _Section(_Strict):
-    tenants: tuple[TenantSpec, ...]
+    tenants: Tenants
 
 
 class AdminSpec(_Strict):
@@ -118,12 +135,7 @@ def parse_admin(raw: Any) -> AdminSpec:
 
 def parse(raw: Any) -> tuple[TenantSpec, ...]:
     """The `tenants` section, validated; raises TenancyError naming the first bad key."""
-    tenants = validate(_Section, {"tenants": raw}, TenancyError).tenants
-    names = [t.name for t in tenants]
-    for name in names:
-        if names.count(name) > 1:
-            raise TenancyError(f"tenants: name {name!r} is used twice")
-    return tenants
+    return validate(_Section, {"tenants": raw}, TenancyError).tenants
 
 
 def allowed_models(tenant: TenantSpec, names: Mapping[str, Iterable[str]]) -> frozenset[str]:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import ssl
-from typing import Any
 
 import grpc
 from pydantic import Field, StrictStr
 
+from roundhouse.schema import ConfigPath
 from roundhouse.schema import Strict as _Strict
-from roundhouse.schema import validate
 
 DEFAULT_SERVER_NAME = "roundhouse.internal"
 
@@ -38,36 +37,21 @@ class TlsError(ValueError):
 
 
 class InternalSpec(_Strict):
-    ca: StrictStr
-    cert: StrictStr
-    key: StrictStr
+    ca: ConfigPath = Field(description="the CA both ends' certificates are signed by")
+    cert: ConfigPath
+    key: ConfigPath
     server_name: StrictStr = Field(DEFAULT_SERVER_NAME, min_length=1)
 
 
 class PublicSpec(_Strict):
-    cert: StrictStr
-    key: StrictStr
-    ca: StrictStr | None = None
+    cert: ConfigPath
+    key: ConfigPath
+    ca: ConfigPath | None = Field(None, description="what `roundhouse` commands trust for it")
 
 
 class TlsSpec(_Strict):
     internal: InternalSpec | None = None
     public: PublicSpec | None = None
-
-
-class _Section(_Strict):
-    tls: TlsSpec
-
-
-def parse(raw: Any, absolute) -> TlsSpec:
-    """The `tls` section with its paths made absolute by `absolute`; TlsError names the bad key."""
-    spec = validate(_Section, {"tls": raw}, TlsError).tls
-    internal = spec.internal and spec.internal.model_copy(update={
-        "ca": absolute(spec.internal.ca), "cert": absolute(spec.internal.cert), "key": absolute(spec.internal.key)})
-    public = spec.public and spec.public.model_copy(update={
-        "cert": absolute(spec.public.cert), "key": absolute(spec.public.key),
-        "ca": absolute(spec.public.ca) if spec.public.ca else None})
-    return TlsSpec(internal=internal, public=public)
 
 
 def _read(path: str, where: str) -> bytes:

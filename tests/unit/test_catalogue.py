@@ -95,3 +95,52 @@ def test_sleep_settings_default_and_round_trip(tmp_path):
     (tmp_path / "c.yaml").write_text(text)
     again = catalogue.load(tmp_path / "c.yaml")
     assert again.gpus == cat.gpus and again.hosts == cat.hosts
+
+
+SHIPPED = [pathlib.Path(catalogue.__file__).parent / "defaults" / "cpu.yaml",
+           *sorted((pathlib.Path(__file__).parents[2] / "deploy" / "config").glob("*.yaml"))]
+
+
+def _schema_validator():
+    import jsonschema
+
+    schema = catalogue.schema_json()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_meets_the_json_schema_editors_get(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    assert [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in _schema_validator().iter_errors(raw)] == []
+    catalogue.from_mapping(raw, path.parent)   # and the loader agrees
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"colour": "red"}, "colour"),
+    ({"max_model_len": "big"}, "models[0].max_model_len"),
+    ({"kv_cache_bytes": "lots"}, "models[0].kv_cache_bytes"),
+    ({"max_num_seqs": 0}, "models[0].max_num_seqs"),
+])
+def test_the_schema_and_the_loader_refuse_the_same_mistakes(change, key):
+    model = {"name": "m", "path": "models/m", "max_model_len": 1024}
+    raw = {"models": [model], **change} if "colour" in change else {"models": [{**model, **change}]}
+    assert list(_schema_validator().iter_errors(raw)), "an editor flags it"
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        catalogue.from_mapping(raw, pathlib.Path("/x"))
+
+
+def test_config_commands(tmp_path, capsys):
+    import json
+
+    from roundhouse import cli
+
+    assert cli.main(["config", "schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["required"] == ["models"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m\n    path: m\n    max_model_len: 64\n    default_max_tokens: 100\n")
+    assert cli.main(["config", "check", str(bad)]) == 1
+    assert "models[0].default_max_tokens: above the model's token limit 64" in capsys.readouterr().err
+    assert cli.main(["config", "check", str(SHIPPED[0])]) == 0

@@ -202,7 +202,7 @@ def test_admin_section_and_credentials():
 
 
 def test_tls_section_errors_name_the_key(tmp_path):
-    with pytest.raises(catalogue.ConfigError, match=r"tls.internal.key: Field required"):
+    with pytest.raises(catalogue.ConfigError, match=r"tls.internal.key: required"):
         catalogue.from_mapping(
             {"models": [{"name": "m", "path": "m", "max_model_len": 512}], "tls": {"internal": {"ca": "a", "cert": "b"}}})
     cat = catalogue.from_mapping({"models": [{"name": "m", "path": "m", "max_model_len": 512}],

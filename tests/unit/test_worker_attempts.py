@@ -43,7 +43,7 @@ async def test_a_redelivery_adopted_while_a_suspect_waits_is_no_attempt(tmp_path
         assert subject == subjects.handback_subject("m", "low"), "a hand-back goes to its class's .back subject (natsauth)"
         copies.append(headers)
 
-    worker = ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64)), republish)
+    worker = ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64, default_max_tokens=16)), republish)
     data = queue_pb2.QueuedRequest(request_id="r1", model="m", prompt="hi").SerializeToString()
     # A suspect that has had one real attempt, handed back twice (4 deliveries before).
     headers = {redelivery.ATTEMPTS_BEFORE: "1", redelivery.DELIVERIES_BEFORE: "4", redelivery.SUSPECT: "1"}

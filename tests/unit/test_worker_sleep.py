@@ -46,7 +46,7 @@ def worker(tmp_path, monkeypatch):
     FakeEngine.started, FakeEngine.wake_answer = [], ""
     monkeypatch.setattr(worker_module, "Engine", FakeEngine)
     monkeypatch.setattr(worker_module.preflight, "check", lambda path: "")
-    return ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64)))
+    return ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64, default_max_tokens=16)))
 
 
 async def test_sleep_then_wake_reuses_the_engine(worker):
