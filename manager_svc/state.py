@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from protos.v1 import manager_pb2, worker_pb2
+from roundhouse import jetstream
 from roundhouse.catalogue import ModelSpec
 from manager_svc.policy import ModelView, Phase
 
@@ -150,9 +151,9 @@ class Entry:
     def decayed_frequency(self, now: float) -> float:
         return self.frequency * 0.5 ** (max(0.0, now - self.frequency_at) / FREQUENCY_HALF_LIFE_S)
 
-    def set_queue(self, depth: int, acked_pending: int, now: float, top_lane: int = 1) -> bool:
-        """`depth`: its consumers' num_pending; `acked_pending`: their num_ack_pending; `top_lane`:
-        the highest priority class with requests waiting (jetstream.Depth.top).
+    def set_queue(self, depth: int, acked_pending: int, now: float, lanes: jetstream.Depth | None = None) -> bool:
+        """`depth`: its consumers' num_pending; `acked_pending`: their num_ack_pending; `lanes`:
+        the same per priority class (for the highest class waiting; None: normal).
 
         A worker pulls only while its engine is READY, so a message handed out and not acked
         while the model is not resident belongs to nobody: one a dead worker took (redelivered
@@ -161,11 +162,12 @@ class Entry:
         them a request that met a dying or evicting worker never got its model loaded again and
         waited for its deadline."""
         self.queue_read_at = now
-        if self.phase in (Phase.UNLOADED, Phase.FAILED):   # not SLEEPING: its worker lives
+        unattended = self.phase in (Phase.UNLOADED, Phase.FAILED)   # not SLEEPING: its worker lives
+        if unattended:
             depth += acked_pending
         changed = depth != self.queue_depth
         self.queue_depth = depth
-        self.top_lane = top_lane
+        self.top_lane = lanes.top(handed_out=unattended) if lanes is not None else 1
         self.in_flight = max(acked_pending, self.reported_in_flight)
         if depth == 0:
             self.waiting_since = None

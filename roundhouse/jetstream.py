@@ -73,31 +73,37 @@ async def ensure_consumers(js: JetStreamContext, model: str, ack_wait_s: float, 
 
 class Depth(NamedTuple):
     pending: tuple[int, ...]    # per priority class (subjects.PRIORITIES order): not yet handed to a worker
-    ack_pending: int            # handed to a worker and not acked yet, every class
+    acked: tuple[int, ...]      # per class: handed to a worker and not acked yet
 
     @property
     def total(self) -> int:
         return sum(self.pending)
 
     @property
-    def top(self) -> int:
-        """The highest class with requests waiting (its index in subjects.PRIORITIES); the
-        normal class's when none wait."""
-        return next((i for i, n in enumerate(self.pending) if n), subjects.PRIORITIES.index(subjects.NORMAL))
+    def ack_pending(self) -> int:
+        return sum(self.acked)
+
+    def top(self, handed_out: bool = False) -> int:
+        """The highest class with requests waiting (its index in subjects.PRIORITIES), counting
+        those handed out and not acked when `handed_out` (a model with no engine: nobody holds
+        them); the normal class's when none wait."""
+        counts = [p + (a if handed_out else 0) for p, a in zip(self.pending, self.acked)]
+        return next((i for i, n in enumerate(counts) if n), subjects.PRIORITIES.index(subjects.NORMAL))
 
 
 async def depth(js: JetStreamContext, model: str) -> Depth | None:
-    """`model`'s queue, every class; None when none of its consumers exists yet."""
-    infos = []
-    for priority in subjects.PRIORITIES:
+    """`model`'s queue, every class (read together); None when none of its consumers exists yet."""
+    async def info(priority: str):
         try:
-            infos.append(await js.consumer_info(subjects.STREAM, subjects.consumer_name(model, priority)))
+            return await js.consumer_info(subjects.STREAM, subjects.consumer_name(model, priority))
         except nats.js.errors.NotFoundError:
-            infos.append(None)
+            return None
+
+    infos = await asyncio.gather(*(info(p) for p in subjects.PRIORITIES))
     if all(i is None for i in infos):
         return None
     return Depth(tuple(int(i.num_pending or 0) if i else 0 for i in infos),
-                 sum(int(i.num_ack_pending or 0) for i in infos if i))
+                 tuple(int(i.num_ack_pending or 0) if i else 0 for i in infos))
 
 
 async def queued(js: JetStreamContext, model: str) -> int:
@@ -141,53 +147,102 @@ def _positive(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
+NO_WAIT_REPLY_S = 1.0   # how long a no-wait pull's reply may take before the request counts as over
+
+
 class Puller:
     """Pull requests against one durable consumer, delivered to one inbox.
 
     The inbox feeds a queue of our own rather than nats-py's `next_msg`: that one waits with
     `asyncio.wait_for`, which on Python 3.11 swallows a cancellation that lands as a message
-    arrives, so a loop built on it could outlive its `cancel()` (a router's stop hung on it)."""
+    arrives, so a loop built on it could outlive its `cancel()` (a router's stop hung on it).
 
-    def __init__(self, nc: Client, stream: str, consumer: str):
+    With `on_stray`, the request being read owns only the messages it asked for: one that comes
+    when no request is being read, or beyond its batch (a request given up on whose reply came
+    late, or that nats-server kept: nats-io/nats-server#7457), goes to `on_stray` at once, so
+    no delivered message waits unread (and unheartbeated) in the queue. Without it every
+    delivery is queued for `next` (the jobs runner: it reads until a request ends)."""
+
+    def __init__(self, nc: Client, stream: str, consumer: str, on_stray: Callable[[Msg], None] | None = None):
         self._nc = nc
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._sub = None
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.on_stray = on_stray
+        self._expect = 0            # messages the request being read may still bring
+        self._wait_s = PULL_EXPIRES_S + 2
+        self.failed = ""            # the last request ended with this status (not 404 / 408: an error)
 
     async def start(self) -> None:
         async def arrived(msg: Msg) -> None:
-            self._queue.put_nowait(msg)
+            status = (msg.headers or {}).get("Status") if not msg.data else None
+            if status == _HEARTBEAT:
+                return
+            if self.on_stray is None:
+                self._queue.put_nowait(msg)
+            elif status is not None or not msg.reply:   # a request's end
+                if self._expect:
+                    self._expect = 0
+                    self._queue.put_nowait(msg)
+            elif self._expect:
+                self._expect -= 1
+                self._queue.put_nowait(msg)
+            else:
+                self.on_stray(msg)
 
         self._sub = await self._nc.subscribe(self._inbox, cb=arrived, pending_msgs_limit=4 * PULL_BATCH_MAX)
 
     async def request(self, batch: int, no_wait: bool = False) -> None:
         """Asks for up to `batch` messages: those there now (`no_wait`: the request ends at once
         with what there is), or as they come until PULL_EXPIRES_S passes."""
+        self._settle_leftovers()
         body = json.dumps({"batch": batch, "no_wait": True} if no_wait else
                           {"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
-        await self._nc.publish(self._api, body, reply=self._inbox)
+        self._expect = batch
+        self._wait_s = NO_WAIT_REPLY_S if no_wait else PULL_EXPIRES_S + 2
+        try:
+            await self._nc.publish(self._api, body, reply=self._inbox)
+        except BaseException:
+            self._expect = 0
+            raise
 
     async def next(self) -> Msg | None:
         """The next delivery, or None once the current pull request is over."""
         while True:
             try:
-                async with asyncio.timeout(PULL_EXPIRES_S + 2):
+                async with asyncio.timeout(self._wait_s):
                     msg = await self._queue.get()
             except TimeoutError:
+                self._expect = 0    # given up on: what it still brings is a stray
                 return None
             status = (msg.headers or {}).get("Status") if not msg.data else None
             if status == _HEARTBEAT:
                 continue
             if status is not None or not msg.reply:
                 if status not in ("404", "408"):
+                    self.failed = status or "no status"
                     log.debug("jetstream.pull_status", status=status, description=(msg.headers or {}).get("Description"))
                 return None  # 408 expired, 404 no messages, 409 ...: this request is over
             return msg
 
+    def _settle_leftovers(self) -> None:
+        """Before a new request: what the last one left unread goes to `on_stray` (messages) or
+        away (its end)."""
+        if self.on_stray is None:
+            return
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            if msg.data or msg.reply:
+                self.on_stray(msg)
+
     async def close(self) -> None:
+        """Stops listening; what was delivered and not read goes to `on_stray`."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+        self._expect = 0
+        self._settle_leftovers()
 
 
 async def pull_loop(puller: Puller, room: Callable[[], Awaitable[int]], take: Callable[[Msg], Awaitable[None]]) -> None:

@@ -11,8 +11,12 @@ across lanes is decided here, each time slots are free:
     OWED_AFTER + 1, where it has one waiting);
   - when every lane is empty, each gets a pull request that lingers (batch 1), so an arrival in
     any class starts at once. Such a pull can deliver after the slots filled up: the message is
-    *held* (heartbeated, at most one per lane) and started when its lane's turn comes, not pushed
-    into an engine that is full, where it would start before higher requests that came later.
+    *held* (heartbeated) and started when its lane's turn comes, not pushed into an engine that
+    is full, where it would start before higher requests that came later. A message held for
+    HOLD_S with no slot free is handed back (a copy, at the end of its class's queue), so that
+    another worker of the model can take it;
+  - a message no request being read asked for (a pull request given up on whose reply came
+    late: jetstream.Puller's `on_stray`) is held the same way: nothing delivered waits unread.
 
 Messages that arrive while the engine is not READY (an eviction began) are handed back: a copy
 keeps its class (roundhouse.subjects.handback_of). Nothing here decides how a request is served;
@@ -21,7 +25,10 @@ that is the worker's (worker_svc.worker).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
+import time
 from collections.abc import Sequence
 
 import nats.errors
@@ -52,18 +59,28 @@ def pullers(nc: Client, model: str) -> list[jetstream.Puller]:
     return [jetstream.Puller(nc, subjects.STREAM, subjects.consumer_name(model, p)) for p in subjects.PRIORITIES]
 
 
+HOLD_S = 1.0     # a held message waits this long for a slot here before it is handed back
+FAILED_PULL_BACKOFF_S = 0.5
+
+
 class Lanes:
     """The worker's pull loop over its lanes; the one owner of the lanes' pull requests and of
     the messages they hold."""
 
-    def __init__(self, worker: ModelWorker, lanes: list[jetstream.Puller], owed_after: int = OWED_AFTER):
+    def __init__(self, worker: ModelWorker, lanes: list[jetstream.Puller], owed_after: int = OWED_AFTER,
+                 clock=time.monotonic):
         self._worker = worker
         self._lanes = lanes
         self._owed_after = owed_after
+        self._clock = clock
         self._polls: dict[int, asyncio.Task] = {}      # lane -> its lingering pull's next message
-        self.held: dict[int, Msg] = {}                  # lane -> a message its pull delivered with no slot free
+        # lane -> messages delivered with no slot free (or unasked for), oldest first, with when they came
+        self.held: dict[int, collections.deque[tuple[Msg, float]]] = {i: collections.deque() for i in range(len(lanes))}
+        self._arrived = asyncio.Event()                 # a message came outside a read: the loop looks
         self.picks = 0
         self._tried_at = [0] * len(lanes)
+        for i, lane in enumerate(lanes):
+            lane.on_stray = functools.partial(self._hold, i)
 
     async def start(self) -> None:
         for lane in self._lanes:
@@ -74,42 +91,62 @@ class Lanes:
             with contextlib.suppress(Exception):
                 await lane.close()
 
+    @property
+    def holding(self) -> int:
+        return sum(len(q) for q in self.held.values())
+
     async def run(self) -> None:
         """Forever (until cancelled; then what it holds is handed back)."""
         worker = self._worker
         try:
             while True:
+                self._arrived.clear()
                 self._harvest()
+                if any(lane.failed for lane in self._lanes):
+                    failed = {subjects.PRIORITIES[i]: lane.failed for i, lane in enumerate(self._lanes) if lane.failed}
+                    log.warning("lanes.pull_refused", statuses=failed)
+                    for lane in self._lanes:
+                        lane.failed = ""
+                    await asyncio.sleep(FAILED_PULL_BACKOFF_S)  # back off: the consumer is gone or NATS refuses
                 if worker.residency.state is not State.READY:
-                    await self._give_back_held()
+                    await self._give_back(lambda since: True)
                     await self._wait(worker.residency.ready())
                     continue
                 free = worker.slots_now()
                 if free <= 0:
-                    await self._wait(worker.wait_for_slot())
+                    now = self._clock()
+                    await self._give_back(lambda since: now - since >= HOLD_S)
+                    await self._wait(worker.wait_for_slot(), self._next_overdue(now))
                     continue
                 if await self._sweep(free):
                     continue
                 for i, lane in enumerate(self._lanes):   # every lane empty: wait for the first arrival
-                    if i not in self._polls and i not in self.held:
+                    if i not in self._polls:
                         try:
                             await lane.request(1)
                         except nats.errors.Error as e:
                             log.warning("lanes.pull_failed", error=repr(e))
-                            await asyncio.sleep(0.5)  # back off: the connection is reconnecting
+                            await asyncio.sleep(FAILED_PULL_BACKOFF_S)  # back off: the connection is reconnecting
                             break
                         self._polls[i] = asyncio.create_task(lane.next(), name=f"lane-{subjects.PRIORITIES[i]}")
-                if self._polls:
-                    await self._wait(None)
+                await self._wait(None)
         finally:
-            for task in self._polls.values():
+            polls = list(self._polls.values())
+            for task in polls:
                 task.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
             self._harvest()
-            await self._give_back_held()
+            await self.close()            # what was delivered and not read is held (on_stray)
+            await self._give_back(lambda since: True)
 
     async def heartbeat(self) -> None:
         """Held messages are ours until they start: JetStream must not redeliver them meanwhile."""
-        await asyncio.gather(*(m.in_progress() for m in list(self.held.values())), return_exceptions=True)
+        msgs = [m for q in self.held.values() for m, _ in q]
+        await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+
+    def _hold(self, i: int, msg: Msg) -> None:
+        self.held[i].append((msg, self._clock()))
+        self._arrived.set()
 
     def _harvest(self) -> None:
         """Lingering pulls that ended: the message each brought, if any, is held for its turn."""
@@ -119,31 +156,40 @@ class Lanes:
                 self._tried_at[i] = self.picks
                 msg = None if task.cancelled() else task.result()
                 if msg is not None:
-                    self.held[i] = msg
+                    self.held[i].append((msg, self._clock()))
 
-    async def _wait(self, other) -> None:
-        """Until `other` (an awaitable, or None) completes or a lingering pull ends."""
+    def _next_overdue(self, now: float) -> float | None:
+        """Seconds until the oldest held message has waited HOLD_S; None when none is held."""
+        oldest = [q[0][1] for q in self.held.values() if q]
+        return max(0.0, min(oldest) + HOLD_S - now) if oldest else None
+
+    async def _wait(self, other, timeout: float | None = None) -> None:
+        """Until `other` (an awaitable, or None) completes, a lingering pull ends, a stray comes,
+        or `timeout` passes."""
         task = asyncio.ensure_future(other) if other is not None else None
-        waits = {*self._polls.values(), *([task] if task is not None else [])}
+        arrived = asyncio.ensure_future(self._arrived.wait())
+        waits = {*self._polls.values(), arrived, *([task] if task is not None else [])}
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if task is not None and not task.done():
-                task.cancel()
+            for t in (task, arrived):
+                if t is not None and not t.done():
+                    t.cancel()
 
     async def _sweep(self, free: int) -> int:
-        """Starts up to `free` requests, lanes in `sweep` order; returns how many started."""
+        """Starts up to `free` requests, lanes in `sweep` order, each lane's held messages before
+        what it has in its queue; returns how many started."""
         took = 0
         for i, most in sweep(self.picks, self._tried_at, self._owed_after):
             want = free - took if most is None else min(most, free - took)
             if want <= 0:
                 break
             n = 0
-            if i in self.held:
-                await self._start(self.held.pop(i))
-                n = 1
+            while n < want and self.held[i]:
+                await self._start(self.held[i].popleft()[0])
+                n += 1
             if n < want and i not in self._polls:   # a lane with a lingering pull gets its message there
-                n += await self._pull_now(i, want - n)
+                n += await self._pull_now(i, min(want - n, jetstream.PULL_BATCH_MAX))
             self._tried_at[i] = self.picks
             took += n
         return took
@@ -168,11 +214,20 @@ class Lanes:
     async def _start(self, msg: Msg) -> None:
         self.picks += 1
         if self._worker.residency.state is State.READY:
-            self._worker.start(msg)
+            self._worker.start(msg)   # takes its slot at once (ModelWorker.free_slots)
         else:  # evicting since the pull began: hand it back (a copy; no delivery spent)
             await self._worker.hand_back(msg)
 
-    async def _give_back_held(self) -> None:
-        for i in list(self.held):
-            with contextlib.suppress(Exception):  # not handed back: JetStream redelivers it after ack_wait
-                await self._worker.hand_back(self.held.pop(i))
+    async def _give_back(self, due) -> None:
+        """Hands back the held messages for which `due(since)` holds: copies that keep their class
+        (no delivery spent), for another worker or for later."""
+        for q in self.held.values():
+            keep = collections.deque()
+            while q:
+                msg, since = q.popleft()
+                if not due(since):
+                    keep.append((msg, since))
+                    continue
+                with contextlib.suppress(Exception):  # not handed back: JetStream redelivers it after ack_wait
+                    await self._worker.hand_back(msg)
+            q.extend(keep)

@@ -93,6 +93,7 @@ class ModelWorker:
         self.engine: Engine | None = None
         self.weight_bytes = catalogue.weight_bytes(config.model.path)
         self.active: dict[str, Active] = {}
+        self._starting = 0                 # started, their tasks not yet run (see free_slots)
         # Finished requests waiting for their router to confirm the last chunk: still ours, so
         # still heartbeated (else JetStream redelivers a finished request after ack_wait).
         self.settling: dict[str, Msg] = {}
@@ -247,7 +248,9 @@ class ModelWorker:
     # ---- slots -----------------------------------------------------------------------------
 
     def free_slots(self) -> int:
-        return self.config.model.max_num_seqs - len(self.active)
+        """Slots neither running a request nor promised to one `start` handed over (whose task has
+        not run yet): a pull loop that reads this right after a start sees that start."""
+        return self.config.model.max_num_seqs - len(self.active) - self._starting
 
     def slots_now(self) -> int:
         """Requests it can take now: its free slots, none while a suspect waits to run alone or runs."""
@@ -262,10 +265,15 @@ class ModelWorker:
     # ---- requests --------------------------------------------------------------------------
 
     def start(self, msg: Msg) -> None:
-        """Takes one fetched message; the worker owns it from here until ack / nak / term."""
+        """Takes one fetched message; the worker owns it from here until ack / nak / term. Its
+        slot is taken at once (see free_slots)."""
+        self._starting += 1
         self._background(self._serve_then_note_idle(msg))
 
     async def _serve_then_note_idle(self, msg: Msg) -> None:
+        # From here `_serve` registers the request in `active` (or takes the lock a suspect runs
+        # alone under) before it first awaits anything: the slot stays taken without a gap.
+        self._starting -= 1
         try:
             await self._serve(msg)
         finally:

@@ -264,7 +264,7 @@ async def test_under_saturation_a_higher_class_starts_before_earlier_lower_ones(
         for priority in ("low", "high", "low"):
             await js.publish(subjects.request_subject("nobody-serves-this", priority), b"x")
         depth = await jetstream.depth(js, "nobody-serves-this")
-        assert depth.pending == (1, 0, 2) and depth.total == 3 and depth.top == 0
+        assert depth.pending == (1, 0, 2) and depth.total == 3 and depth.top() == 0 and depth.acked == (0, 0, 0)
         await js.purge_stream(subjects.STREAM, subject=subjects.request_subject("nobody-serves-this", "low"))
         await js.purge_stream(subjects.STREAM, subject=subjects.request_subject("nobody-serves-this", "high"))
     finally:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from roundhouse import jetstream, subjects
 from worker_svc import lanes
 from worker_svc.residency import State
 
@@ -36,8 +38,11 @@ def test_sweep_tries_every_lane_highest_first_after_the_owed_ones(picks, ago, ow
 
 
 class FakeMsg:
-    def __init__(self, name: str):
+    def __init__(self, name: str, status: str = ""):
         self.name = name
+        self.data = b"" if status else name.encode()
+        self.reply = "" if status else f"$JS.ACK.{name}"
+        self.headers = {"Status": status} if status else None
         self.progress = 0
 
     async def in_progress(self):
@@ -47,45 +52,80 @@ class FakeMsg:
         return self.name
 
 
-class FakeLane:
-    """A durable pull consumer as Lanes sees it: a request for up to `batch` messages gets those
-    stored now, then (no_wait) an end, or (lingering) later arrivals until filled or expired."""
+class FakeConsumer:
+    """One durable pull consumer as nats-server answers `$JS.API.CONSUMER.MSG.NEXT`: a request
+    for up to `batch` gets what is stored now, then (no_wait) a 404 / 408, or (lingering) later
+    arrivals until filled or `expire()`d. Replies go out on the next loop turn, as a network's do.
+    `keep_no_wait`: a no-wait request that finds nothing gets no reply and stays (nats-server
+    before 2.12.2: nats-io/nats-server#7457)."""
 
-    def __init__(self):
+    def __init__(self, deliver):
+        self._deliver = deliver
         self.stored: collections.deque = collections.deque()
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.lingering = 0
+        self.waiting: list[list] = []     # [reply, still wanted]
+        self.keep_no_wait = False
 
-    async def start(self):
-        pass
-
-    async def close(self):
-        pass
-
-    async def request(self, batch: int, no_wait: bool = False) -> None:
-        assert not self.lingering, "one pull request at a time per lane"
-        while self.stored and batch:
-            self.out.put_nowait(self.stored.popleft())
-            batch -= 1
-        if batch and no_wait:
-            self.out.put_nowait(None)
-        elif batch:
-            self.lingering = batch
+    def next_request(self, reply: str, body: dict) -> None:
+        batch = body["batch"]
+        sent = 0
+        while self.stored and sent < batch:
+            self._deliver(reply, self.stored.popleft())
+            sent += 1
+        if sent == batch:
+            return
+        if body.get("no_wait") and not (self.keep_no_wait and sent == 0):
+            self._deliver(reply, FakeMsg("end", "408" if sent else "404"))
+        else:
+            self.waiting.append([reply, batch - sent])
 
     def push(self, msg: FakeMsg) -> None:
-        if self.lingering:
-            self.lingering -= 1
-            self.out.put_nowait(msg)
+        if self.waiting:
+            self.waiting[0][1] -= 1
+            self._deliver(self.waiting[0][0], msg)
+            if not self.waiting[0][1]:
+                self.waiting.pop(0)
         else:
             self.stored.append(msg)
 
     def expire(self) -> None:
-        if self.lingering:
-            self.lingering = 0
-            self.out.put_nowait(None)
+        for reply, _ in self.waiting:
+            self._deliver(reply, FakeMsg("end", "408"))
+        self.waiting.clear()
 
-    async def next(self):
-        return await self.out.get()
+
+class FakeNats:
+    """What jetstream.Puller asks of a NATS client, wired to FakeConsumers by API subject."""
+
+    def __init__(self):
+        self.consumers: dict[str, FakeConsumer] = {}
+        self._subs: dict[str, object] = {}
+        self._n = 0
+
+    def consumer(self, name: str) -> FakeConsumer:
+        return self.consumers.setdefault(f"$JS.API.CONSUMER.MSG.NEXT.S.{name}", FakeConsumer(self._deliver))
+
+    def new_inbox(self) -> str:
+        self._n += 1
+        return f"_INBOX.{self._n}"
+
+    async def subscribe(self, subject, cb, pending_msgs_limit):
+        self._subs[subject] = cb
+        nc = self
+
+        class Sub:
+            async def unsubscribe(self):
+                nc._subs.pop(subject, None)
+        return Sub()
+
+    async def publish(self, subject, body, reply):
+        self.consumers[subject].next_request(reply, json.loads(body))
+
+    def _deliver(self, reply: str, msg: FakeMsg) -> None:
+        def send():
+            cb = self._subs.get(reply)
+            if cb is not None:
+                asyncio.ensure_future(cb(msg))
+        asyncio.get_running_loop().call_soon(send)
 
 
 class FakeResidency:
@@ -103,7 +143,8 @@ class FakeResidency:
 
 
 class SlotWorker:
-    """Slots and nothing else: what Lanes asks of a ModelWorker."""
+    """Slots and nothing else: what Lanes asks of a ModelWorker, with its timing: `start` takes
+    the slot at once, the request itself begins on a later loop turn."""
 
     def __init__(self, slots: int):
         self.slots = slots
@@ -111,10 +152,11 @@ class SlotWorker:
         self.started: list[str] = []
         self.handed_back: list[str] = []
         self.residency = FakeResidency()
+        self._starting = 0
         self._freed = asyncio.Event()
 
     def slots_now(self) -> int:
-        return max(0, self.slots - len(self.running))
+        return max(0, self.slots - len(self.running) - self._starting)
 
     async def wait_for_slot(self) -> int:
         while self.slots_now() <= 0:
@@ -123,8 +165,13 @@ class SlotWorker:
         return self.slots_now()
 
     def start(self, msg: FakeMsg) -> None:
-        self.running.append(msg)
+        self._starting += 1
         self.started.append(msg.name)
+
+        def begin():
+            self._starting -= 1
+            self.running.append(msg)
+        asyncio.get_running_loop().call_soon(begin)
 
     async def hand_back(self, msg: FakeMsg) -> None:
         self.handed_back.append(msg.name)
@@ -144,11 +191,14 @@ async def until(cond: Callable[[], bool], what: str) -> None:
 class Running:
     def __init__(self, slots: int, owed_after: int = lanes.OWED_AFTER):
         self.worker = SlotWorker(slots)
-        self.lanes = [FakeLane(), FakeLane(), FakeLane()]
+        self.nats = FakeNats()
+        self.consumers = [self.nats.consumer(p) for p in subjects.PRIORITIES]
+        self.lanes = [jetstream.Puller(self.nats, "S", p) for p in subjects.PRIORITIES]  # type: ignore[arg-type]
         self.loop = lanes.Lanes(self.worker, self.lanes, owed_after)  # type: ignore[arg-type]
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self):
+        await self.loop.start()
         self.task = asyncio.create_task(self.loop.run())
         return self
 
@@ -158,10 +208,19 @@ class Running:
 
     async def idle(self) -> None:
         """Every lane empty and lingering: the loop waits for an arrival."""
-        await until(lambda: all(lane.lingering for lane in self.lanes), "every lane has a lingering pull")
+        await until(lambda: all(c.waiting for c in self.consumers), "every lane has a lingering pull")
 
     def push(self, lane: int, name: str) -> None:
-        self.lanes[lane].push(FakeMsg(name))
+        self.consumers[lane].push(FakeMsg(name))
+
+    def held(self, lane: int) -> list[str]:
+        return [m.name for m, _ in self.loop.held[lane]]
+
+
+@pytest.fixture(autouse=True)
+def _patient_hold(monkeypatch):
+    """Held messages wait for a slot as long as a test needs (the one test of HOLD_S sets its own)."""
+    monkeypatch.setattr(lanes, "HOLD_S", 60.0)
 
 
 async def test_a_freed_slot_takes_the_highest_class_before_earlier_lower_ones():
@@ -173,12 +232,13 @@ async def test_a_freed_slot_takes_the_highest_class_before_earlier_lower_ones():
             r.push(LOW, name)
         r.push(NORMAL, "normal-1")   # its lane still lingers: held, not pushed into the full engine
         r.push(HIGH, "high-1")
-        await until(lambda: len(r.loop.held) == 2, "arrivals beyond the free slots are held")
+        await until(lambda: r.loop.holding == 2, "arrivals beyond the free slots are held")
         assert r.worker.started == ["blocker"]
         for _ in range(5):
             n = len(r.worker.started)
             r.worker.finish_all()
             await until(lambda: len(r.worker.started) == n + 1, "a freed slot takes one request")
+            assert len(r.worker.started) == n + 1, "one slot, one start (a start takes its slot at once)"
         assert r.worker.started == ["blocker", "high-1", "normal-1", "low-1", "low-2", "low-3"]
 
 
@@ -205,7 +265,7 @@ async def test_a_burst_fills_every_free_slot_highest_first():
         await r.idle()
         r.worker.slots = 0                       # full while the burst queues
         r.push(LOW, "low-0")
-        await until(lambda: LOW in r.loop.held, "held")
+        await until(lambda: r.held(LOW) == ["low-0"], "held")
         for i in range(3):
             r.push(LOW, f"low-{i + 1}")
             r.push(HIGH, f"high-{i}")
@@ -213,6 +273,7 @@ async def test_a_burst_fills_every_free_slot_highest_first():
         r.worker.finish_all()
         await until(lambda: len(r.worker.started) == 4, "four slots, four starts")
         assert r.worker.started == ["high-0", "high-1", "high-2", "low-0"]
+        assert r.consumers[LOW].stored, "the rest waits in its queue"
 
 
 async def test_what_is_held_when_the_engine_stops_serving_is_handed_back_and_heartbeated_before():
@@ -221,15 +282,48 @@ async def test_what_is_held_when_the_engine_stops_serving_is_handed_back_and_hea
         r.push(NORMAL, "running")
         await until(lambda: r.worker.started == ["running"], "started")
         r.push(HIGH, "held")
-        await until(lambda: HIGH in r.loop.held, "held")
-        held = r.loop.held[HIGH]
+        await until(lambda: r.held(HIGH) == ["held"], "held")
+        held = r.loop.held[HIGH][0][0]
         await r.loop.heartbeat()
         assert held.progress == 1, "a held message is heartbeated like one in flight"
         r.worker.residency.set(State.EVICTING)
-        r.lanes[LOW].expire()                    # the loop wakes (as it does when a pull ends)
+        r.consumers[LOW].expire()                # the loop wakes (as it does when a pull ends)
         await until(lambda: r.worker.handed_back == ["held"], "handed back, not kept through an eviction")
-        assert not r.loop.held and r.worker.started == ["running"]
+        assert not r.loop.holding and r.worker.started == ["running"]
         r.worker.residency.set(State.READY)
+
+
+async def test_a_message_held_with_no_slot_for_a_while_goes_back_for_another_worker(monkeypatch):
+    monkeypatch.setattr(lanes, "HOLD_S", 0.05)
+    async with Running(slots=1) as r:
+        await r.idle()
+        r.push(LOW, "a")
+        await until(lambda: r.worker.started == ["a"], "started")
+        r.push(HIGH, "h")
+        await until(lambda: r.worker.handed_back == ["h"], "handed back once HOLD_S passed with no slot")
+        assert r.worker.started == ["a"] and not r.loop.holding
+
+
+async def test_a_no_wait_pull_the_server_keeps_loses_nothing_and_starts_nothing_twice(monkeypatch):
+    """nats-server before 2.12.2 keeps a no-wait pull that found nothing, unanswered
+    (nats-io/nats-server#7457); it takes a later arrival, so the lane's next pull request's
+    message comes after that one was read. That message is held (heartbeated) at once, not left
+    unread in the inbox while the engine is full, and starts once."""
+    monkeypatch.setattr(jetstream, "NO_WAIT_REPLY_S", 0.05)
+    async with Running(slots=1) as r:
+        await r.idle()
+        r.consumers[NORMAL].keep_no_wait = True
+        r.consumers[NORMAL].expire()             # its lingering pull ends: the next sweep pulls it no-wait
+        await until(lambda: len(r.consumers[NORMAL].waiting) == 2, "a kept no-wait pull, then a lingering one")
+        r.push(NORMAL, "n1")                     # to the kept pull: read as the lingering one's
+        await until(lambda: r.worker.started == ["n1"], "started")
+        r.push(NORMAL, "n2")                     # to the lingering pull, already answered as far as we know
+        await until(lambda: r.held(NORMAL) == ["n2"], "held at once, not left unread")
+        await r.loop.heartbeat()
+        assert r.loop.held[NORMAL][0][0].progress == 1
+        r.worker.finish_all()
+        await until(lambda: r.worker.started == ["n1", "n2"], "and started when a slot frees")
+        assert not r.loop.holding and not r.worker.handed_back
 
 
 async def test_cancelled_it_hands_back_what_it_holds():
@@ -239,5 +333,27 @@ async def test_cancelled_it_hands_back_what_it_holds():
         r.push(LOW, "a")
         await until(lambda: r.worker.started == ["a"], "started")
         r.push(NORMAL, "b")
-        await until(lambda: NORMAL in r.loop.held, "held")
+        await until(lambda: r.held(NORMAL) == ["b"], "held")
     assert r.worker.handed_back == ["b"]
+
+
+async def test_a_start_takes_its_slot_before_the_request_runs(tmp_path):
+    """What Lanes counts on: ModelWorker.start takes the slot at once, not when its task runs."""
+    from roundhouse.catalogue import ModelSpec
+    from worker_svc.config import WorkerConfig
+    from worker_svc.worker import ModelWorker
+
+    worker = ModelWorker(WorkerConfig(model=ModelSpec(name="m", path=str(tmp_path), max_model_len=64,
+                                                      default_max_tokens=16, max_num_seqs=2)))
+
+    class Undecodable(FakeMsg):
+        async def term(self):
+            self.termed = True
+
+    msg = Undecodable("x")
+    msg.data, msg.subject = b"\xff\xff", subjects.request_subject("m")
+    assert worker.slots_now() == 2
+    worker.start(msg)
+    assert worker.slots_now() == 1, "taken before the loop runs the request"
+    await until(lambda: getattr(msg, "termed", False), "the request ran (and, undecodable, was refused)")
+    assert worker.slots_now() == 2

@@ -68,6 +68,22 @@ def test_requests_handed_to_no_engine_are_demand():
     assert e.queue_depth == 0 and e.in_flight == 1
 
 
+def test_the_highest_class_waiting_reaches_the_policy_even_when_handed_to_no_engine():
+    from manager_svc.policy import Phase
+    from roundhouse.jetstream import Depth
+
+    e = Manager(CAT, "nats://unused").entry("m")
+    e.address = "10.0.0.1:7000"
+    e.phase = Phase.UNLOADED
+    e.set_queue(2, 1, 5.0, Depth(pending=(0, 0, 2), acked=(1, 0, 0)))
+    assert e.view(5.0).lane == 0, "a high request a dead worker took is still a high request"
+    e.set_queue(2, 0, 6.0, Depth(pending=(0, 0, 2), acked=(0, 0, 0)))
+    assert e.view(6.0).lane == 2, "only low requests wait"
+    e.phase = Phase.READY
+    e.set_queue(1, 1, 7.0, Depth(pending=(0, 1, 0), acked=(1, 0, 0)))
+    assert e.view(7.0).lane == 1, "resident: what its engine holds is no demand"
+
+
 @pytest.mark.parametrize("marked", [True, False])
 async def test_a_load_that_breaks_because_the_worker_died_is_not_a_model_failure(marked):
     """Worker.Load failing with the worker's mark is the model's failure (FAILED, backoff); the
