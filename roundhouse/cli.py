@@ -55,10 +55,12 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # NATS with one user per role, fresh passwords each run (roundhouse.natsauth). Each service
     # gets its role's URL in its environment, never on a command line others can read.
-    passwords = natsauth.new_passwords()
+    tenants = [t.name for t in cat.tenants]
+    passwords = natsauth.new_passwords(tenants)
     nats = await natsd.start_async(var / "jetstream", a.nats_port or None, durable=True,
-                                   authorization=natsauth.authorization(passwords), log_file=run_dir / "nats.log")
-    creds = {role: natsauth.url(nats.url, role, passwords[role]) for role in natsauth.ROLES}
+                                   authorization=natsauth.authorization(passwords, tenants), log_file=run_dir / "nats.log")
+    creds = {user: natsauth.url(nats.url, user, passwords[user]) for user in natsauth.users(tenants)}
+    job_urls = _write_job_urls(run_dir, {u: creds[u] for u in natsauth.users(tenants) if u.startswith("jobs")})
     common = ["--config", str(config_path), "--log-level", a.log_level]
     services: list[stack.ServiceProcess] = []
     supervisors: list[stack.Supervisor] = []
@@ -92,6 +94,8 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
               f"manager {manager_address}  NATS {nats.url}", flush=True)
         print(f"roundhouse: metrics: {web}://{a.host}:{router.info['http_port']}/metrics (router), "
               f"http://{a.host}:{manager.info.get('metrics_port')}/metrics (manager)", flush=True)
+        print(f"roundhouse: async jobs over NATS: connect with the URL in {job_urls} and inbox_prefix "
+              f"{natsauth.inbox_prefix('jobs')!r} (README: Async jobs over NATS)", flush=True)
         print(f"roundhouse: models {models}{' + auto' if cat.routing else ''}; each loads on its first request "
               f"(or `roundhouse load MODEL`). Logs under {run_dir}. Ctrl-C stops everything.", flush=True)
         for s in services:
@@ -106,6 +110,17 @@ async def _up(a: argparse.Namespace, stop: asyncio.Event) -> None:
         await stack.stop_all(services)
         nats.stop()
         print("roundhouse: stopped", flush=True)
+
+
+def _write_job_urls(run_dir: pathlib.Path, urls: dict[str, str]) -> pathlib.Path:
+    """Each job-client NATS user's URL (with this run's password) in run_dir/nats-<user>.url,
+    readable by this user only; returns the `jobs` one's path."""
+    for user, url in urls.items():
+        path = run_dir / f"nats-{user}.url"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(url + "\n")
+    return run_dir / "nats-jobs.url"
 
 
 def _say(line: str) -> None:
@@ -356,8 +371,9 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--router", default="127.0.0.1:50051")
     models.add_argument("--config", help="models YAML whose tls.public to trust")
     models.add_argument("--api-key", default=os.environ.get("ROUNDHOUSE_API_KEY", ""), help="env ROUNDHOUSE_API_KEY")
-    sub.add_parser("nats-auth", help="nats-server's users block: one user per role, least privilege (passwords from "
-                                     "its environment: NATS_ROUTER_PASSWORD, ...)")
+    na = sub.add_parser("nats-auth", help="nats-server's users block: one user per role, least privilege (passwords from "
+                                          "its environment: NATS_ROUTER_PASSWORD, ...)")
+    na.add_argument("--config", help="a config whose tenants each get a job-client user (jobs-<tenant>)")
     cfg = sub.add_parser("config", help="the configuration file: its JSON Schema, or check one")
     cfg.add_argument("action", choices=["schema", "check"],
                      help="schema: print the JSON Schema (for editors: yaml-language-server, VS Code); "
@@ -424,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "nats-auth":
         from roundhouse import natsauth
 
-        print(natsauth.HEADER + natsauth.authorization(), end="")
+        from roundhouse import catalogue
+
+        tenants = [t.name for t in catalogue.load(a.config).tenants] if a.config else []
+        print(natsauth.HEADER + natsauth.authorization(tenants=tenants), end="")
         return 0
     if a.cmd in ("pin", "unpin", "load", "evict", "drain"):
         return asyncio.run(_admin(a))

@@ -210,6 +210,8 @@ class Puller:
     async def next(self) -> Msg | None:
         """The next delivery, or None once the current pull request is over."""
         while True:
+            if self.on_stray is not None and not self._expect and self._queue.empty():
+                return None   # it brought all it asked for: nothing more comes for it
             try:
                 async with asyncio.timeout(self._wait_s):
                     msg = await self._queue.get()

@@ -7,7 +7,11 @@
     worker    pulls requests and acks them, hands a request back (its `.back` subject only): it
               cannot queue a request, read a job or a counter, or speak for the manager
     jobs      a job client: submits jobs (request-reply) and follows their events; no JetStream
-              API at all, so it cannot read the rh-jobs bucket (another tenant's job) directly
+              API at all, so it cannot read the rh-jobs bucket (another tenant's job) directly;
+              its replies come to its own inbox prefix (`inbox_prefix`), the only inboxes it hears.
+              It follows the events of jobs submitted without tenants (rh.jobs.<id>.events)
+    jobs-<tenant>  one per tenant of the config: the same, following only that tenant's jobs
+              (rh.jobs.<tenant>.<id>.events); no wildcard reaches another tenant's
     observer  hears model events (`roundhouse up`'s progress lines)
 
 `roundhouse up` runs its nats-server with these users and fresh passwords; `roundhouse nats-auth`
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable
 
 from roundhouse import subjects
 
@@ -49,8 +54,27 @@ def _request_subjects(handback: bool = False) -> list[str]:
     return [subjects.request_pattern(p, handback) for p in subjects.PRIORITIES]
 
 
-def permissions() -> dict[str, dict]:
-    """Each role's NATS permissions (nats-server's `permissions` block)."""
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix a job client of NATS user `user` connects with (nats-py
+    `connect(inbox_prefix=...)`, nats.go `nats.CustomInboxPrefix`): its replies come there, and
+    it may listen nowhere else, so it cannot overhear another client's replies or a worker's
+    deliveries (which carry prompts) on `_INBOX.>`."""
+    return f"_INBOX.{user}"
+
+
+def tenant_user(tenant: str) -> str:
+    """The NATS user of `tenant`'s job clients."""
+    return f"jobs-{tenant}"
+
+
+def users(tenants: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every NATS user: the roles, then one job-client user per tenant."""
+    return (*ROLES, *(tenant_user(t) for t in tenants))
+
+
+def permissions(tenants: Iterable[str] = ()) -> dict[str, dict]:
+    """Each user's NATS permissions (nats-server's `permissions` block): the roles', and a job
+    client's for each of `tenants`."""
     inbox = "_INBOX.>"
     return {
         "router": {
@@ -60,6 +84,7 @@ def permissions() -> dict[str, dict]:
                 *_stream_admin(subjects.JOBS_STREAM), *_consumer(subjects.JOBS_STREAM, subjects.JOBS_RUNNERS),
                 subjects.JOBS_RUN, *(s for kv in _KV for s in _kv(kv)),
                 subjects.REQUEST_EVENTS, subjects.JOBS_CANCEL, subjects.job_events_subject("*"),
+                subjects.tenant_job_events("*"),
             ]},
             "subscribe": {"allow": [
                 inbox, f"{subjects.MODEL_EVENTS_PREFIX}.>", subjects.RESIDENCY_SNAPSHOTS,
@@ -79,32 +104,47 @@ def permissions() -> dict[str, dict]:
         },
         "jobs": {
             "publish": {"allow": [subjects.JOBS_SUBMIT]},
-            "subscribe": {"allow": [inbox, subjects.job_events_subject("*")]},
+            "subscribe": {"allow": [f"{inbox_prefix('jobs')}.>", subjects.job_events_subject("*")]},
         },
         "observer": {
             "publish": {"deny": [">"]},
             "subscribe": {"allow": [f"{subjects.MODEL_EVENTS_PREFIX}.>", subjects.RESIDENCY_SNAPSHOTS]},
         },
+        **{tenant_user(t): {
+            "publish": {"allow": [subjects.JOBS_SUBMIT]},
+            "subscribe": {"allow": [f"{inbox_prefix(tenant_user(t))}.>", subjects.tenant_job_events(t)]},
+        } for t in tenants},
     }
 
 
-HEADER = ("# Written by `roundhouse nats-auth` (roundhouse/natsauth.py): one NATS user per Roundhouse role, each\n"
-          "# allowed only what it needs. Passwords come from nats-server's environment (NATS_ROUTER_PASSWORD, ...);\n"
-          "# each service's URL carries its role's (nats://router:PASSWORD@nats:4222).\n")
+HEADER = ("# Written by `roundhouse nats-auth --config FILE` (roundhouse/natsauth.py): one NATS user\n"
+          "# per Roundhouse role, and one job-client user per tenant, each allowed only what it needs. Passwords\n"
+          "# come from nats-server's environment (NATS_ROUTER_PASSWORD, ..., NATS_JOBS_DEFAULT_PASSWORD); each\n"
+          "# service's URL carries its role's (nats://router:PASSWORD@nats:4222).\n")
 
 
-def new_passwords() -> dict[str, str]:
-    return {role: secrets.token_urlsafe(24) for role in ROLES}
+def new_passwords(tenants: Iterable[str] = ()) -> dict[str, str]:
+    return {user: secrets.token_urlsafe(24) for user in users(tenants)}
 
 
-def authorization(passwords: dict[str, str] | None = None) -> str:
-    """nats-server's `authorization` block. `passwords`: each role's; None writes `$NATS_<ROLE>_PASSWORD`
-    (nats-server reads them from its environment)."""
-    users = []
-    for role, perms in permissions().items():
-        password = json.dumps(passwords[role]) if passwords else f"$NATS_{role.upper()}_PASSWORD"
-        users.append(f"    {{user: {role}, password: {password}, permissions: {json.dumps(perms)}}}")
-    return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
+def password_variable(user: str) -> str:
+    """The environment variable nats-server reads `user`'s password from (NATS_JOBS_TEAM_A_PASSWORD)."""
+    return f"NATS_{user.upper().replace('-', '_')}_PASSWORD"
+
+
+def authorization(passwords: dict[str, str] | None = None, tenants: Iterable[str] = ()) -> str:
+    """nats-server's `authorization` block. `passwords`: each user's; None writes `$NATS_<USER>_PASSWORD`
+    (nats-server reads them from its environment). `tenants`: a job-client user for each."""
+    tenants = tuple(tenants)
+    variables = [password_variable(u) for u in users(tenants)]
+    clash = next((v for v in variables if variables.count(v) > 1), None)
+    if clash:
+        raise ValueError(f"two tenants' job users would share the password variable {clash}: rename one")
+    lines = []
+    for user, perms in permissions(tenants).items():
+        password = json.dumps(passwords[user]) if passwords else f"${password_variable(user)}"
+        lines.append(f"    {{user: {user}, password: {password}, permissions: {json.dumps(perms)}}}")
+    return "authorization {\n  users = [\n" + "\n".join(lines) + "\n  ]\n}\n"
 
 
 def url(base: str, role: str, password: str) -> str:

@@ -107,5 +107,14 @@ JOBS_CANCEL = "rh.jobs.cancel"             # core: payload is a job id; every ro
 JOBS_BUCKET = "rh-jobs"                    # key-value bucket: job id -> Job (JSON)
 
 
-def job_events_subject(job_id: str) -> str:
-    return f"rh.jobs.{job_id}.events"
+def job_events_subject(job_id: str, tenant: str = "") -> str:
+    """Where a job's events go: `rh.jobs.<job_id>.events`, or with tenants
+    `rh.jobs.<tenant>.<job_id>.events`, so that NATS can let each tenant's job clients follow
+    their own jobs and no one else's (roundhouse/natsauth.py). Job ids and tenant names are
+    letters, digits, _ and -: one token each."""
+    return f"rh.jobs.{tenant}.{job_id}.events" if tenant else f"rh.jobs.{job_id}.events"
+
+
+def tenant_job_events(tenant: str) -> str:
+    """Every job event of `tenant` (a NATS wildcard); "*" for every tenant's."""
+    return job_events_subject("*", tenant)

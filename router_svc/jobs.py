@@ -317,7 +317,7 @@ class Jobs:
     async def _conclude(self, job_id: str, attempt: int, msg, change: Callable[[router_pb2.Job], bool]) -> router_pb2.Job:
         """Records the run's outcome, tells the job's followers, and only then acks its message."""
         job = await self._update(job_id, change)
-        await self._events(job_id, attempt, {"job": json.loads(to_json(job))})
+        await self._events(job_id, attempt, {"job": json.loads(to_json(job))}, job.tenant)
         await msg.ack()
         if job.state in _TERMINAL:
             metrics.JOBS.labels(job.model, router_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()).inc()
@@ -339,7 +339,8 @@ class Jobs:
             # QueueFull goes to the caller: it waits and retries
             admitted = self._gw.admit(request, endpoint="job", parent=parent, tenant=tenant)
             async for ev in self._gw.stream(admitted):
-                await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)})
+                await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)},
+                                   tenant.name)
                 kind = ev.WhichOneof("event")
                 if kind == "delta":
                     out.text += ev.delta.text
@@ -361,9 +362,10 @@ class Jobs:
             out.error.CopyFrom(common_pb2.ErrorDetail(code="INTERNAL", message="roundhouse: the stream ended without a result"))
         return out
 
-    async def _events(self, job_id: str, attempt: int, payload: dict) -> None:
+    async def _events(self, job_id: str, attempt: int, payload: dict, tenant: str) -> None:
+        """To the job's followers: its tenant's subject (subjects.job_events_subject)."""
         with contextlib.suppress(nats.errors.Error):
-            await self._nc.publish(subjects.job_events_subject(job_id),
+            await self._nc.publish(subjects.job_events_subject(job_id, tenant),
                                    json.dumps({"job_id": job_id, "attempt": attempt, **payload}).encode())
 
     async def _heartbeat(self, msg) -> None:

@@ -9,12 +9,13 @@ across lanes is decided here, each time slots are free:
   - no lane waits forever: a lower lane not tried for OWED_AFTER starts is tried first, for one
     request (so under a flood of high requests a low one still starts at least once in every
     OWED_AFTER + 1, where it has one waiting);
-  - when every lane is empty, each gets a pull request that lingers (batch 1), so an arrival in
-    any class starts at once. Such a pull can deliver after the slots filled up: the message is
-    *held* (heartbeated) and started when its lane's turn comes, not pushed into an engine that
-    is full, where it would start before higher requests that came later. A message held for
-    HOLD_S with no slot free is handed back (a copy, at the end of its class's queue), so that
-    another worker of the model can take it;
+  - when every lane is empty, each gets a pull request that lingers (for as many as there are
+    free slots), and what it brings starts as it comes while a slot is free and nothing of its
+    class or higher is held: an idle worker starts an arrival of any class at once. Arrivals
+    beyond the free slots are *held* (heartbeated) and started when their lane's turn comes, not
+    pushed into an engine that is full, where they would start before higher requests that came
+    later. A message held for HOLD_S with no slot free is handed back (a copy, at the end of its
+    class's queue), so that another worker of the model can take it;
   - a message no request being read asked for (a pull request given up on whose reply came
     late: jetstream.Puller's `on_stray`) is held the same way: nothing delivered waits unread.
 
@@ -120,15 +121,15 @@ class Lanes:
                     continue
                 if await self._sweep(free):
                     continue
-                for i, lane in enumerate(self._lanes):   # every lane empty: wait for the first arrival
+                for i, lane in enumerate(self._lanes):   # every lane empty: arrivals start as they come
                     if i not in self._polls:
                         try:
-                            await lane.request(1)
+                            await lane.request(min(free, jetstream.PULL_BATCH_MAX))
                         except nats.errors.Error as e:
                             log.warning("lanes.pull_failed", error=repr(e))
                             await asyncio.sleep(FAILED_PULL_BACKOFF_S)  # back off: the connection is reconnecting
                             break
-                        self._polls[i] = asyncio.create_task(lane.next(), name=f"lane-{subjects.PRIORITIES[i]}")
+                        self._polls[i] = asyncio.create_task(self._linger(i), name=f"lane-{subjects.PRIORITIES[i]}")
                 await self._wait(None)
         finally:
             polls = list(self._polls.values())
@@ -148,15 +149,30 @@ class Lanes:
         self.held[i].append((msg, self._clock()))
         self._arrived.set()
 
+    async def _linger(self, i: int) -> None:
+        """Reads lane i's lingering pull to its end, each message as it comes (`_arrived_on`)."""
+        lane = self._lanes[i]
+        while (msg := await lane.next()) is not None:
+            self._arrived_on(i, msg)
+
+    def _arrived_on(self, i: int, msg: Msg) -> None:
+        """A lingering pull brought `msg`: it starts now if a slot is free and nothing of its
+        class or higher waits here for one; else it is held for its turn."""
+        if (self._worker.residency.state is State.READY and self._worker.slots_now() > 0
+                and not any(self.held[j] for j in range(i + 1))):
+            self.picks += 1
+            self._worker.start(msg)
+        else:
+            self._hold(i, msg)
+
     def _harvest(self) -> None:
-        """Lingering pulls that ended: the message each brought, if any, is held for its turn."""
+        """Lingering pulls that ended: their lanes are tried (and may be pulled again)."""
         for i, task in list(self._polls.items()):
             if task.done():
                 del self._polls[i]
                 self._tried_at[i] = self.picks
-                msg = None if task.cancelled() else task.result()
-                if msg is not None:
-                    self.held[i].append((msg, self._clock()))
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("lanes.linger_failed", lane=subjects.PRIORITIES[i], error=repr(task.exception()))
 
     def _next_overdue(self, now: float) -> float | None:
         """Seconds until the oldest held message has waited HOLD_S; None when none is held."""

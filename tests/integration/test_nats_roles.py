@@ -24,15 +24,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 class Client:
     """One role's connection, recording the permission violations nats-server reports."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, user: str = ""):
         self.url = url
         self.violations: list[str] = []
         self.nc: nats.NATS | None = None
+        # a job client's replies come to its own inbox prefix (the only inboxes it may hear)
+        self._inbox = natsauth.inbox_prefix(user) if user.startswith("jobs") else "_INBOX"
 
     async def __aenter__(self) -> "Client":
         async def error(e: Exception) -> None:
             self.violations.append(str(e))
-        self.nc = await nats.connect(self.url, error_cb=error, allow_reconnect=False)
+        self.nc = await nats.connect(self.url, error_cb=error, allow_reconnect=False, inbox_prefix=self._inbox)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -66,10 +68,11 @@ def _api(subject: str):
 
 
 async def test_each_role_may_do_only_its_part(tmp_path, models):
-    passwords = natsauth.new_passwords()
-    server = await natsd.start_async(tmp_path / "js", authorization=natsauth.authorization(passwords),
+    tenants = ("team-a", "team-b")
+    passwords = natsauth.new_passwords(tenants)
+    server = await natsd.start_async(tmp_path / "js", authorization=natsauth.authorization(passwords, tenants),
                                      log_file=tmp_path / "nats.log")
-    url = {role: natsauth.url(server.url, role, passwords[role]) for role in natsauth.ROLES}
+    url = {user: natsauth.url(server.url, user, passwords[user]) for user in natsauth.users(tenants)}
     router = Router(RouterConfig(catalogue=models, nats_url=url["router"], port=0, http_port=-1, publish_timeout_s=30.0,
                                  job_ack_wait_s=TEST_ACK_WAIT_S))
     request_subject = subjects.request_subject("tiny-0")
@@ -87,7 +90,15 @@ async def test_each_role_may_do_only_its_part(tmp_path, models):
             assert await worker.refused(_api(f"$JS.API.STREAM.INFO.KV_{subjects.JOBS_BUCKET}")), "it reads no job"
             assert await worker.refused(_publish(subjects.model_event_subject("tiny-0"))), "it speaks not for the manager"
             assert await worker.refused(_publish(subjects.JOBS_RUN))
-        async with Client(url["jobs"]) as client:
+        async with Client(url["jobs-team-a"], "jobs-team-a") as client:
+            assert not await client.refused(_subscribe(subjects.tenant_job_events("team-a"))), "it follows its own jobs"
+            assert await client.refused(_subscribe(subjects.tenant_job_events("team-b"))), "not another tenant's"
+            assert await client.refused(_subscribe(subjects.tenant_job_events("*"))), "nor every tenant's"
+            assert await client.refused(_subscribe(subjects.job_events_subject("*")))
+            assert await client.refused(_subscribe("_INBOX.>")), "nor other clients' replies, nor workers' deliveries"
+        async with Client(url["jobs"], "jobs") as client:
+            assert await client.refused(_subscribe("_INBOX.>"))
+            assert await client.refused(_subscribe(subjects.tenant_job_events("*")))
             assert await client.refused(_api(f"$JS.API.DIRECT.GET.KV_{subjects.JOBS_BUCKET}.$KV.{subjects.JOBS_BUCKET}.x")), \
                 "a job client reads no stored job (another tenant's)"
             assert await client.refused(_publish(request_subject))

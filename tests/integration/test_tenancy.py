@@ -141,24 +141,32 @@ async def test_keys_are_required_and_a_tenant_sees_and_uses_only_its_models(tena
         assert events[-1].WhichOneof("event") == "finished"
 
         # A job belongs to the tenant that submitted it (NATS, key in a header); another cannot see it.
+        # Its events go to its tenant's subject (NATS lets only that tenant's job clients follow it).
         nc = await nats.connect(tenancy_stack.nats_url)
+        followed: list[dict] = []
+
+        async def on_event(msg) -> None:
+            followed.append(json.loads(msg.data))
         try:
+            await nc.subscribe(subjects.job_events_subject("tenant-job-1", "open"), cb=on_event)
             refused = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(_chat()).encode(), timeout=60)).data)
             assert refused["error"]["code"] == "UNAUTHENTICATED"
-            reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps(_chat()).encode(), timeout=60,
-                                                 headers=_auth("open"))).data)
+            reply = json.loads((await nc.request(subjects.JOBS_SUBMIT, json.dumps({**_chat(), "job_id": "tenant-job-1"}).encode(),
+                                                 timeout=60, headers=_auth("open"))).data)
             assert reply["tenant"] == "open", reply
+            job = router_pb2.JobRequest(job_id=reply["job_id"])
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["other"]),))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+            async def succeeded() -> bool:
+                got = await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["open"]),))
+                return got.state == router_pb2.JOB_STATE_SUCCEEDED
+            await eventually(succeeded, 120, "the job ran as its tenant")
+            await eventually(lambda: any(ev.get("job", {}).get("state") == "JOB_STATE_SUCCEEDED" for ev in followed), 30,
+                             "its events came on its tenant's subject")
         finally:
             await nc.close()
-        job = router_pb2.JobRequest(job_id=reply["job_id"])
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["other"]),))
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
-
-        async def succeeded() -> bool:
-            got = await stub.GetJob(job, timeout=10, metadata=(("authorization", KEYS["open"]),))
-            return got.state == router_pb2.JOB_STATE_SUCCEEDED
-        await eventually(succeeded, 120, "the job ran as its tenant")
 
     logs = capfd.readouterr()
     assert "auth.refused" in logs.err

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import pathlib
 import signal
 import sys
 import time
 
+import nats
 import openai
 import psutil
 import pytest
@@ -28,6 +31,7 @@ class Up:
     proc: asyncio.subprocess.Process
     http: str
     seen: list[str]
+    var: pathlib.Path
 
     def client(self, timeout: float = 180) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.http, api_key="unused", max_retries=0, timeout=timeout)
@@ -51,7 +55,7 @@ async def up(tmp_path_factory):
     seen: list[str] = []
     try:
         ready = await read_until(proc.stdout, r"ready\. gRPC (\S+)\s+HTTP (http://\S+)", seen, 180)
-        yield Up(proc, ready.group(2), seen)
+        yield Up(proc, ready.group(2), seen, var)
     finally:
         if proc.returncode is None:  # a test before the last one failed: do not leave it running
             for p in psutil.Process(proc.pid).children(recursive=True):
@@ -71,6 +75,29 @@ async def test_up_serves_a_request_and_shows_progress(up):
     assert any("chat: loading" in line for line in up.seen)
     names = " ".join(p.name() for p in up.family())
     assert "nats-server" in names and len(up.family()) >= 4, f"nats-server, 3 workers, an engine: {names}"
+
+
+async def test_a_job_client_follows_the_readme_recipe(up):
+    """Async jobs over NATS as the README shows them: the URL `up` wrote (this run's password,
+    readable by its owner only), the job clients' inbox prefix, events on the job's subject."""
+    path = up.var / "run" / "nats-jobs.url"
+    assert path.stat().st_mode & 0o777 == 0o600 and any(str(path) in line for line in up.seen)
+    nc = await nats.connect(path.read_text().strip(), inbox_prefix="_INBOX.jobs", allow_reconnect=False)
+    try:
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg) -> None:
+            ev = json.loads(msg.data)
+            if "job" in ev and not done.done():
+                done.set_result(ev["job"])
+        await nc.subscribe("rh.jobs.up-job-1.events", cb=on_event)
+        body = {"job_id": "up-job-1", "model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        reply = json.loads((await nc.request("rh.jobs.submit", json.dumps(body).encode(), timeout=60)).data)
+        assert reply["state"] == "JOB_STATE_QUEUED", reply
+        job = await asyncio.wait_for(done, 120)
+        assert job["state"] == "JOB_STATE_SUCCEEDED" and job["text"], job
+    finally:
+        await nc.close()
 
 
 async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up):

@@ -191,11 +191,20 @@ def test_kubernetes_services_probes_config_maps_and_commands_agree():
 _ROLE_OF = {"manager-svc": "manager", "router-svc": "router", "roundhouse": "worker"}
 
 
+def _deploy_tenants() -> list[str]:
+    """The tenants of the deploy configs (each gets a job-client NATS user); both configs have the same."""
+    names = [[t["name"] for t in yaml.safe_load((DEPLOY / "config" / f).read_text()).get("tenants") or []]
+             for f in ("h100.yaml", "h200.yaml")]
+    assert names[0] == names[1]
+    return names[0]
+
+
 def test_nats_runs_one_user_per_role_as_roundhouse_nats_auth_writes_it():
     from roundhouse import natsauth
 
-    written = natsauth.HEADER + natsauth.authorization()
-    assert (DEPLOY / "nats" / "auth.conf").read_text() == written, "run `roundhouse nats-auth > deploy/nats/auth.conf`"
+    written = natsauth.HEADER + natsauth.authorization(tenants=_deploy_tenants())
+    assert (DEPLOY / "nats" / "auth.conf").read_text() == written, \
+        "run `roundhouse nats-auth --config deploy/config/h100.yaml > deploy/nats/auth.conf`"
     assert re.search(r"^include \./auth\.conf", (DEPLOY / "nats" / "nats.conf").read_text(), re.M)
     config_map = next(d for d in _k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nats-config")
     assert config_map["data"]["auth.conf"] == written and "include ./auth.conf" in config_map["data"]["nats.conf"]
@@ -206,7 +215,7 @@ def test_every_service_connects_to_nats_as_its_role():
 
     doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     nats_env = doc["services"]["nats"]["environment"]
-    assert {f"NATS_{r.upper()}_PASSWORD" for r in natsauth.ROLES} <= set(nats_env)
+    assert {natsauth.password_variable(u) for u in natsauth.users(_deploy_tenants())} <= set(nats_env)
     for name, svc in doc["services"].items():
         if svc.get("image", "").split(":")[0] != "roundhouse":
             continue

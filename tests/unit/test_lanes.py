@@ -260,6 +260,16 @@ async def test_a_lower_class_is_never_starved():
     assert [n for n in started if n.startswith("low")] == sorted(n for n in started if n.startswith("low")), "FIFO within a class"
 
 
+async def test_an_idle_worker_starts_arrivals_of_any_class_as_they_come():
+    async with Running(slots=8) as r:
+        await r.idle()
+        assert [c.waiting[0][1] for c in r.consumers] == [8] * 3, "each lane lingers for as many as are free"
+        for name, lane in (("low-0", LOW), ("normal-0", NORMAL), ("low-1", LOW), ("high-0", HIGH)):
+            r.push(lane, name)
+        await until(lambda: len(r.worker.started) == 4, "each started as it came")
+        assert sorted(r.worker.started) == ["high-0", "low-0", "low-1", "normal-0"] and not r.loop.holding
+
+
 async def test_a_burst_fills_every_free_slot_highest_first():
     async with Running(slots=4) as r:
         await r.idle()
@@ -273,7 +283,7 @@ async def test_a_burst_fills_every_free_slot_highest_first():
         r.worker.finish_all()
         await until(lambda: len(r.worker.started) == 4, "four slots, four starts")
         assert r.worker.started == ["high-0", "high-1", "high-2", "low-0"]
-        assert r.consumers[LOW].stored, "the rest waits in its queue"
+        assert r.held(LOW) == ["low-1", "low-2", "low-3"], "the rest its lingering pull brought waits its turn"
 
 
 async def test_what_is_held_when_the_engine_stops_serving_is_handed_back_and_heartbeated_before():
