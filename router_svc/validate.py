@@ -91,8 +91,8 @@ def admit(
         raise InvalidRequest("max_tokens", f"must be > 0, got {s.max_tokens}")
     if s.HasField("max_tokens") and s.max_tokens > spec.token_limit:
         raise InvalidRequest("max_tokens", f"{s.max_tokens} is above the limit of {spec.token_limit} for model {spec.name}")
-    if s.HasField("temperature") and not (s.temperature >= 0 and math.isfinite(s.temperature)):
-        raise InvalidRequest("temperature", f"must be >= 0, got {s.temperature}")
+    if s.HasField("temperature") and not 0 <= s.temperature <= 2:   # OpenAI's range, and vLLM's (NaN fails too)
+        raise InvalidRequest("temperature", f"must be in [0, 2], got {s.temperature}")
     if s.HasField("top_p") and not (0 < s.top_p <= 1):
         raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
     if s.HasField("top_k") and s.top_k < -1:

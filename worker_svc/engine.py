@@ -534,6 +534,7 @@ class Engine:
         are; else it renders `chat` with the model's template, or tokenizes `prompt`."""
         from vllm.inputs import TokensPrompt
         # Not `from vllm import SamplingParams`: vllm's lazy __getattr__ imports on every call.
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -552,7 +553,7 @@ class Engine:
                 raise InvalidRequest("model", f"adapter {adapter!r} is not configured on model {self.spec.served_name}")
         try:
             params = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, VLLMClientError) as e:  # VLLMValidationError is no ValueError (vLLM 0.32)
             raise InvalidRequest("sampling", str(e)) from e
         completion = 0
         try:
@@ -571,7 +572,7 @@ class Engine:
             raise EngineDead(f"engine died: {e}") from e
         except EngineGenerateError as e:
             raise GenerationFailed(f"generation failed: {e}") from e
-        except ValueError as e:  # vLLM's input checks (prompt too long for the context, ...)
+        except (ValueError, VLLMClientError) as e:  # vLLM's input checks (prompt too long for the context, ...)
             raise InvalidRequest("prompt", str(e)) from e
 
     async def abort(self, request_ids: Sequence[str]) -> None:

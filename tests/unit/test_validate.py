@@ -59,6 +59,8 @@ def test_default_max_tokens_is_clamped_to_the_room_left_in_the_context():
         (req(max_tokens=81), InvalidRequest, "max_tokens"),
         (req(temperature=-0.01), InvalidRequest, "temperature"),
         (req(temperature=float("nan")), InvalidRequest, "temperature"),
+        (req(temperature=2.01), InvalidRequest, "temperature"),   # vLLM refuses above 2: refused here, not retried there
+        (req(temperature=6.27e16), InvalidRequest, "temperature"),
         (req(top_p=0.0), InvalidRequest, "top_p"),
         (req(top_p=1.01), InvalidRequest, "top_p"),
         (req(top_k=-2), InvalidRequest, "top_k"),
