@@ -55,10 +55,10 @@ def _request_subjects(handback: bool = False) -> list[str]:
 
 
 def inbox_prefix(user: str) -> str:
-    """The inbox prefix a job client of NATS user `user` connects with (nats-py
-    `connect(inbox_prefix=...)`, nats.go `nats.CustomInboxPrefix`): its replies come there, and
-    it may listen nowhere else, so it cannot overhear another client's replies or a worker's
-    deliveries (which carry prompts) on `_INBOX.>`."""
+    """The inbox prefix a client of NATS user `user` connects with (nats-py
+    `connect(inbox_prefix=...)`, nats.go `nats.CustomInboxPrefix`; the services do it in
+    roundhouse.natsconn): its replies come there, and it may listen nowhere else, so it cannot
+    overhear another role's replies or a worker's deliveries (which carry prompts) on `_INBOX.>`."""
     return f"_INBOX.{user}"
 
 
@@ -74,8 +74,10 @@ def users(tenants: Iterable[str] = ()) -> tuple[str, ...]:
 
 def permissions(tenants: Iterable[str] = ()) -> dict[str, dict]:
     """Each user's NATS permissions (nats-server's `permissions` block): the roles', and a job
-    client's for each of `tenants`."""
-    inbox = "_INBOX.>"
+    client's for each of `tenants`. Each listens only under its own inbox prefix (services
+    connect with it: roundhouse.natsconn), so no role overhears another's replies."""
+    def inbox(user: str) -> str:
+        return f"{inbox_prefix(user)}.>"
     return {
         "router": {
             "publish": {"allow": [
@@ -87,7 +89,7 @@ def permissions(tenants: Iterable[str] = ()) -> dict[str, dict]:
                 subjects.tenant_job_events("*"),
             ]},
             "subscribe": {"allow": [
-                inbox, f"{subjects.MODEL_EVENTS_PREFIX}.>", subjects.RESIDENCY_SNAPSHOTS,
+                inbox("router"), f"{subjects.MODEL_EVENTS_PREFIX}.>", subjects.RESIDENCY_SNAPSHOTS,
                 subjects.max_deliveries_subject(), subjects.JOBS_SUBMIT, subjects.JOBS_CANCEL,
             ]},
             "allow_responses": True,   # replies to job submissions
@@ -95,16 +97,16 @@ def permissions(tenants: Iterable[str] = ()) -> dict[str, dict]:
         "manager": {
             "publish": {"allow": [f"{subjects.MODEL_EVENTS_PREFIX}.>", subjects.RESIDENCY_SNAPSHOTS, f"{API}.INFO",
                                   *_stream_admin(_REQ), f"{API}.CONSUMER.INFO.{_REQ}.*"]},
-            "subscribe": {"allow": [inbox, subjects.REQUEST_EVENTS]},
+            "subscribe": {"allow": [inbox("manager"), subjects.REQUEST_EVENTS]},
         },
         "worker": {
             "publish": {"allow": [*_request_subjects(handback=True), f"{API}.INFO",
                                   *_stream_admin(_REQ), *_consumer(_REQ)]},
-            "subscribe": {"allow": [inbox]},
+            "subscribe": {"allow": [inbox("worker")]},
         },
         "jobs": {
             "publish": {"allow": [subjects.JOBS_SUBMIT]},
-            "subscribe": {"allow": [f"{inbox_prefix('jobs')}.>", subjects.job_events_subject("*")]},
+            "subscribe": {"allow": [inbox("jobs"), subjects.job_events_subject("*")]},
         },
         "observer": {
             "publish": {"deny": [">"]},
@@ -112,7 +114,7 @@ def permissions(tenants: Iterable[str] = ()) -> dict[str, dict]:
         },
         **{tenant_user(t): {
             "publish": {"allow": [subjects.JOBS_SUBMIT]},
-            "subscribe": {"allow": [f"{inbox_prefix(tenant_user(t))}.>", subjects.tenant_job_events(t)]},
+            "subscribe": {"allow": [inbox(tenant_user(t)), subjects.tenant_job_events(t)]},
         } for t in tenants},
     }
 

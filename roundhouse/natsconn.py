@@ -6,10 +6,21 @@ these callbacks say the same in one structured line, and say when the connection
 """
 from __future__ import annotations
 
+import urllib.parse
+
 import nats
 import structlog
 
+from roundhouse import natsauth
+
 log = structlog.get_logger("nats")
+
+
+def _inbox_prefix(url: str) -> str:
+    """Its NATS user's own inbox prefix (`_INBOX.<user>`: the only inboxes its role may hear,
+    roundhouse.natsauth); NATS's default when the URL names no user."""
+    user = urllib.parse.urlsplit(url.split(",")[0].strip()).username
+    return natsauth.inbox_prefix(user) if user else "_INBOX"
 
 
 async def connect(url: str, name: str) -> nats.NATS:
@@ -23,5 +34,5 @@ async def connect(url: str, name: str) -> nats.NATS:
         log.info("nats.reconnected", connection=name, server=f"{nc.connected_url.hostname}:{nc.connected_url.port}" if nc.connected_url else "")  # never its password
 
     nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, error_cb=error,
-                            disconnected_cb=disconnected, reconnected_cb=reconnected)
+                            disconnected_cb=disconnected, reconnected_cb=reconnected, inbox_prefix=_inbox_prefix(url))
     return nc

@@ -28,8 +28,8 @@ class Client:
         self.url = url
         self.violations: list[str] = []
         self.nc: nats.NATS | None = None
-        # a job client's replies come to its own inbox prefix (the only inboxes it may hear)
-        self._inbox = natsauth.inbox_prefix(user) if user.startswith("jobs") else "_INBOX"
+        # each user's replies come to its own inbox prefix (the only inboxes it may hear)
+        self._inbox = natsauth.inbox_prefix(user) if user else "_INBOX"
 
     async def __aenter__(self) -> "Client":
         async def error(e: Exception) -> None:
@@ -81,7 +81,8 @@ async def test_each_role_may_do_only_its_part(tmp_path, models):
             await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
         await router.start()  # creates the streams, buckets and consumers it needs, on its own rights
 
-        async with Client(url["worker"]) as worker:
+        async with Client(url["worker"], "worker") as worker:
+            assert await worker.refused(_subscribe("_INBOX.router.>")), "it overhears no router's replies"
             assert await worker.refused(_publish(request_subject)), "a worker queues no request"
             assert not await worker.refused(_publish(subjects.handback_subject("tiny-0"))), "it hands one back"
             for priority in ("high", "low"):   # each priority class likewise
@@ -106,11 +107,12 @@ async def test_each_role_may_do_only_its_part(tmp_path, models):
             reply = json.loads((await client.nc.request(subjects.JOBS_SUBMIT, json.dumps(
                 {"model": "code", "prompt": "waits", "max_tokens": 2, "job_id": "roles-1"}).encode(), timeout=30)).data)
             assert reply["job_id"] == "roles-1" and reply["state"] == "JOB_STATE_QUEUED", reply
-        async with Client(url["manager"]) as manager:
+        async with Client(url["manager"], "manager") as manager:
+            assert await manager.refused(_subscribe("_INBOX.>"))
             assert await manager.refused(_publish(request_subject))
             assert await manager.refused(_api(f"$JS.API.STREAM.MSG.DELETE.{subjects.STREAM}"))
             assert not await manager.refused(_publish(subjects.RESIDENCY_SNAPSHOTS))
-        async with Client(url["observer"]) as observer:
+        async with Client(url["observer"], "observer") as observer:
             assert await observer.refused(_publish(subjects.REQUEST_EVENTS))
 
         # The router, on its own rights, runs the job (it waits: nobody serves tiny-1) and cancels it.
