@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from manager_svc.policy import RESIDENT, Phase, used_bytes
 from roundhouse.metrics import TRANSITION_BUCKETS
+from roundhouse.subjects import PRIORITIES
 
 LOADS = Counter("roundhouse_model_loads", "Models brought to serve, by how (load: a cold start; wake: from sleep) "
                 "and why (demand: requests queued; pinned; admin: roundhouse load)", ["model", "kind", "reason"])
@@ -51,6 +52,8 @@ class _ManagerGauges:
         pinned = GaugeMetricFamily("roundhouse_model_pinned", "1 while pinned resident", labels=["model"])
         queue = GaugeMetricFamily("roundhouse_model_queue_depth", "Requests queued for it that no worker took yet, as "
                                   "the manager last read its queue", labels=["model"])
+        by_class = GaugeMetricFamily("roundhouse_model_queue_depth_by_priority", "Of its queue depth, the requests of "
+                                     "each tenant priority class (high, normal, low)", labels=["model", "priority"])
         in_flight = GaugeMetricFamily("roundhouse_model_requests_in_flight", "Requests its worker holds",
                                       labels=["model"])
         backoff = GaugeMetricFamily("roundhouse_model_backoff_seconds", "Seconds until a failed or dead model may "
@@ -74,13 +77,15 @@ class _ManagerGauges:
                 sleep.add_metric([name], e.tier)
                 pinned.add_metric([name], 1.0 if e.pinned else 0.0)
                 queue.add_metric([name], e.queue_depth)
+                for priority, n in zip(PRIORITIES, e.lanes.pending if e.lanes is not None else (0,) * len(PRIORITIES)):
+                    by_class.add_metric([name, priority], n)
                 in_flight.add_metric([name], e.in_flight)
                 backoff.add_metric([name], max(0.0, e.backoff_until - now))
                 footprint.add_metric([name, e.spec.gpu], e.footprint)
             for gpu, b in m.budgets.items():
                 budget.add_metric([gpu], b)
                 used.add_metric([gpu], used_bytes(views, gpu))
-        yield from (state, tier, sleep, pinned, queue, in_flight, backoff, footprint, budget, used)
+        yield from (state, tier, sleep, pinned, queue, by_class, in_flight, backoff, footprint, budget, used)
 
 
 GAUGES = _ManagerGauges()

@@ -41,6 +41,7 @@ class Entry:
     reported_in_flight: int = 0
     queue_depth: int = 0
     top_lane: int = 1                 # the highest priority class with requests waiting (subjects.PRIORITIES index)
+    lanes: jetstream.Depth | None = None   # its queue per priority class, as last read
     waiting_since: float | None = None
     last_used: float = 0.0
     frequency: float = 0.0
@@ -168,6 +169,7 @@ class Entry:
         changed = depth != self.queue_depth
         self.queue_depth = depth
         self.top_lane = lanes.top(handed_out=unattended) if lanes is not None else 1
+        self.lanes = lanes
         self.in_flight = max(acked_pending, self.reported_in_flight)
         if depth == 0:
             self.waiting_since = None

@@ -83,6 +83,19 @@ def test_the_highest_class_waiting_reaches_the_policy_even_when_handed_to_no_eng
     e.set_queue(1, 1, 7.0, Depth(pending=(0, 1, 0), acked=(1, 0, 0)))
     assert e.view(7.0).lane == 1, "resident: what its engine holds is no demand"
 
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from manager_svc.metrics import _ManagerGauges
+    gauges = _ManagerGauges()
+    gauges.watch(e_manager := Manager(CAT, "nats://unused"))
+    e_manager.entry("m").set_queue(3, 0, 8.0, Depth(pending=(2, 0, 1), acked=(0, 0, 0)))
+    registry = CollectorRegistry()
+    registry.register(gauges)
+    text = generate_latest(registry).decode()
+    for priority, n in (("high", 2), ("normal", 0), ("low", 1)):
+        assert f'roundhouse_model_queue_depth_by_priority{{model="m",priority="{priority}"}} {float(n)}' in text
+
 
 @pytest.mark.parametrize("marked", [True, False])
 async def test_a_load_that_breaks_because_the_worker_died_is_not_a_model_failure(marked):
