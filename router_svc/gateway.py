@@ -129,7 +129,7 @@ class Gateway:
         status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
         try:
-            priority = admitted.tenant.priority
+            priority = admitted.priority
             ack = await self._publish(q, admitted.traceparent, priority)
             if ack is None:
                 status = "unavailable"
@@ -209,7 +209,7 @@ class Gateway:
 
     async def _publish(self, q, traceparent: str, priority: str) -> "nats.js.api.PubAck | None":
         """Publishes once, and once more on a timeout, to its model's subject for `priority` (its
-        tenant's class: workers take the highest class first). The message id is unique to this
+        tenant's class, or a lower one it asked for: workers take the highest class first). The message id is unique to this
         call, so JetStream's duplicate window stores a retried publish once, yet a caller that
         reuses its request_id later is never mistaken for a duplicate. The request's trace goes with it."""
         headers = {"Nats-Msg-Id": f"{q.request_id}:{uuid.uuid4().hex}"}

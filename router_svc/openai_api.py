@@ -6,7 +6,8 @@ and the NATS job API (router_svc/jobs.py, whose JSON body is the same) use them.
 Accepted, as OpenAI and vLLM's server do: `model`, `messages` (string content or text parts) /
 `prompt` (a string or a list of one string), `max_tokens` / `max_completion_tokens`,
 `temperature`, `top_p`, `top_k` and `ignore_eos` (vLLM extensions), `seed`, `stop`, `n` = 1,
-`stream`, `stream_options.include_usage`, `metadata` (hints for model "auto"). Fields that would
+`stream`, `stream_options.include_usage`, `metadata` (hints for model "auto"), `service_tier`
+("flex" runs in the low priority class). Fields that would
 change the output and are not supported (n > 1, tools, logprobs, penalties, ...) are refused
 with 400 naming the field instead of being silently ignored; other unknown fields are ignored.
 """
@@ -50,9 +51,14 @@ _UNSUPPORTED = {
 }
 
 # What a body may carry besides those: the fields read below, and ones that change nothing here
-# (`user`: an end-user id for abuse tracking; `store`, `service_tier`, `parallel_tool_calls`: the
-# OpenAI platform's). Anything else is refused, as OpenAI does ("prompt_embeds" silently ignored
+# (`user`: an end-user id for abuse tracking; `store`, `parallel_tool_calls`: the OpenAI
+# platform's). Anything else is refused, as OpenAI does ("prompt_embeds" silently ignored
 # would generate from the wrong input).
+# OpenAI's `service_tier` as a priority class (roundhouse.tenancy): "flex" (cheaper, slower) is
+# the low class; "priority" and the others are the tenant's own class (a request can lower its
+# class, never raise it: a tenant configured high gets high without asking).
+SERVICE_TIERS = {"auto": "", "default": "", "flex": "low", "scale": "", "priority": ""}
+
 _KNOWN = frozenset({
     "model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "seed", "stop", "ignore_eos", "metadata", "stream", "stream_options", "user", "store", "service_tier",
@@ -111,6 +117,11 @@ def parse(body: Any, endpoint: str, request_id: str = "", also: frozenset[str] =
         s.stop.extend(stops)
     if body.get("ignore_eos") is not None:
         s.ignore_eos = _bool("ignore_eos", body["ignore_eos"])
+    tier = body.get("service_tier")
+    if tier is not None:
+        if tier not in SERVICE_TIERS:
+            raise InvalidRequest("service_tier", f"must be one of {', '.join(SERVICE_TIERS)}")
+        req.priority = SERVICE_TIERS[tier]
     metadata = body.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))

@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Callable, Mapping
 
 from protos.v1 import common_pb2, queue_pb2, router_pb2
-from roundhouse import routing
+from roundhouse import routing, subjects
 from roundhouse.catalogue import Catalogue, ModelSpec
-from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound
+from roundhouse.errors import DeadlineExpired, InvalidRequest, ModelNotFound, PermissionDenied
 from router_svc.auth import ANYONE, Tenant, check_model
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -34,6 +34,7 @@ class Admitted:
     route_reason: str = BY_NAME
     route_rule: str = ""        # for "auto": what chose the model (routing.Route.rule)
     tenant: Tenant = ANYONE     # who asked (router_svc.auth)
+    priority: str = subjects.NORMAL   # its class: its tenant's, or lower if it asked (subjects.PRIORITIES)
     # Set by the gateway: which front door, when admission began (time.time_ns()), the
     # request's root span (roundhouse.tracing) and its W3C traceparent (what is handed on).
     endpoint: str = "grpc"
@@ -142,7 +143,20 @@ def admit(
         queued.prompt = req.prompt
     else:
         queued.chat.messages.extend(req.chat.messages)
-    return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule, tenant)
+    return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule, tenant, priority_of(req.priority, tenant))
+
+
+def priority_of(asked: str, tenant: Tenant) -> str:
+    """The class a request runs in: its tenant's, or the lower one it asked for. Asking for a
+    higher one is refused (PermissionDenied), an unknown one too (InvalidRequest)."""
+    if not asked:
+        return tenant.priority
+    if asked not in subjects.PRIORITIES:
+        raise InvalidRequest("priority", f"must be one of {', '.join(subjects.PRIORITIES)} (or empty: the tenant's)")
+    if subjects.PRIORITIES.index(asked) < subjects.PRIORITIES.index(tenant.priority):
+        who = f"tenant {tenant.name}" if tenant.name else "a caller without a tenant"
+        raise PermissionDenied(f"priority {asked!r} is above what {who} may use ({tenant.priority!r})")
+    return asked
 
 
 def within(route: routing.Route, tenant: Tenant, catalogue: Catalogue) -> routing.Route:

@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\x9e\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.roundhouse.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\x9d\x02\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x12)\n\x07loading\x18\x06 \x01(\x0b\x32\x16.roundhouse.v1.LoadingH\x00\x42\x07\n\x05\x65vent\",\n\x07Loading\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nestimate_s\x18\x02 \x01(\x01\"X\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\"A\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0croute_reason\x18\x03 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x8c\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.roundhouse.v1.JobState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetail\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x0b \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12/\n\x07request\x18\r \x01(\x0b\x32\x1e.roundhouse.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x0e \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdd\x02\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponse\x12?\n\tSubmitJob\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x12.roundhouse.v1.Job\x12\x37\n\x06GetJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Job\x12:\n\tCancelJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/router.proto\x12\rroundhouse.v1\x1a\x16protos/v1/common.proto\"\xb0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.roundhouse.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.roundhouse.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.roundhouse.v1.GenerateRequest.MetadataEntry\x12\x10\n\x08priority\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.roundhouse.v1.ChatMessage\"\x9d\x02\n\rGenerateEvent\x12\'\n\x06queued\x18\x01 \x01(\x0b\x32\x15.roundhouse.v1.QueuedH\x00\x12)\n\x07started\x18\x02 \x01(\x0b\x32\x16.roundhouse.v1.StartedH\x00\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.roundhouse.v1.TokenDeltaH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.roundhouse.v1.FinishedH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetailH\x00\x12)\n\x07loading\x18\x06 \x01(\x0b\x32\x16.roundhouse.v1.LoadingH\x00\x42\x07\n\x05\x65vent\",\n\x07Loading\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nestimate_s\x18\x02 \x01(\x01\"X\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\"A\n\x07Started\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0croute_reason\x18\x03 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x08\x46inished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.roundhouse.v1.Usage\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\x05\x12\x0e\n\x06queued\x18\x05 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.roundhouse.v1.ModelInfo\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x8c\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.roundhouse.v1.JobState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.roundhouse.v1.FinishReason\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.roundhouse.v1.Usage\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.roundhouse.v1.ErrorDetail\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x0b \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12/\n\x07request\x18\r \x01(\x0b\x32\x1e.roundhouse.v1.GenerateRequest\x12\x0e\n\x06tenant\x18\x0e \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdd\x02\n\x06Router\x12J\n\x08Generate\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x1c.roundhouse.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .roundhouse.v1.ListModelsRequest\x1a!.roundhouse.v1.ListModelsResponse\x12?\n\tSubmitJob\x12\x1e.roundhouse.v1.GenerateRequest\x1a\x12.roundhouse.v1.Job\x12\x37\n\x06GetJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Job\x12:\n\tCancelJob\x12\x19.roundhouse.v1.JobRequest\x1a\x12.roundhouse.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1697
-  _globals['_JOBSTATE']._serialized_end=1851
+  _globals['_JOBSTATE']._serialized_start=1715
+  _globals['_JOBSTATE']._serialized_end=1869
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=352
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=296
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=343
-  _globals['_CHATMESSAGES']._serialized_start=354
-  _globals['_CHATMESSAGES']._serialized_end=414
-  _globals['_GENERATEEVENT']._serialized_start=417
-  _globals['_GENERATEEVENT']._serialized_end=702
-  _globals['_LOADING']._serialized_start=704
-  _globals['_LOADING']._serialized_end=748
-  _globals['_QUEUED']._serialized_start=750
-  _globals['_QUEUED']._serialized_end=838
-  _globals['_STARTED']._serialized_start=840
-  _globals['_STARTED']._serialized_end=905
-  _globals['_TOKENDELTA']._serialized_start=907
-  _globals['_TOKENDELTA']._serialized_end=952
-  _globals['_FINISHED']._serialized_start=954
-  _globals['_FINISHED']._serialized_end=1053
-  _globals['_LISTMODELSREQUEST']._serialized_start=1055
-  _globals['_LISTMODELSREQUEST']._serialized_end=1074
-  _globals['_MODELINFO']._serialized_start=1076
-  _globals['_MODELINFO']._serialized_end=1201
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1203
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1265
-  _globals['_JOBREQUEST']._serialized_start=1267
-  _globals['_JOBREQUEST']._serialized_end=1295
-  _globals['_JOB']._serialized_start=1298
-  _globals['_JOB']._serialized_end=1694
-  _globals['_ROUTER']._serialized_start=1854
-  _globals['_ROUTER']._serialized_end=2203
+  _globals['_GENERATEREQUEST']._serialized_end=370
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=314
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=361
+  _globals['_CHATMESSAGES']._serialized_start=372
+  _globals['_CHATMESSAGES']._serialized_end=432
+  _globals['_GENERATEEVENT']._serialized_start=435
+  _globals['_GENERATEEVENT']._serialized_end=720
+  _globals['_LOADING']._serialized_start=722
+  _globals['_LOADING']._serialized_end=766
+  _globals['_QUEUED']._serialized_start=768
+  _globals['_QUEUED']._serialized_end=856
+  _globals['_STARTED']._serialized_start=858
+  _globals['_STARTED']._serialized_end=923
+  _globals['_TOKENDELTA']._serialized_start=925
+  _globals['_TOKENDELTA']._serialized_end=970
+  _globals['_FINISHED']._serialized_start=972
+  _globals['_FINISHED']._serialized_end=1071
+  _globals['_LISTMODELSREQUEST']._serialized_start=1073
+  _globals['_LISTMODELSREQUEST']._serialized_end=1092
+  _globals['_MODELINFO']._serialized_start=1094
+  _globals['_MODELINFO']._serialized_end=1219
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1221
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1283
+  _globals['_JOBREQUEST']._serialized_start=1285
+  _globals['_JOBREQUEST']._serialized_end=1313
+  _globals['_JOB']._serialized_start=1316
+  _globals['_JOB']._serialized_end=1712
+  _globals['_ROUTER']._serialized_start=1872
+  _globals['_ROUTER']._serialized_end=2221
 # @@protoc_insertion_point(module_scope)

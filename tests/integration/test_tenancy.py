@@ -229,17 +229,18 @@ async def test_limits_hold_across_routers_and_a_router_restart(tenancy_stack):
 
 
 async def test_under_saturation_a_higher_class_starts_before_earlier_lower_ones(tenancy_stack):
-    """tiny-0 has one slot. While a low-class request holds it, three more low ones queue, then a
-    normal one, then a high one; when the slot frees they start high, normal, then the lows in
-    their order. (That no class waits forever is tests/unit/test_lanes.py's.)"""
+    """tiny-0 has one slot. While a low-class request holds it, a high tenant's request that
+    lowered itself to low queues, then three low ones, a normal one and a high one; when the slot
+    frees they start high, normal, then the lows in their order. (That no class waits forever is
+    tests/unit/test_lanes.py's.)"""
     s = tenancy_stack
     started: list[str] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{s.a.port}") as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        queued = {name: asyncio.Event() for name in ("blocker", "low-1", "low-2", "low-3", "normal", "high")}
+        queued = {name: asyncio.Event() for name in ("blocker", "vip-lowered", "low-1", "low-2", "low-3", "normal", "high")}
 
-        async def run(tenant: str, name: str, max_tokens: int) -> str:
-            req = router_pb2.GenerateRequest(model="chat", prompt="hi", sampling=common_pb2.SamplingParams(
+        async def run(tenant: str, name: str, max_tokens: int, priority: str = "") -> str:
+            req = router_pb2.GenerateRequest(model="chat", prompt="hi", priority=priority, sampling=common_pb2.SamplingParams(
                 max_tokens=max_tokens, temperature=0, ignore_eos=True))
             async for ev in stub.Generate(req, timeout=180, metadata=(("authorization", KEYS[tenant]),)):
                 kind = ev.WhichOneof("event")
@@ -254,15 +255,16 @@ async def test_under_saturation_a_higher_class_starts_before_earlier_lower_ones(
         blocker = asyncio.create_task(run("batch", "blocker", 1500))   # ~30 s at 20 ms a step; cancelled
         await eventually(lambda: started == ["blocker"], 60, "the low-class blocker holds the one slot")
         rest = []
-        for tenant, name in (("batch", "low-1"), ("batch", "low-2"), ("batch", "low-3"), ("open", "normal"), ("vip", "high")):
-            rest.append(asyncio.create_task(run(tenant, name, 6)))
+        for tenant, name, priority in (("vip", "vip-lowered", "low"), ("batch", "low-1", ""), ("batch", "low-2", ""),
+                                       ("batch", "low-3", ""), ("open", "normal", ""), ("vip", "high", "")):
+            rest.append(asyncio.create_task(run(tenant, name, 6, priority)))
             async with asyncio.timeout(30):
                 await queued[name].wait()          # in its class's queue (JetStream acked it) before the next
         assert started == ["blocker"], "one slot: nothing else started"
         blocker.cancel()                           # the caller leaves: its engine stops, the slot frees
         await asyncio.gather(blocker, return_exceptions=True)
-        assert await asyncio.gather(*rest) == ["finished"] * 5
-    assert started == ["blocker", "high", "normal", "low-1", "low-2", "low-3"]
+        assert await asyncio.gather(*rest) == ["finished"] * 6
+    assert started == ["blocker", "high", "normal", "vip-lowered", "low-1", "low-2", "low-3"]
 
     # The manager's view of a queue: each class's depth, and the highest class waiting.
     nc = await nats.connect(s.nats_url)

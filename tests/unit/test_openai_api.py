@@ -121,3 +121,12 @@ def test_unknown_fields_are_refused_and_harmless_ones_accepted():
     assert req.chat.messages[0].content == "hi"
     req, _ = openai_api.parse({"model": "m", "prompt": "x", "job_id": "j"}, "completions", also=frozenset({"job_id"}))
     assert req.prompt == "x"
+
+
+def test_service_tier_flex_is_the_low_priority_class():
+    base = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert openai_api.parse({**base, "service_tier": "flex"}, "chat")[0].priority == "low"
+    for tier in ("auto", "default", "priority"):
+        assert openai_api.parse({**base, "service_tier": tier}, "chat")[0].priority == "", "the tenant's own class"
+    with pytest.raises(InvalidRequest, match="service_tier"):
+        openai_api.parse({**base, "service_tier": "platinum"}, "chat")

@@ -83,3 +83,21 @@ def test_model_without_a_tokenizer_skips_the_length_check():
     a = run(router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 500)), counter=lambda s, r: None)
     assert a.prompt_tokens == 0 and a.queued.sampling.max_tokens == 30
     assert not a.queued.prompt_token_ids and a.queued.prompt, "no tokenizer: the worker gets the text"
+
+
+def test_a_request_may_lower_its_priority_class_never_raise_it():
+    from roundhouse.errors import PermissionDenied
+    from router_svc.auth import ANYONE, Tenant
+
+    def asking(priority, tenant=ANYONE):
+        r = req()
+        r.priority = priority
+        return admit(r, CAT, words, now_ms=0, deadline_ms=60_000, reply_to="r", tenant=tenant).priority
+
+    high = Tenant("vip", None, priority="high")
+    assert asking("") == "normal" and asking("", high) == "high", "by default its tenant's class"
+    assert asking("low") == "low" and asking("normal", high) == "normal", "lower is always allowed"
+    with pytest.raises(PermissionDenied, match="priority 'high' is above what a caller without a tenant may use"):
+        asking("high")
+    with pytest.raises(InvalidRequest, match="priority"):
+        asking("urgent")
