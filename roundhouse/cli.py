@@ -212,7 +212,7 @@ def _cmd_up(a: argparse.Namespace) -> int:
 
 
 async def _generate(a: argparse.Namespace) -> int:
-    req = router_pb2.GenerateRequest(model=a.model)
+    req = router_pb2.GenerateRequest(model=a.model, priority=a.priority)
     if a.chat:
         req.chat.messages.add(role="user", content=a.prompt)
     else:
@@ -363,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--max-tokens", type=int)
     gen.add_argument("--temperature", type=float)
+    gen.add_argument("--priority", default="", choices=["", "high", "normal", "low"],
+                     help="its priority class (default: the tenant's); it may be lowered, never raised")
     gen.add_argument("--timeout", type=float, default=120)
     gen.add_argument("--router", default="127.0.0.1:50051")
     gen.add_argument("--config", help="models YAML whose tls.public to trust")
