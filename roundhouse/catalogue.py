@@ -65,7 +65,7 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 from pydantic.dataclasses import dataclass
 
 from roundhouse import routing, schema, tenancy, tls
@@ -174,16 +174,12 @@ class ManagerSpec:
 DEFAULT_GPUS = (GpuSpec(id="cpu", budget_bytes=8 * 2**30),)
 
 
-def _none_is_empty(value: Any) -> Any:
-    return {} if value is None else value
-
-
 class ConfigFile(schema.Strict):
     """The whole configuration file (YAML), as written: what `roundhouse config schema` describes."""
     models: tuple[ModelSpec, ...] = Field(min_length=1)
     gpus: tuple[GpuSpec, ...] = Field(DEFAULT_GPUS, min_length=1, description="default: one cpu GPU with 8GiB")
     hosts: tuple[HostSpec, ...] = Field((), description="a host not listed lends 32GiB to sleepers")
-    manager: Annotated[ManagerSpec, BeforeValidator(_none_is_empty)] = ManagerSpec()
+    manager: Annotated[ManagerSpec, schema.none_is({})] = ManagerSpec()
     routing: RoutingSpec | None = Field(None, description='model "auto": rules, classifier, fallback')
     tenants: Tenants = Field((), description="API keys, their models, limits and priority (none: no key asked)")
     admin: AdminSpec | None = Field(None, description="keys for the manager's admin calls and workers' reports")
@@ -191,14 +187,7 @@ class ConfigFile(schema.Strict):
 
     @model_validator(mode="after")
     def _references(self) -> "ConfigFile":
-        names: set[str] = set()
-        for m in self.models:
-            for key in (m.name, *m.aliases, *(a.name for a in m.adapters)):
-                if key in names:
-                    raise ValueError(f"models: name, alias or adapter {key!r} is used twice")
-                names.add(key)
-        if self.routing is not None and routing.AUTO in names:
-            raise ValueError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
+        # Names, aliases and adapters unique: Catalogue's own check (it indexes them).
         for section, ids in (("gpus", [g.id for g in self.gpus]), ("hosts", [h.id for h in self.hosts])):
             if len(set(ids)) != len(ids):
                 raise ValueError(f"{section}: an id is used twice")
@@ -267,6 +256,8 @@ def from_mapping(raw: Any, base: pathlib.Path = pathlib.Path(".")) -> Catalogue:
     doc = schema.validate(ConfigFile, raw, ConfigError, context={schema.BASE: str(base)})
     cat = Catalogue(doc.models, doc.gpus, doc.manager, hosts=doc.hosts, admin=doc.admin, tls=doc.tls)
     if doc.routing is not None:
+        if cat.resolve(routing.AUTO) is not None:
+            raise ConfigError(f"models: {routing.AUTO!r} is reserved for classification (routing); rename that model")
         try:
             rules = routing.resolved(doc.routing, lambda name: name if cat.adapter(name) else getattr(cat.resolve(name), "name", None))
         except routing.RoutingError as e:

@@ -440,9 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "config":
         return _cmd_config(a)
     if a.cmd == "nats-auth":
-        from roundhouse import natsauth
-
-        from roundhouse import catalogue
+        from roundhouse import catalogue, natsauth
 
         tenants = [t.name for t in catalogue.load(a.config).tenants] if a.config else []
         print(natsauth.HEADER + natsauth.authorization(tenants=tenants), end="")

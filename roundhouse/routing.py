@@ -123,9 +123,7 @@ def _metadata_pairs(value: Any) -> Any:
 
 def _pairs(value: Any) -> Any:
     """A YAML mapping kept as its (key, value) pairs, in order."""
-    if isinstance(value, Mapping):
-        return tuple((str(k), _listed(v) if isinstance(v, list) else v) for k, v in value.items())
-    return value
+    return tuple((str(k), v) for k, v in value.items()) if isinstance(value, Mapping) else value
 
 
 _Scalar = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
@@ -184,7 +182,7 @@ def _classifier_switch(value: Any) -> Any:
 class RoutingSpec:
     fallback: ModelName = Field(description="the model for requests no rule matches")
     rules: tuple[Rule, ...] = Field((), description="the first whose every condition holds wins")
-    default_model: Annotated[StrictStr, BeforeValidator(lambda v: "" if v is None else v)] = Field(
+    default_model: Annotated[StrictStr, schema.none_is("")] = Field(
         AUTO, description='what a request naming no model gets ("": a model is required)')
     max_swap_wait_s: Annotated[StrictFloat, Field(ge=0, description="0: only the request's deadline bounds a wait for a swap")] = 0.0
     classifier: Annotated[ClassifierSpec | None, BeforeValidator(_classifier_switch)] = Field(

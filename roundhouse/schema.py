@@ -36,6 +36,11 @@ def relative_to_config(value: str, info: ValidationInfo) -> str:
     return str(p if p.is_absolute() else (pathlib.Path(base) / p).resolve())
 
 
+def none_is(empty: Any) -> BeforeValidator:
+    """A key written with nothing under it (`tenants:`, YAML null) means `empty`."""
+    return BeforeValidator(lambda value: empty if value is None else value)
+
+
 # A file or directory named in the config: relative paths are taken from the config file's directory.
 ConfigPath = Annotated[StrictStr, Field(min_length=1), AfterValidator(relative_to_config)]
 NonEmpty = Annotated[StrictStr, Field(min_length=1)]

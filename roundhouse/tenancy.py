@@ -34,10 +34,10 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, Field, StrictInt, StrictStr, model_validator
 
 from roundhouse import subjects
-from roundhouse.schema import ConfigPath
+from roundhouse.schema import ConfigPath, none_is
 from roundhouse.schema import Strict as _Strict
 from roundhouse.schema import validate
 
@@ -93,12 +93,8 @@ def _unique_names(tenants: tuple[TenantSpec, ...]) -> tuple[TenantSpec, ...]:
     return tenants
 
 
-def _none_is_empty(value: Any) -> Any:
-    return () if value is None else value
-
-
 # The `tenants` section: names unique; `tenants:` with nothing under it is none.
-Tenants = Annotated[tuple[TenantSpec, ...], BeforeValidator(_none_is_empty), AfterValidator(_unique_names)]
+Tenants = Annotated[tuple[TenantSpec, ...], none_is(()), AfterValidator(_unique_names)]
 
 
 class _Section(_Strict):

@@ -257,10 +257,10 @@ class ModelWorker:
         return 0 if self._alone.locked() else max(0, self.free_slots())
 
     async def wait_for_slot(self) -> int:
-        while self.free_slots() <= 0 or self._alone.locked():  # a suspect waits to run alone, or runs
+        while self.slots_now() <= 0:  # no slot, or a suspect waits to run alone, or runs
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        return self.free_slots()
+        return self.slots_now()
 
     # ---- requests --------------------------------------------------------------------------
 
