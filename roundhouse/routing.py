@@ -101,6 +101,14 @@ def _compiled(value: Any) -> Pattern:
                          "no backreferences or lookaround)") from None
 
 
+def _given(value: Any) -> Any:
+    """A list written in the config holds something: an empty one is a slip (leave the key out).
+    Only the YAML form is checked: the empty tuple that means "none" stays valid in code."""
+    if isinstance(value, list) and not value:
+        raise ValueError("must not be an empty list (leave the key out)")
+    return value
+
+
 def _listed(value: Any) -> Any:
     """One value where a list is accepted: the list of it."""
     return [value] if isinstance(value, str) else value
@@ -126,19 +134,27 @@ def _pairs(value: Any) -> Any:
     return tuple((str(k), v) for k, v in value.items()) if isinstance(value, Mapping) else value
 
 
+def _fallback_pairs(value: Any) -> Any:
+    """`{label: [models]}` as pairs; each list holds something."""
+    for k, v in value.items() if isinstance(value, Mapping) else ():
+        if isinstance(v, list) and not v:
+            raise ValueError(f"{k}: must be a non-empty list of model names or aliases")
+    return _pairs(value)
+
+
 _Scalar = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
 RegexField = Annotated[Pattern, PlainValidator(_compiled), WithJsonSchema(
     {"type": "string", "description": "a regular expression (RE2: no backreferences or lookaround); case is ignored"})]
 ModelName = Annotated[StrictStr, Field(min_length=1, description="a configured model name, alias or adapter")]
-ModelNames = tuple[ModelName, ...]
+ModelNames = Annotated[tuple[ModelName, ...], BeforeValidator(_given), Field(json_schema_extra={"minItems": 1})]
 
 
 @dataclass(frozen=True, config=schema.DATA)
 class Rule:
     name: ModelName = Field(description="unique among the rules")
     model: ModelName = Field(description="where a request it holds for goes")
-    endpoint: Annotated[tuple[Literal["chat", "completions"], ...], BeforeValidator(_listed), WithJsonSchema(
-        {"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "array", "items": {"enum": list(ENDPOINTS)}}],
+    endpoint: Annotated[tuple[Literal["chat", "completions"], ...], BeforeValidator(_listed), BeforeValidator(_given), WithJsonSchema(
+        {"anyOf": [{"enum": list(ENDPOINTS)}, {"type": "array", "items": {"enum": list(ENDPOINTS)}, "minItems": 1}],
          "description": "the front door: chat | completions (or a list of them)"})] = ()
     metadata: Annotated[tuple[tuple[str, tuple[str, ...]], ...], BeforeValidator(_metadata_pairs), WithJsonSchema(
         {"type": "object", "minProperties": 1, "additionalProperties": {"anyOf": [_Scalar, {"type": "array", "items": _Scalar}]},
@@ -146,7 +162,8 @@ class Rule:
     min_messages: Annotated[StrictInt, Field(ge=0)] = 0
     min_chars: Annotated[StrictInt, Field(ge=0)] = 0
     max_chars: Annotated[StrictInt, Field(ge=0, description="0: no limit")] = 0
-    patterns: Annotated[tuple[RegexField, ...], Field(description="any matches")] = ()
+    patterns: Annotated[tuple[RegexField, ...], BeforeValidator(_given),
+                        Field(description="any matches", json_schema_extra={"minItems": 1})] = ()
     fallbacks: Annotated[ModelNames, Field(description="when its model is far from serving: the first of these that is not")] = ()
 
 
@@ -160,7 +177,7 @@ class ClassifierSpec:
     labels: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs), WithJsonSchema(
         {"type": "object", "additionalProperties": {"type": "string"},
          "description": "its label -> a model (default: the model of that name)"})] = ()
-    fallbacks: Annotated[tuple[tuple[str, tuple[str, ...]], ...], BeforeValidator(_pairs), WithJsonSchema(
+    fallbacks: Annotated[tuple[tuple[str, tuple[str, ...]], ...], BeforeValidator(_fallback_pairs), WithJsonSchema(
         {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}, "minItems": 1},
          "description": "its label -> fallbacks (as a rule's)"})] = ()
 

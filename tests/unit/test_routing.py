@@ -64,6 +64,9 @@ def test_metadata_star_means_present_with_any_value():
     ([{"name": "x", "model": "code", "min_chars": -1}], "routing.rules[0].min_chars"),
     ([{"name": "x", "model": "code", "fallbacks": ["gpt-5"]}], "routing.rules[0].fallbacks[0]"),
     ([{"name": "x", "model": "code", "fallbacks": "chat"}], "routing.rules[0].fallbacks"),
+    ([{"name": "x", "model": "code", "fallbacks": []}], "routing.rules[0].fallbacks"),    # an empty list is a slip
+    ([{"name": "x", "model": "code", "patterns": []}], "routing.rules[0].patterns"),
+    ([{"name": "x", "model": "code", "endpoint": []}], "routing.rules[0].endpoint"),
 ])
 def test_bad_rules_are_refused_naming_the_key(rules, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -255,6 +258,7 @@ def test_classifier_labels_map_to_models():
     ({"colour": "red"}, "routing.classifier.colour"),
     ({"labels": {"code": "nope"}}, "routing.classifier.labels.code"),
     ({"fallbacks": {"code": ["nope"]}}, "routing.classifier.fallbacks.code[0]"),
+    ({"fallbacks": {"code": []}}, "routing.classifier.fallbacks.code"),
     ("yes", "routing.classifier"),
 ])
 def test_classifier_config_errors_name_the_key(classifier, key):
