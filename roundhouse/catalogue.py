@@ -282,7 +282,10 @@ def load(path: str | pathlib.Path) -> Catalogue:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return from_mapping(raw, path.parent)
+    try:
+        return from_mapping(raw, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None   # every error of a file names the file
 
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}

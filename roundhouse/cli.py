@@ -410,14 +410,24 @@ def _cmd_config(a) -> int:
     try:
         cat = catalogue.load(a.file)
     except catalogue.ConfigError as e:
-        print(f"{a.file}: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 1
     print(f"{a.file}: ok ({len(cat.models)} models, {len(cat.gpus)} GPUs, {len(cat.tenants)} tenants)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from roundhouse.catalogue import ConfigError
+
     a = parser().parse_args(argv)
+    try:
+        return _run(a)
+    except ConfigError as e:  # any command's --config: the file and key, not a traceback
+        print(f"roundhouse: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.cmd == "up":
         return _cmd_up(a)
     if a.cmd == "health":

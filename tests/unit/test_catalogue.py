@@ -144,3 +144,5 @@ def test_config_commands(tmp_path, capsys):
     assert cli.main(["config", "check", str(bad)]) == 1
     assert "models[0].default_max_tokens: above the model's token limit 64" in capsys.readouterr().err
     assert cli.main(["config", "check", str(SHIPPED[0])]) == 0
+    assert cli.main(["nats-auth", "--config", str(bad)]) == 2, "any command's bad --config: an error, not a traceback"
+    assert f"roundhouse: {bad}: models[0].default_max_tokens" in capsys.readouterr().err
