@@ -25,8 +25,8 @@ QUEUE_WAIT = Histogram("roundhouse_request_queue_seconds", "From a request's adm
                        "(its queue, and any model load it waited for)", ["model"], buckets=LATENCY_BUCKETS)
 TTFT = Histogram("roundhouse_time_to_first_token_seconds", "From a request's admission to its first generated text",
                  ["model", "endpoint"], buckets=LATENCY_BUCKETS)
-ITL = Histogram("roundhouse_inter_token_latency_seconds", "Mean gap between a request's output tokens after the first "
-                "(one observation per request)", ["model", "endpoint"], buckets=TOKEN_BUCKETS)
+ITL = Histogram("roundhouse_inter_token_latency_seconds", "Mean gap between a request's output tokens after the first, "
+                "as the router relayed them (one observation per request of 2+ tokens; 0 when they came in one batch)", ["model", "endpoint"], buckets=TOKEN_BUCKETS)
 E2E = Histogram("roundhouse_request_duration_seconds", "From a request's admission to its last event",
                 ["model", "endpoint"], buckets=LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("roundhouse_prompt_tokens", "Prompt tokens of finished requests", ["model"])
@@ -99,7 +99,7 @@ class RequestClock:
             QUEUE_WAIT.labels(m).observe((self.started_ns - self.admitted_ns) / 1e9)
         if self.first_ns:
             TTFT.labels(m, ep).observe((self.first_ns - self.admitted_ns) / 1e9)
-            if completion_tokens > 1 and self.last_ns > self.first_ns:
+            if completion_tokens > 1:  # tokens that came in one batch reached the caller with no gap: 0, not left out
                 ITL.labels(m, ep).observe((self.last_ns - self.first_ns) / 1e9 / (completion_tokens - 1))
         E2E.labels(m, ep).observe((end - self.admitted_ns) / 1e9)
         if status == "ok":
