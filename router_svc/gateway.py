@@ -32,7 +32,7 @@ from router_svc.auth import ANYONE, Tenant
 from router_svc.limits import Limiter, tokens_of
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
-from router_svc.tracker import REQUEUE, Tracker, error_event
+from router_svc.tracker import REQUEUE, Delta, Event, Tracker, error_event
 from router_svc.readiness import ReadinessBook
 from router_svc.validate import BY_NAME, Admitted, admit
 
@@ -109,8 +109,9 @@ class Gateway:
             )
         return admitted
 
-    async def stream(self, admitted: Admitted) -> AsyncIterator[router_pb2.GenerateEvent]:
-        """Queues the admitted request and yields its events; raises Unavailable when it cannot
+    async def stream(self, admitted: Admitted) -> AsyncIterator[Event]:
+        """Queues the admitted request and yields its events (a `Delta` for generated tokens, a
+        GenerateEvent for the rest: `tracker.as_event` makes any of them a message); raises Unavailable when it cannot
         queue, RateLimited when its tenant is over a limit (both before any event)."""
         q = admitted.queued
         span = admitted.span or trace.INVALID_SPAN
@@ -169,16 +170,20 @@ class Gateway:
                         yield failed
                         return
                     continue
-                kind = event.WhichOneof("event")
-                if kind == "delta":  # deltas that queued up while the caller was slower: one message
+                if type(event) is Delta:
+                    kind = "delta"
                     clock.last_ns = time.time_ns()
                     if not clock.first_ns:
                         clock.first_ns = clock.last_ns
-                    while ready and ready[0] is not REQUEUE and ready[0].WhichOneof("event") == "delta":
-                        more = ready.popleft().delta
-                        event.delta.token_ids.extend(more.token_ids)
-                        event.delta.text += more.text
-                elif kind == "started":
+                    if ready and type(ready[0]) is Delta:  # deltas that queued up while the caller was slower: one
+                        run = [event]
+                        while ready and type(ready[0]) is Delta:
+                            run.append(ready.popleft())
+                        event = Delta.merged(run)
+                    yield event
+                    continue
+                kind = event.WhichOneof("event")
+                if kind == "started":
                     clock.started_ns = time.time_ns()
                     event.started.model = q.adapter or q.model
                     event.started.route_reason = admitted.route_reason

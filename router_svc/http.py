@@ -26,6 +26,7 @@ from roundhouse.metrics import OTHER_MODEL
 from router_svc import metrics, openai_api
 from router_svc.auth import ANYONE, Auth, Tenant
 from router_svc.gateway import Gateway
+from router_svc.tracker import Delta, kind_of
 
 log = structlog.get_logger("router.http")
 
@@ -193,10 +194,11 @@ class HttpApi:
     async def _whole(self, events, opts, rid, created, model, headers) -> web.Response:
         text: list[str] = []
         async for ev in events:
+            if type(ev) is Delta:
+                text.append(ev.text)
+                continue
             kind = ev.WhichOneof("event")
-            if kind == "delta":
-                text.append(ev.delta.text)
-            elif kind == "finished":
+            if kind == "finished":
                 return _json(200, openai_api.complete(opts, rid, created, model, "".join(text), ev.finished), headers)
             elif kind == "error":
                 status, body = openai_api.error(ev.error.code, ev.error.message)
@@ -225,12 +227,12 @@ class HttpApi:
 
         ev = first
         while True:
-            kind = ev.WhichOneof("event")
+            kind = kind_of(ev)
             if kind == "delta":
-                if ev.delta.text and opened:
-                    await write(frame(ev.delta.text))
-                elif ev.delta.text:
-                    await send(openai_api.chunk(opts, rid, created, model, text=ev.delta.text, first=True))
+                if ev.text and opened:
+                    await write(frame(ev.text))
+                elif ev.text:
+                    await send(openai_api.chunk(opts, rid, created, model, text=ev.text, first=True))
                     opened = True
             elif kind == "finished":
                 if not opened and opts.endpoint == "chat":

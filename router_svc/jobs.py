@@ -44,6 +44,7 @@ from roundhouse.errors import InvalidRequest, JobNotFound, PermissionDenied, Que
 from router_svc import metrics, openai_api
 from router_svc.auth import ANYONE, Auth, Tenant
 from router_svc.gateway import Gateway
+from router_svc.tracker import as_event
 
 log = structlog.get_logger("router.jobs")
 
@@ -338,7 +339,8 @@ class Jobs:
                 raise PermissionDenied(f"job {job_id}'s tenant is no longer configured on this router")
             # QueueFull goes to the caller: it waits and retries
             admitted = self._gw.admit(request, endpoint="job", parent=parent, tenant=tenant)
-            async for ev in self._gw.stream(admitted):
+            async for event in self._gw.stream(admitted):
+                ev = as_event(event)
                 await self._events(job_id, attempt, {"event": json_format.MessageToDict(ev, preserving_proto_field_name=True)},
                                    tenant.name)
                 kind = ev.WhichOneof("event")

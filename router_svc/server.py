@@ -23,7 +23,7 @@ from router_svc.readiness import ReadinessBook
 from router_svc import metrics
 from router_svc.http import HttpApi
 from router_svc.jobs import Jobs, JobsConfig
-from router_svc.tracker import Flight, Tracker
+from router_svc.tracker import Flight, Tracker, as_event
 
 log = structlog.get_logger("router")
 
@@ -61,7 +61,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         await context.send_initial_metadata(((tracing.TRACEPARENT, admitted.traceparent),))
         events = self._gw.stream(admitted)
         try:
-            async for event in events:
+            async for ev in events:
+                event = as_event(ev)
                 yield event
                 if event.WhichOneof("event") == "error":
                     await context.abort(grpcserver.status_from_name(event.error.code), event.error.message)

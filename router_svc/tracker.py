@@ -58,6 +58,41 @@ class _Replay:
     text: str = ""
 
 
+class Delta:
+    """Generated tokens and their text on their way from the tracker to a front door: a plain
+    object rather than a router_pb2.GenerateEvent. Building a TokenDelta and a GenerateEvent per
+    token, and reading them back field by field, was about a fifth of the router's event-loop
+    samples under 32 relayed streams (py-spy `record --native`, bench_relay: upb's
+    InitAttributes, Dealloc, GetAttr); only the gRPC front door needs the message (`to_event`)."""
+
+    __slots__ = ("token_ids", "text")
+
+    def __init__(self, token_ids: list[int], text: str) -> None:
+        self.token_ids, self.text = token_ids, text
+
+    def to_event(self) -> router_pb2.GenerateEvent:
+        return router_pb2.GenerateEvent(delta=router_pb2.TokenDelta(token_ids=self.token_ids, text=self.text))
+
+    @staticmethod
+    def merged(deltas: "list[Delta]") -> "Delta":
+        ids: list[int] = []
+        for d in deltas:
+            ids.extend(d.token_ids)
+        return Delta(ids, "".join(d.text for d in deltas))
+
+
+# What a flight's queue holds and the gateway yields: a Delta, or a GenerateEvent of any other kind.
+Event = Delta | router_pb2.GenerateEvent
+
+
+def as_event(ev: Event) -> router_pb2.GenerateEvent:
+    return ev.to_event() if type(ev) is Delta else ev
+
+
+def kind_of(ev: Event) -> str:
+    return "delta" if type(ev) is Delta else ev.WhichOneof("event")
+
+
 def _event(**kw) -> router_pb2.GenerateEvent:
     return router_pb2.GenerateEvent(**kw)
 
@@ -151,9 +186,10 @@ class Tracker:
 
     def _delta(self, f: Flight, delta: worker_pb2.RequestDelta) -> Action:
         if f.replay is None:  # the normal case: stream it through
-            f.out_tokens.extend(delta.token_ids)
-            f.out_text.append(delta.text)
-            f.events.put_nowait(_event(delta=router_pb2.TokenDelta(token_ids=delta.token_ids, text=delta.text)))
+            ids, text = list(delta.token_ids), delta.text
+            f.out_tokens.extend(ids)
+            f.out_text.append(text)
+            f.events.put_nowait(Delta(ids, text))
             return Action.OK
         r = f.replay
         start = len(r.tokens)
@@ -174,7 +210,7 @@ class Tracker:
         if new_tokens or new_text:
             f.out_tokens.extend(new_tokens)
             f.out_text.append(new_text)
-            f.events.put_nowait(_event(delta=router_pb2.TokenDelta(token_ids=new_tokens, text=new_text)))
+            f.events.put_nowait(Delta(new_tokens, new_text))
         return Action.OK
 
     def _diverged(self, f: Flight) -> Action:

@@ -2,7 +2,7 @@
 import pytest
 
 from protos.v1 import common_pb2, worker_pb2
-from router_svc.tracker import Action, Tracker
+from router_svc.tracker import Action, Delta, Tracker, as_event
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ def finished(delivery, n):
 def drain(flight):
     out = []
     while not flight.events.empty():
-        out.append(flight.events.get_nowait())
+        out.append(as_event(flight.events.get_nowait()))  # a Delta as the gRPC front door sends it
     return out
 
 
@@ -193,3 +193,15 @@ def test_a_hand_back_copy_is_matched_by_the_request_id_it_carries():
     assert t.gave_up("m", 57, 10, request_id="r") is f
     [err] = drain(f)
     assert err.error.code == "INTERNAL" and "delivered 10 times" in err.error.message and f.done
+
+
+def test_deltas_travel_as_plain_objects_and_merge_in_order():
+    t = Tracker()
+    f = t.open("r", "m")
+    for c in (started(1), delta(1, [1, 2]), delta(1, [3])):
+        t.on_chunk(c, "w1")
+    raw = [f.events.get_nowait() for _ in range(3)]
+    assert [type(e) is Delta for e in raw] == [False, True, True], "no protobuf message per token on the loop"
+    merged = Delta.merged(raw[1:])
+    assert merged.token_ids == [1, 2, 3] and merged.text == "".join(e.text for e in raw[1:])
+    assert list(as_event(merged).delta.token_ids) == [1, 2, 3]
