@@ -32,7 +32,7 @@ from router_svc.auth import ANYONE, Tenant
 from router_svc.limits import Limiter, tokens_of
 from router_svc.config import RouterConfig
 from router_svc.prompts import PromptCounter
-from router_svc.tracker import PUBLISHED, REQUEUE, Delta, Event, Tracker, error_event
+from router_svc.tracker import REQUEUE, Delta, Event, Tracker, error_event
 from router_svc.readiness import ReadinessBook
 from router_svc.validate import BY_NAME, Admitted, admit
 
@@ -129,25 +129,15 @@ class Gateway:
                 raise
         status, usage = "cancelled", None   # until a terminal event says otherwise
         flight = self._tracker.open(q.request_id, q.model)
-        publish: asyncio.Future | None = None
         try:
             priority = admitted.priority
-            events = flight.events
-            ready: collections.deque = collections.deque()
-            # JetStream's ack and the worker's first chunk race. Under load (bench_openai, 32
-            # streams) the ack came back a median 50 ms after the message was stored, later than
-            # a worker took it (12 ms), so waiting for it held tokens back. A chunk from a worker
-            # proves the message is stored: the stream goes on, and the ack is booked when it comes.
-            publish = asyncio.ensure_future(self._publish(q, admitted.traceparent, priority))
-            publish.add_done_callback(lambda _: events.put_nowait(PUBLISHED))
-            while flight.link is None:  # until the ack, or a worker's chunk (a model's loading news proves nothing)
-                event = await events.get()
-                if event is PUBLISHED:
-                    if not self._stored(publish, flight, clock, admitted):
-                        status = "unavailable"
-                        raise Unavailable("cannot queue the request (NATS unavailable); retry")
-                    break
-                ready.append(event)
+            ack = await self._publish(q, admitted.traceparent, priority)
+            if ack is None:
+                status = "unavailable"
+                raise Unavailable("cannot queue the request (NATS unavailable); retry")
+            clock.queued_ns = time.time_ns()
+            flight.seq = ack.seq
+            log.debug("request.routed", seq=ack.seq, route=admitted.route_reason)
             with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
                 await self._nc.publish(subjects.REQUEST_EVENTS, q.model.encode())
             yield router_pb2.GenerateEvent(queued=router_pb2.Queued(
@@ -159,6 +149,8 @@ class Gateway:
                 yield loading
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (q.deadline_unix_ms / 1000 - time.time())
+            events = flight.events
+            ready: collections.deque = collections.deque()
             while True:
                 if not ready:
                     try:
@@ -171,14 +163,7 @@ class Gateway:
                     while not events.empty():
                         ready.append(events.get_nowait())
                 event = ready.popleft()
-                if event is PUBLISHED:  # after a worker's first chunk: it was stored, whatever the ack says
-                    if not self._stored(publish, flight, clock, admitted):
-                        log.warning("request.ack_lost", note="a worker took it, so it was stored")
-                    continue
                 if event is REQUEUE:  # its worker was lost before sending anything: queue it again
-                    if not publish.done():  # the lost worker's message must be known to be deleted
-                        await asyncio.wait({publish})
-                    self._stored(publish, flight, clock, admitted)
                     failed = await self._requeue(flight, q, admitted.traceparent, priority)
                     if failed is not None:
                         status = "unavailable"
@@ -212,8 +197,6 @@ class Gateway:
                 if kind in TERMINAL:
                     return
         finally:
-            if publish is not None and not publish.done():  # gone before the ack: a worker that takes it is told to cancel
-                publish.cancel()
             # Caller gone (cancelled, deadline, or failed before any worker took it): make sure
             # no engine keeps working on it and no worker starts it later.
             forget = not flight.done or flight.link is None
@@ -228,19 +211,6 @@ class Gateway:
             if forget:
                 await self._forget(flight)
             structlog.contextvars.unbind_contextvars("request_id", "model", "trace_id")
-
-    def _stored(self, publish: asyncio.Future, flight, clock: metrics.RequestClock, admitted: Admitted) -> bool:
-        """Books the publish's ack (its sequence, for deleting a message nobody waits for any
-        more); False when NATS never acked it. Once per request: a second call changes nothing."""
-        if clock.queued_ns:
-            return True
-        ack = publish.result()
-        if ack is None:
-            return False
-        clock.queued_ns = time.time_ns()
-        flight.seq = ack.seq
-        log.debug("request.routed", seq=ack.seq, route=admitted.route_reason)
-        return True
 
     async def _publish(self, q, traceparent: str, priority: str) -> "nats.js.api.PubAck | None":
         """Publishes once, and once more on a timeout, to its model's subject for `priority` (its

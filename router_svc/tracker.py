@@ -29,8 +29,6 @@ MAX_REQUEUES = 2   # a request re-queued after this many lost workers fails inst
 
 # In a flight's events: "your worker was lost before sending anything; queue the request again".
 REQUEUE = object()
-# ...and "the JetStream publish of this request is over" (the gateway reads its result).
-PUBLISHED = object()
 
 
 class Action(enum.Enum):
