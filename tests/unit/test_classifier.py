@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 DATA = pathlib.Path(__file__).parent.parent / "data" / "routing"
 DEFAULTS = pathlib.Path(routing.__file__).parent / "defaults" / "cpu.yaml"
-HELD_OUT_FLOOR = 0.90   # the embedded routing measured 93.4% on the held-out set (README); a drop fails
+HELD_OUT_FLOOR = 0.92   # the embedded routing measured 94.6% on the held-out set (README); a drop fails
 
 
 def test_what_the_model_reads_is_bounded_whatever_the_body():
