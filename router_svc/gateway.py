@@ -171,7 +171,6 @@ class Gateway:
                         return
                     continue
                 if type(event) is Delta:
-                    kind = "delta"
                     clock.last_ns = time.time_ns()
                     if not clock.first_ns:
                         clock.first_ns = clock.last_ns

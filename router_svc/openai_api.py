@@ -119,7 +119,7 @@ def parse(body: Any, endpoint: str, request_id: str = "", also: frozenset[str] =
         s.ignore_eos = _bool("ignore_eos", body["ignore_eos"])
     tier = body.get("service_tier")
     if tier is not None:
-        if tier not in SERVICE_TIERS:
+        if not isinstance(tier, str) or tier not in SERVICE_TIERS:  # (a list or an object is unhashable)
             raise InvalidRequest("service_tier", f"must be one of {', '.join(SERVICE_TIERS)}")
         req.priority = SERVICE_TIERS[tier]
     metadata = body.get("metadata")

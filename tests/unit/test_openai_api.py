@@ -130,3 +130,6 @@ def test_service_tier_flex_is_the_low_priority_class():
         assert openai_api.parse({**base, "service_tier": tier}, "chat")[0].priority == "", "the tenant's own class"
     with pytest.raises(InvalidRequest, match="service_tier"):
         openai_api.parse({**base, "service_tier": "platinum"}, "chat")
+    for bad in ([], {"tier": "flex"}, 1):  # not a string: the same clear error, not an unhashable-type crash
+        with pytest.raises(InvalidRequest, match="service_tier"):
+            openai_api.parse({**base, "service_tier": bad}, "chat")
