@@ -28,6 +28,10 @@ MiB = 2**20
 MODELS = ("res-0", "res-1", "res-2")
 READY = worker_pb2.ENGINE_STATE_READY
 UNLOADED = worker_pb2.ENGINE_STATE_UNLOADED
+# Every res model runs at the slow pace (tests/slow_steps.py, >= 20 ms a step), so a stream of
+# LONG tokens is still in flight seconds after its first token, whatever the machine's speed.
+SLOW = {"logits_processors": ("tests.slow_steps:SlowSteps",)}
+LONG = 200
 
 
 def _corrupt(model_dir: pathlib.Path) -> None:
@@ -44,6 +48,7 @@ def res_yaml(session_dir) -> pathlib.Path:
         gpus=(catalogue.GpuSpec(id="cpu", budget_bytes=200 * MiB, engine_overhead_bytes=32 * MiB),),
         manager=catalogue.ManagerSpec(drain_timeout_s=60, load_backoff_s=5, report_interval_s=1, queue_poll_s=0.25, starvation_s=20),
         kv_cache_bytes=64 * MiB, max_num_seqs=32, min_resident_s=2, default_max_tokens=16,
+        per_model={m: SLOW for m in MODELS},
     )
     # the fourth model becomes res-bad: same files, weights cut in half
     text = path.read_text().replace("res-3", "res-bad")
@@ -84,10 +89,19 @@ class Stack:
         resp = await self.admin.ListResidency(manager_pb2.ListResidencyRequest(), timeout=10)
         return {m.model: m for m in resp.models}
 
-    async def generate(self, model: str, max_tokens: int = 8, prompt: str = "hello", timeout: float = 400) -> list:
+    async def generate(self, model: str, max_tokens: int = 8, prompt: str = "hello", timeout: float = 400,
+                       first_token: asyncio.Event | None = None) -> list:
+        """The stream's events; `first_token` is set when its first generated token arrives."""
         req = router_pb2.GenerateRequest(model=model, prompt=prompt, sampling=common_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-        return await collect(self.router_stub.Generate(req, timeout=timeout))
+        if first_token is None:
+            return await collect(self.router_stub.Generate(req, timeout=timeout))
+        events = []
+        async for ev in self.router_stub.Generate(req, timeout=timeout):
+            events.append(ev)
+            if ev.WhichOneof("event") == "delta":
+                first_token.set()
+        return events
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -158,12 +172,15 @@ async def test_pinned_and_busy_models_are_not_evicted(res):
     evictions = {m: r[m].evictions for m in MODELS}
     await res.admin.Pin(manager_pb2.ModelRequest(model=pinned), timeout=10)
     await asyncio.sleep(2.1)  # past min_resident_s
-    # A long stream keeps `busy` in flight; the cold model's request must wait for it.
-    long_stream = asyncio.ensure_future(res.generate(busy, 900, prompt="keep me busy"))
-    await eventually(lambda: _in_flight(res, busy), 30, f"{busy} has a stream in flight")
+    # A long stream keeps `busy` in flight (LONG tokens at the slow pace: seconds); the cold
+    # model's request, sent once the stream flows, must wait for it.
+    flowing = asyncio.Event()
+    long_stream = asyncio.ensure_future(res.generate(busy, LONG, prompt="keep me busy", first_token=flowing))
+    await asyncio.wait_for(flowing.wait(), 60)
+    assert await _in_flight(res, busy), f"{busy} has the stream in flight"
     cold_stream = asyncio.ensure_future(res.generate(cold, 4))
     long_events = await long_stream
-    _ok(long_events, 900)  # the busy model was not evicted under its stream: it finished whole
+    _ok(long_events, LONG)  # the busy model was not evicted under its stream: it finished whole
     _ok(await cold_stream, 4)
     r = await res.residency()
     assert r[pinned].state == READY and r[pinned].evictions == evictions[pinned] and r[pinned].pinned

@@ -19,11 +19,14 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from roundhouse import stack
 from tests.conftest import processes_gone, read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TOLD_WITHIN_S = 10.0   # a caller whose worker died hears so within this (issue 8's bound)
+KILL_TOKENS = 400      # ~8 s a stream at the chat model's slow pace: in flight when its worker is killed
+STOP_TOKENS = 300      # ~6 s: in flight at SIGTERM, whole well within the stop grace (20 s)
 
 
 @dataclasses.dataclass
@@ -47,8 +50,17 @@ class Up:
 @pytest_asyncio.fixture(scope="module")
 async def up(tmp_path_factory):
     var = tmp_path_factory.mktemp("up") / "var"
+    # The embedded defaults (what `roundhouse up` writes on a first run without --config), with
+    # the chat model at the slow pace (tests/slow_steps.py: >= 20 ms a step): a stream of a few
+    # hundred tokens is still flowing seconds after its first token on any machine, so the kill
+    # and SIGTERM tests catch streams mid-flight without 2,000-token floods.
+    config = stack.write_default(var)
+    text = config.read_text()
+    chat = "  - name: chat\n"
+    assert text.count(chat) == 1, "the embedded defaults define the chat model once"
+    config.write_text(text.replace(chat, chat + '    logits_processors: ["tests.slow_steps:SlowSteps"]\n'))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "roundhouse.cli", "up", "--var", str(var),
+        sys.executable, "-m", "roundhouse.cli", "up", "--config", str(config), "--var", str(var),
         "--port", "0", "--http-port", "0", "--manager-port", "0", "--log-level", "info",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
@@ -112,7 +124,7 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
 
     async def stream(i: int) -> None:
         try:
-            s = await client.completions.create(model="chat", prompt=f"stream {i}", max_tokens=2000, stream=True,
+            s = await client.completions.create(model="chat", prompt=f"stream {i}", max_tokens=KILL_TOKENS, stream=True,
                                                 extra_body={"ignore_eos": True, "temperature": 0})
             async for chunk in s:
                 if chunk.choices and chunk.choices[0].text:
@@ -149,13 +161,13 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
 
 
 async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
-    """SIGTERM with streams of 1,500 tokens in flight: they finish whole within the stop grace (20 s), then
+    """SIGTERM with streams of STOP_TOKENS in flight: they finish whole within the stop grace (20 s), then
     every process of the stack exits."""
     client = up.client()
     flowing = [asyncio.Event() for _ in range(4)]
 
     async def stream(i: int) -> int:
-        s = await client.completions.create(model="chat", prompt=f"finish me {i}", max_tokens=1500, stream=True,
+        s = await client.completions.create(model="chat", prompt=f"finish me {i}", max_tokens=STOP_TOKENS, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True, "temperature": 0})
         usage = None
@@ -167,12 +179,12 @@ async def test_up_stops_cleanly_on_sigterm_and_finishes_its_streams(up):
 
     streams = [asyncio.create_task(stream(i)) for i in range(len(flowing))]
     await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 240)
-    up.proc.send_signal(signal.SIGTERM)            # at once: 1,500 tokens take seconds here
+    up.proc.send_signal(signal.SIGTERM)            # at once: STOP_TOKENS take seconds at the slow pace
     term_at = time.monotonic()
     in_flight = sum(not t.done() for t in streams)
     family = up.family()                           # all still there: they stop after the grace
     assert in_flight, "the streams were still running when the stack was told to stop"
-    assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [1500] * len(flowing), "no stream was cut short"
+    assert await asyncio.wait_for(asyncio.gather(*streams), 60) == [STOP_TOKENS] * len(flowing), "no stream was cut short"
     print(f"SIGTERM with {in_flight} streams in flight: all whole, the last {time.monotonic() - term_at:.1f} s later")
     rest = await asyncio.wait_for(up.proc.stdout.read(), 90)
     code = await asyncio.wait_for(up.proc.wait(), 10)
