@@ -118,9 +118,13 @@ def cpu_by_process(root_pid: int) -> dict[str, float]:
         try:
             cmd = " ".join(p.cmdline())
             t = p.cpu_times()
-        except psutil.Error:
+            forked = "worker_svc" in " ".join(p.parent().cmdline())
+        except (psutil.Error, AttributeError):
             continue
-        role = ("nats-server" if "nats-server" in cmd else "worker" if "worker_svc" in cmd
+        # The worker's EngineCore is forked from it, so it keeps the worker's command line (it
+        # sets no VLLM::EngineCore title as `vllm serve`'s does): told apart by its parent.
+        role = ("nats-server" if "nats-server" in cmd else "EngineCore" if "worker_svc" in cmd and forked
+                else "worker" if "worker_svc" in cmd
                 else "router" if "router_svc" in cmd else "manager" if "manager_svc" in cmd
                 else "api_server" if "api_server" in cmd else "roundhouse up" if "roundhouse.cli" in cmd
                 else p.name())
