@@ -2,9 +2,10 @@
 
     python -m router_svc.train_classifier [--train FILE ...] [--eval FILE] [--out PATH]
 
-Defaults: trains on tests/data/routing/train.jsonl, evaluates on tests/data/routing/heldout.jsonl
-(the fixed held-out split: nothing is tuned on it) and writes router_svc/classifier_model.json,
-the model the router ships with. A team retrains on its own traffic with the same command:
+Defaults: trains on tests/data/routing/train.jsonl and writes router_svc/classifier_model.json,
+the model the router ships with. It evaluates only on a file named by --eval, so retraining
+never shows held-out figures by accident (the project's fixed held-out split,
+tests/data/routing/heldout.jsonl, is read once per shipped model: nothing is tuned on it). A team retrains on its own traffic with the same command:
 `--train mine.jsonl --eval mine-heldout.jsonl --out mine.json`, then points
 `routing.classifier.model_file` at the file. Lines are JSON: an OpenAI chat or completions body
 (`messages` or `prompt`, optional `metadata`, `endpoint`) with `expect`, the label (see
@@ -113,7 +114,8 @@ def cross_validate(examples: list[tuple], labels: list[str], folds: int, config:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m router_svc.train_classifier", description=__doc__.split("\n\n")[0])
     p.add_argument("--train", nargs="+", default=[str(DATA / "train.jsonl")], help="labelled JSON lines to learn from")
-    p.add_argument("--eval", default=str(DATA / "heldout.jsonl"), help="labelled JSON lines to report on ('' for none)")
+    p.add_argument("--eval", default="", help="labelled JSON lines to report on (none by default: compare "
+                                              "settings with --cv, read a held-out file once)")
     p.add_argument("--out", default=str(SHIPPED), help="where to write the model")
     p.add_argument("--cv", type=int, default=0, metavar="K",
                    help="only cross-validate on the training files (K folds), through the routing of --config: "
