@@ -260,7 +260,7 @@ class Manager:
 
     def _set_queue(self, e: Entry, depth: jetstream.Depth | None, now: float) -> None:
         if depth is not None:
-            e.set_queue(depth.total, depth.ack_pending, now, depth)
+            e.set_queue(depth, now)
 
     async def _queue_info(self, e: Entry) -> jetstream.Depth | None:
         """Its queue, every priority class; None (no consumer there yet, or NATS did not answer)."""

@@ -152,25 +152,24 @@ class Entry:
     def decayed_frequency(self, now: float) -> float:
         return self.frequency * 0.5 ** (max(0.0, now - self.frequency_at) / FREQUENCY_HALF_LIFE_S)
 
-    def set_queue(self, depth: int, acked_pending: int, now: float, lanes: jetstream.Depth | None = None) -> bool:
-        """`depth`: its consumers' num_pending; `acked_pending`: their num_ack_pending; `lanes`:
-        the same per priority class (for the highest class waiting; None: normal).
+    def set_queue(self, queue: jetstream.Depth, now: float) -> bool:
+        """`queue`: its consumers' num_pending and num_ack_pending, per priority class, as just read.
 
         A worker pulls only while its engine is READY, so a message handed out and not acked
         while the model is not resident belongs to nobody: one a dead worker took (redelivered
         after ack_wait) or one handed back while it was being evicted (redelivered after a delay).
         JetStream counts those in num_ack_pending, not num_pending, yet they are demand: without
         them a request that met a dying or evicting worker never got its model loaded again and
-        waited for its deadline."""
+        waited for its deadline. (`queue_depth` and `top_lane` are what was read, judged by the
+        phase at that moment.)"""
         self.queue_read_at = now
         unattended = self.phase in (Phase.UNLOADED, Phase.FAILED)   # not SLEEPING: its worker lives
-        if unattended:
-            depth += acked_pending
+        depth = queue.total + (queue.ack_pending if unattended else 0)
         changed = depth != self.queue_depth
         self.queue_depth = depth
-        self.top_lane = lanes.top(handed_out=unattended) if lanes is not None else 1
-        self.lanes = lanes
-        self.in_flight = max(acked_pending, self.reported_in_flight)
+        self.top_lane = queue.top(handed_out=unattended)
+        self.lanes = queue
+        self.in_flight = max(queue.ack_pending, self.reported_in_flight)
         if depth == 0:
             self.waiting_since = None
         elif self.waiting_since is None:

@@ -7,8 +7,14 @@ import pytest
 from manager_svc.manager import Manager
 from roundhouse import catalogue
 from roundhouse.errors import ModelNotFound, ModelPinned
+from roundhouse.jetstream import Depth
 
 pytestmark = pytest.mark.unit
+
+
+def _normal(pending: int, acked: int) -> Depth:
+    """A queue read with everything in the normal class."""
+    return Depth(pending=(0, pending, 0), acked=(0, acked, 0))
 
 CAT = catalogue.from_mapping(
     {"models": [{"name": "m", "aliases": ["chat"], "path": "nowhere", "max_model_len": 64, "pinned": True, "default_max_tokens": 8}]},
@@ -61,26 +67,25 @@ def test_requests_handed_to_no_engine_are_demand():
     e = Manager(CAT, "nats://unused").entry("m")
     e.address = "10.0.0.1:7000"
     e.phase = Phase.UNLOADED
-    e.set_queue(0, 1, now=5.0)
+    e.set_queue(_normal(0, 1), 5.0)
     assert e.queue_depth == 1 and e.waiting_since == 5.0 and wants_load(e.view(6.0), 6.0)
     e.phase = Phase.READY  # resident: ack-pending messages are the engine's own work
-    e.set_queue(0, 1, now=7.0)
+    e.set_queue(_normal(0, 1), 7.0)
     assert e.queue_depth == 0 and e.in_flight == 1
 
 
 def test_the_highest_class_waiting_reaches_the_policy_even_when_handed_to_no_engine():
     from manager_svc.policy import Phase
-    from roundhouse.jetstream import Depth
 
     e = Manager(CAT, "nats://unused").entry("m")
     e.address = "10.0.0.1:7000"
     e.phase = Phase.UNLOADED
-    e.set_queue(2, 1, 5.0, Depth(pending=(0, 0, 2), acked=(1, 0, 0)))
+    e.set_queue(Depth(pending=(0, 0, 2), acked=(1, 0, 0)), 5.0)
     assert e.view(5.0).lane == 0, "a high request a dead worker took is still a high request"
-    e.set_queue(2, 0, 6.0, Depth(pending=(0, 0, 2), acked=(0, 0, 0)))
+    e.set_queue(Depth(pending=(0, 0, 2), acked=(0, 0, 0)), 6.0)
     assert e.view(6.0).lane == 2, "only low requests wait"
     e.phase = Phase.READY
-    e.set_queue(1, 1, 7.0, Depth(pending=(0, 1, 0), acked=(1, 0, 0)))
+    e.set_queue(Depth(pending=(0, 1, 0), acked=(1, 0, 0)), 7.0)
     assert e.view(7.0).lane == 1, "resident: what its engine holds is no demand"
 
     from prometheus_client import generate_latest
@@ -89,7 +94,7 @@ def test_the_highest_class_waiting_reaches_the_policy_even_when_handed_to_no_eng
     from manager_svc.metrics import _ManagerGauges
     gauges = _ManagerGauges()
     gauges.watch(e_manager := Manager(CAT, "nats://unused"))
-    e_manager.entry("m").set_queue(3, 0, 8.0, Depth(pending=(2, 0, 1), acked=(0, 0, 0)))
+    e_manager.entry("m").set_queue(Depth(pending=(2, 0, 1), acked=(0, 0, 0)), 8.0)
     registry = CollectorRegistry()
     registry.register(gauges)
     text = generate_latest(registry).decode()
@@ -153,7 +158,7 @@ def test_an_engine_that_dies_is_reloaded_after_a_backoff_that_grows_with_each_de
         report(worker_pb2.ENGINE_STATE_READY)
         report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")
         assert e.phase is Phase.UNLOADED and "engine died" in e.residency().error
-        e.set_queue(1, 0, now[0])
+        e.set_queue(_normal(1, 0), now[0])
         assert not wants_load(e.view(now[0]), now[0]), "not again at once"
         waits.append(e.backoff_until - now[0])
         report(worker_pb2.ENGINE_STATE_UNLOADED, "roundhouse: engine died: boom")  # its next report: no new death
@@ -245,16 +250,16 @@ def test_the_queue_ahead_counts_in_how_soon_a_model_serves():
 
     report(0.0)
     e.learn("load", 20.0)
-    e.set_queue(3 * slots, 0, 1.0)
+    e.set_queue(_normal(3 * slots, 0), 1.0)
     assert (e.event(1.0).ready_in_s, e.event(1.0).queue_s) == (20.0, 0.0), "no request time learned yet: the load only"
     report(2.0)
     assert e.event(1.0).queue_s == 6.0 and e.event(1.0).ready_in_s == 26.0, "three full rounds ahead"
-    e.set_queue(slots - 1, 0, 2.0)
+    e.set_queue(_normal(slots - 1, 0), 2.0)
     assert e.event(2.0).queue_s == 0.0, "a slot is left for it"
     report(0.0)
     assert e.request_s == 2.0, "a worker that has learned nothing (a restart) does not erase the estimate"
     e.phase = Phase.READY
-    e.set_queue(0, slots, 3.0)
+    e.set_queue(_normal(0, slots), 3.0)
     assert e.event(3.0).queue_s == 2.0 and e.event(3.0).ready_in_s == 2.0, "resident, every slot busy: one round"
 
 
