@@ -146,3 +146,16 @@ def test_config_commands(tmp_path, capsys):
     assert cli.main(["config", "check", str(SHIPPED[0])]) == 0
     assert cli.main(["nats-auth", "--config", str(bad)]) == 2, "any command's bad --config: an error, not a traceback"
     assert f"roundhouse: {bad}: models[0].default_max_tokens" in capsys.readouterr().err
+
+
+def test_the_embedded_defaults_roundhouse_up_writes_load_and_point_at_their_models(tmp_path):
+    """What `roundhouse up` without --config runs on (tests/integration/test_up.py runs `up` on
+    a copy of it with a slow chat model, through --config)."""
+    from roundhouse import stack
+
+    path = stack.write_default(tmp_path / "var")
+    assert path.read_text() == stack.DEFAULT_CONFIG.read_text()
+    cat = catalogue.load(path)
+    assert [m.name for m in cat.models] == ["chat", "code", "reasoning"]
+    for m in cat.models:
+        assert (pathlib.Path(m.path) / "config.json").exists() and (pathlib.Path(m.path) / "tokenizer.json").exists(), m.path
