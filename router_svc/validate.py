@@ -19,6 +19,11 @@ from router_svc.auth import ANYONE, Tenant, check_model
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Field bounds that no honest request reaches; past them the request is refused before anything
+# reads or echoes the field (a model name goes into errors and logs; metadata into routing).
+# Metadata's are OpenAI's own: 16 pairs, keys up to 64 characters, values up to 512.
+MAX_MODEL_CHARS = 256
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 BY_NAME = "requested by name"   # the route reason of a request that names its model
 
@@ -62,7 +67,9 @@ def admit(
     # 1. The deadline first: an expired request must not cost anything else.
     if deadline_ms <= now_ms:
         raise DeadlineExpired("deadline already passed when the request arrived")
-    # 2. The model: a name, an alias, or "auto" (classified by the routing rules).
+    # 2. Bounded fields, before anything reads them.
+    _check_bounds(req)
+    # 3. The model: a name, an alias, or "auto" (classified by the routing rules).
     route = _route(req, catalogue, readiness, (deadline_ms - now_ms) / 1000, predictor)
     if tenant.models is not None and route.reason != BY_NAME:  # chosen for it: among its models
         route = within(route, tenant, catalogue)
@@ -72,7 +79,7 @@ def admit(
         raise ModelNotFound(f"model {name!r} not found; ListModels gives the configured names and aliases")
     adapter = catalogue.adapter(name)
     check_model(tenant, adapter.name if adapter is not None else spec.name)
-    # 3. The input.
+    # 4. The input.
     kind = req.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("prompt", "either prompt or chat messages are required")
@@ -86,7 +93,7 @@ def admit(
                 raise InvalidRequest(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(sorted(ROLES))}")
     if req.request_id and not _REQUEST_ID.match(req.request_id):
         raise InvalidRequest("request_id", "1-128 characters of letters, digits and . _ : -")
-    # 4. Sampling.
+    # 5. Sampling.
     s = req.sampling
     if s.HasField("max_tokens") and s.max_tokens <= 0:
         raise InvalidRequest("max_tokens", f"must be > 0, got {s.max_tokens}")
@@ -100,7 +107,7 @@ def admit(
         raise InvalidRequest("top_k", f"must be -1 (off), 0 (off) or > 0, got {s.top_k}")
     if len(s.stop) > 16 or any(not x for x in s.stop):
         raise InvalidRequest("stop", "at most 16 non-empty stop strings")
-    # 5. Length against the context.
+    # 6. Length against the context.
     prompt_ids = tokenize(spec, req)
     prompt_tokens = len(prompt_ids) if prompt_ids is not None else None
     max_tokens = s.max_tokens if s.HasField("max_tokens") else spec.default_max_tokens
@@ -118,7 +125,7 @@ def admit(
                     f"{spec.max_model_len} tokens of model {spec.name}",
                 )
             max_tokens = room
-    # 6. The resolved request. A sampled request gets a seed, so that a redelivery after a
+    # 7. The resolved request. A sampled request gets a seed, so that a redelivery after a
     #    worker loss regenerates the same tokens and the router can continue the stream.
     sampling = common_pb2.SamplingParams()
     sampling.CopyFrom(s)
@@ -144,6 +151,19 @@ def admit(
     else:
         queued.chat.messages.extend(req.chat.messages)
     return Admitted(spec, queued, prompt_tokens or 0, reason, route.rule, tenant, priority_of(req.priority, tenant))
+
+
+def _check_bounds(req: router_pb2.GenerateRequest) -> None:
+    if len(req.model) > MAX_MODEL_CHARS:
+        raise InvalidRequest("model", f"{len(req.model)} characters; a model name has at most {MAX_MODEL_CHARS}")
+    meta = req.metadata
+    if len(meta) > MAX_METADATA_PAIRS:
+        raise InvalidRequest("metadata", f"{len(meta)} pairs; at most {MAX_METADATA_PAIRS}")
+    for key, value in meta.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise InvalidRequest("metadata", f"a key of {len(key)} characters; keys have at most {MAX_METADATA_KEY_CHARS}")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidRequest(f"metadata.{key}", f"{len(value)} characters; values have at most {MAX_METADATA_VALUE_CHARS}")
 
 
 def priority_of(asked: str, tenant: Tenant) -> str:

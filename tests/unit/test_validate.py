@@ -66,12 +66,23 @@ def test_default_max_tokens_is_clamped_to_the_room_left_in_the_context():
         (req(top_k=-2), InvalidRequest, "top_k"),
         (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 100)), InvalidRequest, "prompt"),
         (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 50), sampling=common_pb2.SamplingParams(max_tokens=60)), InvalidRequest, "max_tokens"),
+        (router_pb2.GenerateRequest(model="m" * 257, prompt="x"), InvalidRequest, "257 characters; a model name has at most 256"),
+        (router_pb2.GenerateRequest(model="m", prompt="x", metadata={f"k{i}": "v" for i in range(17)}), InvalidRequest, "metadata: 17 pairs"),
+        (router_pb2.GenerateRequest(model="m", prompt="x", metadata={"k" * 65: "v"}), InvalidRequest, "metadata: a key of 65"),
+        (router_pb2.GenerateRequest(model="m", prompt="x", metadata={"team": "v" * 513}), InvalidRequest, "metadata.team: 513"),
     ],
 )
 def test_bad_requests_name_the_field(request_, error, field):
     with pytest.raises(error) as info:
         run(request_)
     assert field in str(info.value) and str(info.value).startswith("roundhouse: ")
+
+
+def test_fields_at_their_bounds_are_accepted():
+    r = router_pb2.GenerateRequest(model="m", prompt="x", metadata={f"{i:064d}": "v" * 512 for i in range(16)})
+    assert run(r).queued.model == "m"
+    with pytest.raises(ModelNotFound):   # 256 characters is a name, looked up (and not found)
+        run(router_pb2.GenerateRequest(model="m" * 256, prompt="x"))
 
 
 def test_expired_deadline_is_refused_first():
