@@ -24,6 +24,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metadata's are OpenAI's own: 16 pairs, keys up to 64 characters, values up to 512.
 MAX_MODEL_CHARS = 256
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+MAX_STOP_STRINGS = 16
 
 BY_NAME = "requested by name"   # the route reason of a request that names its model
 
@@ -105,8 +106,8 @@ def admit(
         raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
     if s.HasField("top_k") and s.top_k < -1:
         raise InvalidRequest("top_k", f"must be -1 (off), 0 (off) or > 0, got {s.top_k}")
-    if len(s.stop) > 16 or any(not x for x in s.stop):
-        raise InvalidRequest("stop", "at most 16 non-empty stop strings")
+    if len(s.stop) > MAX_STOP_STRINGS or any(not x for x in s.stop):
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} non-empty stop strings")
     # 6. Length against the context.
     prompt_ids = tokenize(spec, req)
     prompt_tokens = len(prompt_ids) if prompt_ids is not None else None

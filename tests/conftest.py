@@ -30,6 +30,7 @@ TEST_ROUTING = {"default_model": "", "fallback": "tiny-1", "rules": [{"name": "c
 TEST_MAX_TOKENS = 8000
 # The slow model (tests/slow_steps.py: every engine step takes >= 20 ms): long enough for a cancel
 # to land mid-generation, few enough tokens that relaying them costs the test process nothing.
+SLOW_STEPS = {"logits_processors": ("tests.slow_steps:SlowSteps",)}   # a model's catalogue entry at that pace
 SLOW_MODEL = "tiny-2"
 SLOW_MAX_TOKENS = 1500   # ~30 s at its pace: a cancel lands long before the end, even after a stall
 
@@ -52,7 +53,7 @@ def models_yaml(session_dir) -> pathlib.Path:
     cancel tests' model: at least 20 ms per engine step); TEST_CONTEXT-token context."""
     return stack.write_tiny_catalogue(
         session_dir, 3, aliases={"tiny-0": ["chat"], "tiny-1": ["code"], SLOW_MODEL: ["slow"]}, context=TEST_CONTEXT,
-        routing=TEST_ROUTING, per_model={SLOW_MODEL: {"logits_processors": ("tests.slow_steps:SlowSteps",)}},
+        routing=TEST_ROUTING, per_model={SLOW_MODEL: SLOW_STEPS},
         kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
         enforce_eager=True,  # fast loads; compiled engines stream faster and stall this process's loop longer
     )

@@ -20,7 +20,7 @@ from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, rou
 from roundhouse import catalogue, natsd, stack
 from router_svc.config import RouterConfig
 from router_svc.server import Router
-from tests.conftest import TEST_ACK_WAIT_S, collect, eventually, kinds_of, tokens_of
+from tests.conftest import SLOW_STEPS, TEST_ACK_WAIT_S, eventually, kinds_of, tokens_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -30,7 +30,6 @@ READY = worker_pb2.ENGINE_STATE_READY
 UNLOADED = worker_pb2.ENGINE_STATE_UNLOADED
 # Every res model runs at the slow pace (tests/slow_steps.py, >= 20 ms a step), so a stream of
 # LONG tokens is still in flight seconds after its first token, whatever the machine's speed.
-SLOW = {"logits_processors": ("tests.slow_steps:SlowSteps",)}
 LONG = 200
 
 
@@ -48,7 +47,7 @@ def res_yaml(session_dir) -> pathlib.Path:
         gpus=(catalogue.GpuSpec(id="cpu", budget_bytes=200 * MiB, engine_overhead_bytes=32 * MiB),),
         manager=catalogue.ManagerSpec(drain_timeout_s=60, load_backoff_s=5, report_interval_s=1, queue_poll_s=0.25, starvation_s=20),
         kv_cache_bytes=64 * MiB, max_num_seqs=32, min_resident_s=2, default_max_tokens=16,
-        per_model={m: SLOW for m in MODELS},
+        per_model={m: SLOW_STEPS for m in MODELS},
     )
     # the fourth model becomes res-bad: same files, weights cut in half
     text = path.read_text().replace("res-3", "res-bad")
@@ -94,12 +93,10 @@ class Stack:
         """The stream's events; `first_token` is set when its first generated token arrives."""
         req = router_pb2.GenerateRequest(model=model, prompt=prompt, sampling=common_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-        if first_token is None:
-            return await collect(self.router_stub.Generate(req, timeout=timeout))
         events = []
         async for ev in self.router_stub.Generate(req, timeout=timeout):
             events.append(ev)
-            if ev.WhichOneof("event") == "delta":
+            if first_token is not None and ev.WhichOneof("event") == "delta":
                 first_token.set()
         return events
 

@@ -28,7 +28,7 @@ from roundhouse import catalogue, jetstream, natsd, stack, subjects, tenancy
 from router_svc import limits
 from router_svc.config import RouterConfig
 from router_svc.server import Router
-from tests.conftest import TEST_ACK_WAIT_S, eventually
+from tests.conftest import SLOW_STEPS, TEST_ACK_WAIT_S, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -50,7 +50,7 @@ def _one_slow_slot(models_yaml, d) -> pathlib.Path:
     for m in raw["models"]:
         m["path"] = str(models_yaml.parent / m["path"])
         if m["name"] == "tiny-0":
-            m.update(max_num_seqs=1, logits_processors=["tests.slow_steps:SlowSteps"])
+            m.update(max_num_seqs=1, logits_processors=list(SLOW_STEPS["logits_processors"]))
     path = d / "models.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from roundhouse import stack
-from tests.conftest import processes_gone, read_until
+from tests.conftest import SLOW_STEPS, processes_gone, read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -58,7 +58,8 @@ async def up(tmp_path_factory):
     text = config.read_text()
     chat = "  - name: chat\n"
     assert text.count(chat) == 1, "the embedded defaults define the chat model once"
-    config.write_text(text.replace(chat, chat + '    logits_processors: ["tests.slow_steps:SlowSteps"]\n'))
+    [processor] = SLOW_STEPS["logits_processors"]
+    config.write_text(text.replace(chat, f'{chat}    logits_processors: ["{processor}"]\n'))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "roundhouse.cli", "up", "--config", str(config), "--var", str(var),
         "--port", "0", "--http-port", "0", "--manager-port", "0", "--log-level", "info",

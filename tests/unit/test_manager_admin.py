@@ -16,6 +16,7 @@ def _normal(pending: int, acked: int) -> Depth:
     """A queue read with everything in the normal class."""
     return Depth(pending=(0, pending, 0), acked=(0, acked, 0))
 
+
 CAT = catalogue.from_mapping(
     {"models": [{"name": "m", "aliases": ["chat"], "path": "nowhere", "max_model_len": 64, "pinned": True, "default_max_tokens": 8}]},
     pathlib.Path("/"),
