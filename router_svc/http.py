@@ -222,9 +222,13 @@ class HttpApi:
         frame = openai_api.text_framer(opts, rid, created, model)
         opened = False  # has a data chunk gone out (for chat: the role)?
 
-        async def send(obj) -> None:
-            await write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        def data(obj) -> bytes:
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
+        # The stream's last events (finish, usage, [DONE]) and the end of the chunked body go
+        # out as one write: each write is a send(2), the router's main per-request cost after
+        # the tokens themselves.
+        tail: list[bytes] = []
         ev = first
         while True:
             kind = kind_of(ev)
@@ -232,17 +236,17 @@ class HttpApi:
                 if ev.text and opened:
                     await write(frame(ev.text))
                 elif ev.text:
-                    await send(openai_api.chunk(opts, rid, created, model, text=ev.text, first=True))
+                    await write(data(openai_api.chunk(opts, rid, created, model, text=ev.text, first=True)))
                     opened = True
             elif kind == "finished":
                 if not opened and opts.endpoint == "chat":
-                    await send(openai_api.chunk(opts, rid, created, model, text="", first=True))
-                await send(openai_api.chunk(opts, rid, created, model, finish=ev.finished.finish_reason))
+                    tail.append(data(openai_api.chunk(opts, rid, created, model, text="", first=True)))
+                tail.append(data(openai_api.chunk(opts, rid, created, model, finish=ev.finished.finish_reason)))
                 if opts.include_usage:
-                    await send(openai_api.usage_chunk(opts, rid, created, model, ev.finished.usage))
+                    tail.append(data(openai_api.usage_chunk(opts, rid, created, model, ev.finished.usage)))
                 break
             elif kind == "error":
-                await send(openai_api.error(ev.error.code, ev.error.message)[1])
+                tail.append(data(openai_api.error(ev.error.code, ev.error.message)[1]))
                 break
             elif kind == "loading":
                 await write(openai_api.progress_comment(ev))
@@ -250,6 +254,5 @@ class HttpApi:
                 ev = await (anext(events) if opened else _next_or_comment(events, write))
             except StopAsyncIteration:
                 break
-        await write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await resp.write_eof(b"".join(tail) + b"data: [DONE]\n\n")
         return resp

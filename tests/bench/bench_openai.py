@@ -48,21 +48,22 @@ TTFT_PARTS = (
     ("router: admit -> JetStream's ack", "roundhouse_request_publish_seconds"),
     ("JetStream: stored -> worker took it", "roundhouse_worker_queue_wait_seconds"),
 )
+STEP_TOKENS = "vllm:iteration_tokens_total"   # vLLM's histogram of tokens per engine step
 
 
-def histogram_totals() -> dict[str, tuple[float, float]]:
-    """(sum, count) of each TTFT_PARTS histogram, summed over labels, from Roundhouse's /metrics."""
+def histogram_totals(urls: list[str], names: set[str]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each histogram in `names`, summed over labels and over the /metrics `urls`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, tuple[float, float]] = {}
-    for url in (METRICS[k] for k in ("router", "worker") if k in METRICS):
+    for url in urls:
         with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 for suffix, i in (("_sum", 0), ("_count", 1)):
                     name = sample.name.removesuffix(suffix)
-                    if sample.name.endswith(suffix) and any(h == name for _, h in TTFT_PARTS):
+                    if sample.name.endswith(suffix) and name in names:
                         total = list(out.get(name, (0.0, 0.0)))
                         total[i] += sample.value
                         out[name] = (total[0], total[1])
@@ -141,13 +142,22 @@ def cpu_by_process(root_pid: int) -> dict[str, float]:
 def measured(proc: subprocess.Popen, base: str, backend: str, model: str, tokenizer: str, a) -> dict:
     """bench() plus the CPU seconds each server process spent during it."""
     roundhouse = base == METRICS.get("base")
-    parts_before = histogram_totals() if roundhouse else {}
+    parts_urls = [METRICS[k] for k in ("router", "worker") if k in METRICS] if roundhouse else []
+    parts_names = {h for _, h in TTFT_PARTS}
+    # vLLM's own engine statistics (--engine-stats): tokens per engine step, from the engine's
+    # exporter (vllm serve's /metrics; Roundhouse's worker's)
+    steps_urls = ([METRICS["worker"]] if roundhouse else [f"{base}/metrics"]) if a.engine_stats else []
+    parts_before = histogram_totals(parts_urls, parts_names) if parts_urls else {}
+    steps_before = histogram_totals(steps_urls, {STEP_TOKENS}).get(STEP_TOKENS, (0.0, 0.0)) if steps_urls else None
     before = cpu_by_process(proc.pid)
     result = bench(base, backend, model, tokenizer, a)
     after = cpu_by_process(proc.pid)
     result["cpu"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0.05}
+    if steps_before is not None:
+        total, count = histogram_totals(steps_urls, {STEP_TOKENS}).get(STEP_TOKENS, (0.0, 0.0))
+        result["steps"] = (count - steps_before[1], total - steps_before[0])
     if roundhouse:
-        parts_after = histogram_totals()
+        parts_after = histogram_totals(parts_urls, parts_names)
         result["parts_ms"] = {}
         for name, (total, count) in parts_after.items():
             t0, c0 = parts_before.get(name, (0.0, 0.0))
@@ -262,6 +272,17 @@ def main() -> None:
             per = {k: v * 1000 / (out_tokens * len(runs)) for k, v in cpu.items()}
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
             print(f"{b:12} {name:10} total {sum(per.values()):.3f}: {parts}")
+    if a.engine_stats:
+        print("\nengine steps (vLLM's vllm:iteration_tokens_total; all rounds): how full each step's batch was")
+        for b in BACKENDS:
+            for name in ("vllm serve", "roundhouse"):
+                steps = [x[b]["steps"] for _, n, x in rows if n == name and "steps" in x[b]]
+                count, tokens = sum(c for c, _ in steps), sum(t for _, t in steps)
+                if count:
+                    cpu = sum(v for _, n, x in rows if n == name for k, v in x[b]["cpu"].items()
+                              if k in ("EngineCore", "VLLM::EngineCore", "VLLM::Worker"))
+                    print(f"{b:12} {name:10} {count:7.0f} steps, {tokens / count:5.1f} tokens per step, "
+                          f"engine processes' CPU {1000 * cpu / count:.2f} ms per step")
     print("\nwhere a Roundhouse request's time to first token went (means over each run, ms; from its /metrics)")
     for b in BACKENDS:
         for r, name, x in rows:
