@@ -28,6 +28,8 @@ names the bad key, and `roundhouse config schema` prints it as JSON Schema for e
                                    # `vllm serve --logits-processors`; importable by the worker
         engine_metrics: true       # vLLM's own vllm:* metrics on the worker's /metrics (false: its
                                    # engine keeps no statistics, as `vllm serve --disable-log-stats`)
+        engine_sched_idle: false   # CPU engines: the engine's processes in SCHED_IDLE (first tokens
+                                   # sooner on a small host, fewer tokens/s; see README)
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -114,6 +116,9 @@ class ModelSpec:
     logits_processors: tuple[NonEmpty, ...] = Field(
         (), description="vLLM logits processor classes (package.module:Class) loaded into its engine")
     engine_metrics: StrictBool = Field(True, description="vLLM's own vllm:* metrics on the worker's /metrics")
+    engine_sched_idle: StrictBool = Field(
+        False, description="CPU engines: run the engine's processes in SCHED_IDLE, so the serving path never waits "
+                           "behind vLLM's busy-polling (lower time to first token on small hosts, lower throughput)")
 
     @property
     def token_limit(self) -> int:

@@ -49,11 +49,12 @@ def nats_server(session_dir):
 
 @pytest.fixture(scope="session")
 def models_yaml(session_dir) -> pathlib.Path:
-    """Three tiny models: tiny-0 (alias chat), tiny-1 (alias code), tiny-2 (alias slow, the
-    cancel tests' model: at least 20 ms per engine step); TEST_CONTEXT-token context."""
+    """Three tiny models: tiny-0 (alias chat), tiny-1 (alias code, its engine in SCHED_IDLE:
+    `engine_sched_idle`), tiny-2 (alias slow, the cancel tests' model: at least 20 ms per engine
+    step); TEST_CONTEXT-token context."""
     return stack.write_tiny_catalogue(
         session_dir, 3, aliases={"tiny-0": ["chat"], "tiny-1": ["code"], SLOW_MODEL: ["slow"]}, context=TEST_CONTEXT,
-        routing=TEST_ROUTING, per_model={SLOW_MODEL: SLOW_STEPS},
+        routing=TEST_ROUTING, per_model={SLOW_MODEL: SLOW_STEPS, "tiny-1": {"engine_sched_idle": True}},
         kv_cache_bytes=64 * 2**20, max_num_seqs=48, max_tokens_limit=TEST_MAX_TOKENS, default_max_tokens=16,
         enforce_eager=True,  # fast loads; compiled engines stream faster and stall this process's loop longer
     )

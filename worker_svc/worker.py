@@ -166,6 +166,7 @@ class ModelWorker:
                     enforce_eager=spec.enforce_eager,
                     logits_processors=spec.logits_processors,
                     engine_metrics=spec.engine_metrics,
+                    sched_idle=spec.engine_sched_idle,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...

@@ -230,10 +230,13 @@ def main() -> None:
     p.add_argument("--engine-stats", action="store_true",
                    help="both engines keep vLLM's statistics (vllm serve's default; Roundhouse's engine_metrics, its "
                         "default); without it neither does (--disable-log-stats; engine_metrics: false)")
+    p.add_argument("--engine-sched-idle", action="store_true",
+                   help="Roundhouse's engine in SCHED_IDLE (the model's engine_sched_idle; vllm serve has no such setting)")
     a = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="rh-bench-openai-"))
     config = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64, max_tokens_limit=1000,
-                                        **({} if a.engine_stats else {"engine_metrics": False}))
+                                        **({} if a.engine_stats else {"engine_metrics": False}),
+                                        engine_sched_idle=a.engine_sched_idle)
     model_dir = work / "models" / "tiny-0"
     servers = {}
     try:
@@ -250,7 +253,8 @@ def main() -> None:
         for proc, _ in servers.values():
             stop(proc)
     print(f"\n{a.num_prompts} prompts, {a.input_len} in / {a.output_len} out tokens, concurrency {a.concurrency}, "
-          f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both")
+          f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both"
+          + (", Roundhouse's engine in SCHED_IDLE" if a.engine_sched_idle else ""))
     print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
     for b in BACKENDS:
         for r in range(a.rounds):
@@ -273,16 +277,16 @@ def main() -> None:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
             print(f"{b:12} {name:10} total {sum(per.values()):.3f}: {parts}")
     if a.engine_stats:
-        print("\nengine steps (vLLM's vllm:iteration_tokens_total; all rounds): how full each step's batch was")
+        print("\nengine steps (vLLM's vllm:iteration_tokens_total): how full each step's batch was; a server whose "
+              "steps carry fewer tokens than the concurrency could have was not feeding its engine")
         for b in BACKENDS:
-            for name in ("vllm serve", "roundhouse"):
-                steps = [x[b]["steps"] for _, n, x in rows if n == name and "steps" in x[b]]
-                count, tokens = sum(c for c, _ in steps), sum(t for _, t in steps)
-                if count:
-                    cpu = sum(v for _, n, x in rows if n == name for k, v in x[b]["cpu"].items()
-                              if k in ("EngineCore", "VLLM::EngineCore", "VLLM::Worker"))
-                    print(f"{b:12} {name:10} {count:7.0f} steps, {tokens / count:5.1f} tokens per step, "
-                          f"engine processes' CPU {1000 * cpu / count:.2f} ms per step")
+            for r, name, x in rows:
+                if "steps" not in x[b] or not x[b]["steps"][0]:
+                    continue
+                count, tokens = x[b]["steps"]
+                cpu = sum(v for k, v in x[b]["cpu"].items() if k in ("EngineCore", "VLLM::EngineCore", "VLLM::Worker"))
+                print(f"{b:12} {r:>5} {name:10} {count:7.0f} steps, {tokens / count:5.1f} tokens per step, "
+                      f"engine processes' CPU {1000 * cpu / count:.2f} ms per step")
     print("\nwhere a Roundhouse request's time to first token went (means over each run, ms; from its /metrics)")
     for b in BACKENDS:
         for r, name, x in rows:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
+import psutil
 import pytest
 
 from protos.v1 import common_pb2, router_pb2, worker_pb2
@@ -34,6 +36,10 @@ async def test_requests_wait_in_the_queue_until_load_and_none_is_lost(router, ro
     # 2. Load: every waiting request completes, in full.
     status = await worker.load()
     assert status.state == worker_pb2.ENGINE_STATE_READY
+    # (This model's engine runs in SCHED_IDLE, `engine_sched_idle`: its model runner does, the worker not.)
+    runners = [p for p in psutil.Process(worker.process.pid).children(recursive=True) if p.name() == "VLLM::Worker"]
+    assert runners and {os.sched_getscheduler(t.id) for p in runners for t in p.threads()} == {os.SCHED_IDLE}
+    assert os.sched_getscheduler(worker.process.pid) == os.SCHED_OTHER
     results = await asyncio.gather(*calls)
     for i, events in enumerate(results):
         assert kinds_of(events)[0] == "queued" and kinds_of(events)[-1] == "finished"
