@@ -390,8 +390,9 @@ def yield_cpu_to_serving(processes) -> int:
     kernel's autogroups share CPU between sessions before nice counts); the EngineCore alone in
     SCHED_IDLE; the router, worker, manager and nats-server pinned to the core vLLM leaves free.
     What did: the model runner in SCHED_IDLE: TTFT p50 55-64 -> 8-10 ms, but output tokens/s at
-    concurrency 1 fell 15-25% (every serving thread that wakes now preempts the runner's
-    forward pass), and at concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in.
+    concurrency 1 fell 15-25% in a probe and 18-37% in bench_openai --engine-sched-idle (every
+    thread that wakes, the client's included, now preempts the runner's forward pass), and at
+    concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in.
     Unprivileged (a process may always lower its own class); threads and processes started later
     inherit it. CPU engines only: a GPU engine's polling paces its kernel launches."""
     import psutil
