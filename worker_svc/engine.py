@@ -389,7 +389,7 @@ def yield_cpu_to_serving(processes) -> int:
     throwaway probes): the engine at nice 10 (the services run in their own sessions, and the
     kernel's autogroups share CPU between sessions before nice counts); the EngineCore alone in
     SCHED_IDLE; the router, worker, manager and nats-server pinned to the core vLLM leaves free.
-    What did: the model runner in SCHED_IDLE: TTFT p50 55-64 -> 8-10 ms, but output tokens/s at
+    What did: the model runner in SCHED_IDLE (alone, or with the EngineCore as here): TTFT p50 55-64 -> 8-10 ms, but output tokens/s at
     concurrency 1 fell 15-25% in a probe and 18-37% in bench_openai --engine-sched-idle (every
     thread that wakes, the client's included, now preempts the runner's forward pass), and at
     concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in.

@@ -140,29 +140,30 @@ def cpu_by_process(root_pid: int) -> dict[str, float]:
 
 
 def measured(proc: subprocess.Popen, base: str, backend: str, model: str, tokenizer: str, a) -> dict:
-    """bench() plus the CPU seconds each server process spent during it."""
+    """bench() plus the CPU seconds each server process spent during it, Roundhouse's TTFT parts
+    and (--engine-stats) the engine's steps."""
     roundhouse = base == METRICS.get("base")
-    parts_urls = [METRICS[k] for k in ("router", "worker") if k in METRICS] if roundhouse else []
-    parts_names = {h for _, h in TTFT_PARTS}
-    # vLLM's own engine statistics (--engine-stats): tokens per engine step, from the engine's
-    # exporter (vllm serve's /metrics; Roundhouse's worker's)
-    steps_urls = ([METRICS["worker"]] if roundhouse else [f"{base}/metrics"]) if a.engine_stats else []
-    parts_before = histogram_totals(parts_urls, parts_names) if parts_urls else {}
-    steps_before = histogram_totals(steps_urls, {STEP_TOKENS}).get(STEP_TOKENS, (0.0, 0.0)) if steps_urls else None
+    # Roundhouse's TTFT parts (router's and worker's /metrics) and, with --engine-stats, vLLM's
+    # tokens per engine step (Roundhouse's worker exports it; vllm serve its own /metrics): each
+    # exporter scraped once before and once after.
+    urls = [METRICS[k] for k in ("router", "worker") if k in METRICS] if roundhouse else []
+    if a.engine_stats and not roundhouse:
+        urls.append(f"{base}/metrics")
+    names = {h for _, h in TTFT_PARTS} | {STEP_TOKENS}
+    histograms_before = histogram_totals(urls, names)
     before = cpu_by_process(proc.pid)
     result = bench(base, backend, model, tokenizer, a)
     after = cpu_by_process(proc.pid)
     result["cpu"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0.05}
-    if steps_before is not None:
-        total, count = histogram_totals(steps_urls, {STEP_TOKENS}).get(STEP_TOKENS, (0.0, 0.0))
-        result["steps"] = (count - steps_before[1], total - steps_before[0])
+    delta = {}
+    for name, (total, count) in histogram_totals(urls, names).items():
+        t0, c0 = histograms_before.get(name, (0.0, 0.0))
+        delta[name] = (total - t0, count - c0)
+    if STEP_TOKENS in delta:
+        total, count = delta.pop(STEP_TOKENS)
+        result["steps"] = (count, total)
     if roundhouse:
-        parts_after = histogram_totals(parts_urls, parts_names)
-        result["parts_ms"] = {}
-        for name, (total, count) in parts_after.items():
-            t0, c0 = parts_before.get(name, (0.0, 0.0))
-            if count > c0:
-                result["parts_ms"][name] = 1000 * (total - t0) / (count - c0)
+        result["parts_ms"] = {name: 1000 * total / count for name, (total, count) in delta.items() if count > 0}
     return result
 
 
