@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
 
         await serve_forever(config, stop)
 
-    entry.run("manager", config.log_level, serve, otel=config.otel)
+    entry.run("manager", config.log_level, serve, otel=config.otel, event_loop=config.event_loop)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ class ManagerConfig:
     ready_file: str = ""                 # written with the port as JSON once serving
     metrics_port: int = 0                # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
+    event_loop: str = "asyncio"          # entry.EVENT_LOOPS
     credentials: tenancy.AdminCredentials | None = None   # read at the edge (None: from the catalogue)
     tls_internal: tls.Internal | None = None   # read at the edge (None: from the catalogue's tls, if any)
 
@@ -34,6 +35,7 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     entry.ready_flag(p, _env)
     metrics.metrics_flag(p, _env, ManagerConfig.metrics_port)
     entry.otel_flag(p, _env)
+    entry.event_loop_flag(p, _env, ManagerConfig.event_loop)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
     try:
@@ -42,4 +44,5 @@ def parse(argv: list[str] | None = None) -> ManagerConfig:
     except (tenancy.TenancyError, tls.TlsError) as e:
         p.error(f"{a.config}: {e}")
     return ManagerConfig(tls_internal=internal, catalogue=cat, nats_url=a.nats_url, host=a.host, port=a.port, log_level=a.log_level,
-                         ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel, credentials=credentials)
+                         ready_file=a.ready_file, metrics_port=a.metrics_port, otel=a.otel, credentials=credentials,
+                         event_loop=a.event_loop)

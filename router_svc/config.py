@@ -28,6 +28,7 @@ class RouterConfig:
     log_level: str = "info"
     ready_file: str = ""                 # written with the ports as JSON once serving
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
+    event_loop: str = "uvloop"           # entry.EVENT_LOOPS
     auth: Auth | None = None             # the tenants' keys, read at the edge (None: built from the catalogue)
     tls_internal: tls.Internal | None = None   # the delivery port's mutual TLS (None: from the catalogue's tls)
     tls_public: tls.Public | None = None       # the gRPC and HTTP ports' TLS (None: from the catalogue's tls)
@@ -58,6 +59,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
                         "who reaches the port may use every model (env ROUNDHOUSE_ROUTER_INSECURE=1)")
     entry.ready_flag(p, _env)
     entry.otel_flag(p, _env)
+    entry.event_loop_flag(p, _env, RouterConfig.event_loop)
     a = p.parse_args(argv)
     cat = entry.load_catalogue(p, a.config)
     try:
@@ -90,6 +92,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         log_level=a.log_level,
         ready_file=a.ready_file,
         otel=a.otel,
+        event_loop=a.event_loop,
         auth=auth,
         tls_internal=internal,
         tls_public=public,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from roundhouse import metrics as shared_metrics
 from roundhouse import routing, tracing
@@ -72,6 +72,38 @@ async def _next_or_comment(events, write):
     except BaseException:
         nxt.cancel()  # the caller is gone: the generator must not run on in a task of its own
         raise
+
+
+SINK_BUFFER_LIMIT = 2**16   # bytes unsent to a stream's caller past which its tokens wait as events
+
+
+class _SseSink:
+    """A stream's token text written straight to its connection (Gateway.stream's `sink`), as
+    one chunk of the chunked body each: `data: {...}\n\n`, as `_stream` would write it. It
+    declines (the token then comes to `_stream` as an event) until the first data chunk is
+    out, and whenever the connection is closing or its caller reads slower than tokens come
+    (more than SINK_BUFFER_LIMIT unsent), so a slow caller is paced by aiohttp's drain as before.
+
+    Written by hand because aiohttp's StreamResponse.write is a coroutine: a token could not go
+    out from the tracker's callback, only through a task woken for it."""
+
+    __slots__ = ("_transport", "_frame")
+
+    def __init__(self) -> None:
+        self._transport = None
+        self._frame: Callable[[str], bytes] | None = None
+
+    def open(self, transport, frame: Callable[[str], bytes]) -> None:
+        self._transport, self._frame = transport, frame
+
+    def __call__(self, text: str) -> bool:
+        t = self._transport
+        if t is None or t.is_closing() or t.get_write_buffer_size() > SINK_BUFFER_LIMIT:
+            return False
+        if text:
+            data = self._frame(text)
+            t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
 
 
 class HttpApi:
@@ -181,10 +213,11 @@ class HttpApi:
                    "x-roundhouse-route-reason": admitted.route_reason,
                    tracing.TRACEPARENT: admitted.traceparent}
         rid, created = openai_api.response_id(endpoint, q.request_id), int(time.time())
-        events = self._gw.stream(admitted)
+        sink = _SseSink() if opts.stream and request.version >= HttpVersion11 else None
+        events = self._gw.stream(admitted, sink)
         try:
             if opts.stream:
-                return await self._stream(request, events, opts, rid, created, model, headers)
+                return await self._stream(request, events, opts, rid, created, model, headers, sink)
             return await self._whole(events, opts, rid, created, model, headers)
         except RoundhouseError as e:  # could not queue
             return _error(e, headers)
@@ -206,7 +239,7 @@ class HttpApi:
         status, body = openai_api.error("INTERNAL", "roundhouse: the stream ended without a result")
         return _json(status, body, headers)
 
-    async def _stream(self, request, events, opts, rid, created, model, headers) -> web.StreamResponse:
+    async def _stream(self, request, events, opts, rid, created, model, headers, sink: "_SseSink | None") -> web.StreamResponse:
         """Server-sent events. A `data:` chunk goes out only once the model has generated text
         (for chat, the assistant role rides on that first chunk), so a client's time to first
         token is the real one. While the request waits in its queue (past QUEUED_COMMENT_AFTER_S)
@@ -217,6 +250,8 @@ class HttpApi:
         after it and the whole stream is lost)."""
         first = await anext(events)  # raises before any byte is sent when the request cannot be queued
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        if sink is not None:
+            resp.enable_chunked_encoding()  # the sink frames its chunks itself (HTTP/1.1 only)
         await resp.prepare(request)
         write = resp.write
         frame = openai_api.text_framer(opts, rid, created, model)
@@ -238,6 +273,8 @@ class HttpApi:
                 elif ev.text:
                     await write(data(openai_api.chunk(opts, rid, created, model, text=ev.text, first=True)))
                     opened = True
+                    if sink is not None:
+                        sink.open(request.transport, frame)
             elif kind == "finished":
                 if not opened and opts.endpoint == "chat":
                     tail.append(data(openai_api.chunk(opts, rid, created, model, text="", first=True)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+from collections.abc import Callable
 
 from protos.v1 import common_pb2, router_pb2, worker_pb2
 
@@ -50,6 +51,10 @@ class Flight:
     done: bool = False
     requeues: int = 0                 # times a lost worker's flight was queued again
     started: bool = False             # the caller was told a worker started it
+    # Set by the flight's consumer only while it waits on `events` with nothing unread: takes
+    # generated text straight to the caller (sink(token_ids, text) -> True) or declines it
+    # (False: the delta goes to `events` as usual). See Gateway.stream.
+    sink: "Callable[[list[int], str], bool] | None" = None
 
 
 @dataclasses.dataclass
@@ -189,7 +194,8 @@ class Tracker:
             ids, text = list(delta.token_ids), delta.text
             f.out_tokens.extend(ids)
             f.out_text.append(text)
-            f.events.put_nowait(Delta(ids, text))
+            if f.sink is None or not f.sink(ids, text):
+                f.events.put_nowait(Delta(ids, text))
             return Action.OK
         r = f.replay
         start = len(r.tokens)

@@ -28,6 +28,7 @@ class WorkerConfig:
     log_level: str = "info"
     metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
+    event_loop: str = "asyncio"          # entry.EVENT_LOOPS
     manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
     tls_internal: tls.Internal | None = None   # mutual TLS on its port and to the manager and routers
 
@@ -54,6 +55,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     entry.ready_flag(p, _env)
     metrics.metrics_flag(p, _env, WorkerConfig.metrics_port)
     entry.otel_flag(p, _env)
+    entry.event_loop_flag(p, _env, WorkerConfig.event_loop)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
     if not a.model:
@@ -92,6 +94,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         log_level=a.log_level,
         metrics_port=a.metrics_port,
         otel=a.otel,
+        event_loop=a.event_loop,
         manager_key=manager_key,
         tls_internal=internal,
     )

@@ -205,3 +205,28 @@ def test_deltas_travel_as_plain_objects_and_merge_in_order():
     merged = Delta.merged(raw[1:])
     assert merged.token_ids == [1, 2, 3] and merged.text == "".join(e.text for e in raw[1:])
     assert list(as_event(merged).delta.token_ids) == [1, 2, 3]
+
+
+def test_a_sink_takes_deltas_it_accepts_and_the_events_get_the_rest_in_order():
+    t = Tracker()
+    f = t.open("r", "m")
+    taken: list[tuple[list[int], str]] = []
+    accept = True
+
+    def sink(ids, text):
+        if accept:
+            taken.append((ids, text))
+        return accept
+
+    t.on_chunk(started(1), "w1")
+    f.sink = sink
+    t.on_chunk(delta(1, [1, 2]), "w1")
+    t.on_chunk(delta(1, [3]), "w1")
+    accept = False  # e.g. its caller reads slower than tokens come
+    t.on_chunk(delta(1, [4]), "w1")
+    t.on_chunk(finished(1, 4), "w1")
+    assert taken == [([1, 2], "<1><2>"), ([3], "<3>")]
+    ev = drain(f)
+    assert [e.WhichOneof("event") for e in ev] == ["started", "delta", "finished"]
+    assert streamed(ev) == [4]
+    assert f.out_tokens == [1, 2, 3, 4]  # what the caller has, sink or not: the replay guard's reference
