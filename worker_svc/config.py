@@ -28,7 +28,7 @@ class WorkerConfig:
     log_level: str = "info"
     metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
-    event_loop: str = "asyncio"          # entry.EVENT_LOOPS
+    event_loop: str = "asyncio"        # entry.EVENT_LOOPS
     manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
     tls_internal: tls.Internal | None = None   # mutual TLS on its port and to the manager and routers
 

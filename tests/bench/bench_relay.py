@@ -46,6 +46,17 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return dict(out)
 
 
+def per_chunk(before: dict[str, float], after: dict[str, float], chunks: int) -> dict[str, float]:
+    """CPU µs per chunk by kind of thread, between two `thread_cpu` readings."""
+    return {k: 1e6 * (after.get(k, 0.0) - before.get(k, 0.0)) / chunks for k in after}
+
+
+def print_kinds(spent: dict[str, float]) -> None:
+    for kind, us in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if us > 0:
+            print(f"    {kind:42s} {us:7.1f} µs/chunk")
+
+
 async def load(base: str, streams: int, max_tokens: int, seconds: float) -> int:
     """Streams until `seconds` pass; returns the data chunks received."""
     chunks = 0
@@ -92,14 +103,11 @@ def main() -> None:
             for run in range(1, a.runs + 1):
                 before = thread_cpu(router.pid)
                 chunks = asyncio.run(load(base, a.streams, a.max_tokens, a.seconds))
-                after = thread_cpu(router.pid)
-                spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                spent = per_chunk(before, thread_cpu(router.pid), chunks)
                 total = sum(spent.values())
-                print(f"run {run}: {chunks} chunks ({chunks / a.seconds:.0f}/s), router {total:.2f} CPU s = "
-                      f"{1e6 * total / chunks:.1f} µs/chunk")
-                for kind, s in sorted(spent.items(), key=lambda kv: -kv[1]):
-                    if s > 0:
-                        print(f"    {kind:42s} {1e6 * s / chunks:7.1f} µs/chunk")
+                print(f"run {run}: {chunks} chunks ({chunks / a.seconds:.0f}/s), router {total * chunks / 1e6:.2f} CPU s = "
+                      f"{total:.1f} µs/chunk")
+                print_kinds(spent)
         finally:
             up.send_signal(signal.SIGTERM)
             try:

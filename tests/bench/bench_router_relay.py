@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import pathlib
 import statistics
 import sys
@@ -34,9 +35,19 @@ import nats
 
 from protos.v1 import common_pb2, queue_pb2, worker_pb2, worker_pb2_grpc
 from roundhouse import jetstream, natsd, stack, subjects
-from tests.bench.bench_relay import load, thread_cpu
+from tests.bench.bench_relay import load, per_chunk, print_kinds, thread_cpu
 
 MODEL = "chat"
+
+
+@dataclasses.dataclass
+class _Running:
+    msg: object            # its JetStream message, acked once its last token is sent
+    delivery: int
+    reply_to: str          # the router's Delivery address
+    prompt_tokens: int
+    max_tokens: int
+    made: int = 0          # tokens sent so far
 
 
 class PacedWorker:
@@ -45,7 +56,7 @@ class PacedWorker:
     def __init__(self, js, step_s: float) -> None:
         self._js = js
         self._step_s = step_s
-        self._running: dict[str, list] = {}     # request id -> [msg, delivery, tokens left, max tokens, prompt tokens]
+        self._running: dict[str, _Running] = {}
         self._links: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self.steps = 0
@@ -90,8 +101,7 @@ class PacedWorker:
             for msg in msgs:
                 q = queue_pb2.QueuedRequest.FromString(msg.data)
                 delivery = msg.metadata.num_delivered
-                self._running[q.request_id] = [msg, delivery, q.sampling.max_tokens, q.sampling.max_tokens,
-                                               len(q.prompt_token_ids), q.reply_to]
+                self._running[q.request_id] = _Running(msg, delivery, q.reply_to, len(q.prompt_token_ids), q.sampling.max_tokens)
                 self._link(q.reply_to).put_nowait(worker_pb2.DeliveryBatch(worker_id="paced", chunks=[
                     worker_pb2.RequestChunk(request_id=q.request_id, delivery=delivery, started=True)]))
 
@@ -105,21 +115,19 @@ class PacedWorker:
             out: dict[str, list] = {}
             done = []
             for rid, r in self._running.items():
-                msg, delivery, left, max_tokens, prompt, reply_to = r
-                chunks = out.setdefault(reply_to, [])
-                chunks.append(worker_pb2.RequestChunk(request_id=rid, delivery=delivery,
-                                                      delta=worker_pb2.RequestDelta(token_ids=[100 + left % 50], text=" tok")))
-                r[2] = left - 1
-                if r[2] == 0:
-                    chunks.append(worker_pb2.RequestChunk(request_id=rid, delivery=delivery, finished=worker_pb2.RequestFinished(
+                chunks = out.setdefault(r.reply_to, [])
+                chunks.append(worker_pb2.RequestChunk(request_id=rid, delivery=r.delivery, delta=worker_pb2.RequestDelta(
+                    token_ids=[100 + r.made % 50], text=" tok")))
+                r.made += 1
+                if r.made == r.max_tokens:
+                    chunks.append(worker_pb2.RequestChunk(request_id=rid, delivery=r.delivery, finished=worker_pb2.RequestFinished(
                         finish_reason=common_pb2.FINISH_REASON_LENGTH,
-                        usage=common_pb2.Usage(prompt_tokens=prompt, completion_tokens=max_tokens))))
+                        usage=common_pb2.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.made))))
                     done.append(rid)
             for reply_to, chunks in out.items():
                 self._links[reply_to].put_nowait(worker_pb2.DeliveryBatch(worker_id="paced", chunks=chunks))
             for rid in done:
-                msg = self._running.pop(rid)[0]
-                await msg.ack()
+                await self._running.pop(rid).msg.ack()
 
 
 def _report(task: asyncio.Task) -> None:
@@ -133,7 +141,7 @@ async def _measure(router, worker: PacedWorker, a) -> tuple[float, dict[str, flo
     before, steps0, t0 = thread_cpu(router.process.pid), worker.steps, time.monotonic()
     chunks = await load(base, a.streams, a.max_tokens, a.seconds)
     after, steps, wall = thread_cpu(router.process.pid), worker.steps - steps0, time.monotonic() - t0
-    spent = {k: 1e6 * (after.get(k, 0.0) - before.get(k, 0.0)) / chunks for k in after}
+    spent = per_chunk(before, after, chunks)
     return sum(spent.values()), spent, f"{chunks} chunks, {chunks / wall:.0f}/s, {steps / wall:.1f} steps/s"
 
 
@@ -169,9 +177,7 @@ async def bench(a) -> None:
                     total, spent, pace = await _measure(router, worker, a)
                     totals[name].append(total)
                     print(f"run {run}, {name}: {total:.1f} µs/chunk ({pace})")
-                    for kind, us in sorted(spent.items(), key=lambda kv: -kv[1]):
-                        if us >= 0.1:
-                            print(f"    {kind:42s} {us:7.1f}")
+                    print_kinds(spent)
             for name, xs in totals.items():
                 print(f"{name}: median {statistics.median(xs):.1f} µs/chunk over {len(xs)} runs ({min(xs):.1f}-{max(xs):.1f})")
             if a.compare:
