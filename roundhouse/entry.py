@@ -72,8 +72,17 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 def event_loop_flag(parser: argparse.ArgumentParser, env: Callable[[str, str], str], default: str) -> None:
     """The router's default is uvloop (measured: `_loop_factory`); the manager's and the worker's
     stay asyncio's own until their own figures say otherwise."""
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=env("EVENT_LOOP", default),
+    parser.add_argument("--event-loop", type=_event_loop, metavar="{" + ",".join(EVENT_LOOPS) + "}", default=env("EVENT_LOOP", default),
                         help=f"uvloop (libuv, which vLLM's own server runs on) or asyncio's own loop ({default})")
+
+
+def _event_loop(name: str) -> str:
+    """A `type`, not `choices`: argparse checks choices only on the command line, but passes a
+    string default (the env twin) through `type`, so a bad ROUNDHOUSE_<SERVICE>_EVENT_LOOP is
+    refused too."""
+    if name not in EVENT_LOOPS:
+        raise argparse.ArgumentTypeError(f"{name!r}: must be one of {', '.join(EVENT_LOOPS)}")
+    return name
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
