@@ -148,6 +148,8 @@ def _positive(n: object) -> bool:
 
 
 NO_WAIT_REPLY_S = 1.0   # how long a no-wait pull's reply may take before the request counts as over
+SETTLE_S = 1           # how long Puller.settle's round trip to nats-server may take (s)
+_OVER = object()        # left for `next` by take_delivered when it took all a request asked for
 
 
 class Puller:
@@ -168,7 +170,7 @@ class Puller:
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._sub = None
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()   # deliveries, a request's end, or _OVER
         self.on_stray = on_stray
         self._expect = 0            # messages the request being read may still bring
         self._wait_s = PULL_EXPIRES_S + 2
@@ -218,6 +220,8 @@ class Puller:
             except TimeoutError:
                 self._expect = 0    # given up on: what it still brings is a stray
                 return None
+            if msg is _OVER:
+                return None
             status = (msg.headers or {}).get("Status") if not msg.data else None
             if status == _HEARTBEAT:
                 continue
@@ -228,6 +232,38 @@ class Puller:
                 return None  # 408 expired, 404 no messages, 409 ...: this request is over
             return msg
 
+    async def settle(self) -> bool:
+        """Until what nats-server has sent this puller so far has been handed on (queued for
+        `next`, or to `on_stray`). A message JetStream has stored and acknowledged to its
+        publisher may still be on its way here; a caller that must not overtake it
+        (worker_svc.lanes) settles first. A PING's PONG comes after whatever the server wrote to
+        this connection before it, and the client's read loop hands messages to the
+        subscription's queue in order, so after `flush` only that queue is left; its task hands
+        each on in one step. False when the round trip failed (a reconnect): the caller goes on
+        without."""
+        try:
+            await self._nc.flush(SETTLE_S)
+        except (TimeoutError, nats.errors.Error) as e:
+            log.debug("jetstream.settle_gave_up", error=repr(e))
+            return False
+        while self._sub is not None and self._sub.pending_msgs:
+            await asyncio.sleep(0)   # lets the subscription's task (ready to run) hand them on
+        return True
+
+    def take_delivered(self) -> list[Msg]:
+        """The messages the request being read has brought that `next` has not returned yet,
+        taken from it (its end, if it came, stays for `next`; when they were all it asked for,
+        `next` returns None)."""
+        taken, rest = [], []
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            (taken if msg is not _OVER and msg.reply else rest).append(msg)
+        if taken and not rest and not self._expect:
+            rest.append(_OVER)
+        for msg in rest:
+            self._queue.put_nowait(msg)
+        return taken
+
     def _settle_leftovers(self) -> None:
         """Before a new request: what the last one left unread goes to `on_stray` (messages) or
         away (its end)."""
@@ -235,7 +271,7 @@ class Puller:
             return
         while not self._queue.empty():
             msg = self._queue.get_nowait()
-            if msg.data or msg.reply:
+            if msg is not _OVER and (msg.data or msg.reply):
                 self.on_stray(msg)
 
     async def close(self) -> None:

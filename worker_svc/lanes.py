@@ -195,9 +195,12 @@ class Lanes:
     async def _sweep(self, free: int) -> int:
         """Starts up to `free` requests, lanes in `sweep` order, each lane's held messages before
         what it has in its queue; returns how many started."""
+        await self._settle_lingering()
         took = 0
         for i, most in sweep(self.picks, self._tried_at, self._owed_after):
-            want = free - took if most is None else min(most, free - took)
+            # what is free now: while this awaited, a lingering pull may have started what it brought
+            room = min(free - took, self._worker.slots_now())
+            want = room if most is None else min(most, room)
             if want <= 0:
                 break
             n = 0
@@ -209,6 +212,23 @@ class Lanes:
             self._tried_at[i] = self.picks
             took += n
         return took
+
+    async def _settle_lingering(self) -> None:
+        """Before something of a lower class could start: what the lingering pulls of higher
+        lanes have been sent is held here first, so that the sweep sees it. Without this a
+        request JetStream had stored (and acknowledged to the router) but that was still on its
+        way to a lingering pull when a slot freed lost its turn to an earlier, lower one held
+        here (seen in test_tenancy). One round trip to nats-server per lingering lane (see
+        jetstream.Puller.settle), and only when a lower lane has something held or will be pulled."""
+        if not self._polls:
+            return
+        lingering = sorted(self._polls)
+        if not any(self.held[i] or i not in self._polls for i in range(lingering[0] + 1, len(self._lanes))):
+            return
+        await asyncio.gather(*(self._lanes[i].settle() for i in lingering))
+        for i in lingering:
+            for msg in self._lanes[i].take_delivered():
+                self._hold(i, msg)
 
     async def _pull_now(self, i: int, batch: int) -> int:
         """Starts what lane `i` has now, up to `batch`."""

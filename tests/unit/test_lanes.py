@@ -100,6 +100,7 @@ class FakeNats:
         self.consumers: dict[str, FakeConsumer] = {}
         self._subs: dict[str, object] = {}
         self._n = 0
+        self.lag = 0      # extra loop turns a delivery takes
 
     def consumer(self, name: str) -> FakeConsumer:
         return self.consumers.setdefault(f"$JS.API.CONSUMER.MSG.NEXT.S.{name}", FakeConsumer(self._deliver))
@@ -113,6 +114,8 @@ class FakeNats:
         nc = self
 
         class Sub:
+            pending_msgs = 0   # each delivery goes to its callback's task at once
+
             async def unsubscribe(self):
                 nc._subs.pop(subject, None)
         return Sub()
@@ -120,12 +123,29 @@ class FakeNats:
     async def publish(self, subject, body, reply):
         self.consumers[subject].next_request(reply, json.loads(body))
 
-    def _deliver(self, reply: str, msg: FakeMsg) -> None:
-        def send():
-            cb = self._subs.get(reply)
-            if cb is not None:
+    async def flush(self, timeout):
+        """The PONG: after what was sent before it has reached its subscriptions."""
+        pong = asyncio.get_running_loop().create_future()
+        self._deliver("", pong)
+        await pong
+
+    def _deliver(self, reply: str, msg) -> None:
+        """On a later loop turn (`self.lag` turns later), in order; each to its subscription's
+        callback in a task of its own (a future: flush's PONG, resolved after those before it)."""
+        loop = asyncio.get_running_loop()
+
+        def send(turns: int):
+            if turns:
+                loop.call_soon(send, turns - 1)
+            elif isinstance(msg, asyncio.Future):
+                asyncio.ensure_future(_resolve(msg))
+            elif (cb := self._subs.get(reply)) is not None:
                 asyncio.ensure_future(cb(msg))
-        asyncio.get_running_loop().call_soon(send)
+        loop.call_soon(send, self.lag)
+
+
+async def _resolve(future: asyncio.Future) -> None:
+    future.set_result(None)
 
 
 class FakeResidency:
@@ -367,3 +387,21 @@ async def test_a_start_takes_its_slot_before_the_request_runs(tmp_path):
     assert worker.slots_now() == 1, "taken before the loop runs the request"
     await until(lambda: getattr(msg, "termed", False), "the request ran (and, undecodable, was refused)")
     assert worker.slots_now() == 2
+
+
+async def test_a_higher_request_on_its_way_when_a_slot_frees_starts_before_a_held_lower_one():
+    """The slot frees while a high request is stored and on its way to the worker (its lane's
+    lingering pull has not handed it on yet) and a normal one is held: high starts first."""
+    async with Running(slots=1) as r:
+        await r.idle()
+        r.push(LOW, "blocker")
+        await until(lambda: r.worker.started == ["blocker"], "an arrival in any class starts at once")
+        r.push(NORMAL, "normal")
+        await until(lambda: r.held(NORMAL) == ["normal"], "held: no slot free")
+        r.nats.lag = 20
+        r.push(HIGH, "high")          # on its way: delivered 20 loop turns later
+        r.worker.finish_all()         # in the same turn the slot frees
+        await until(lambda: len(r.worker.started) == 2, "the freed slot takes one request")
+        r.worker.finish_all()
+        await until(lambda: len(r.worker.started) == 3, "then the next")
+        assert r.worker.started == ["blocker", "high", "normal"]
