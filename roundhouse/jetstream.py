@@ -148,7 +148,7 @@ def _positive(n: object) -> bool:
 
 
 NO_WAIT_REPLY_S = 1.0   # how long a no-wait pull's reply may take before the request counts as over
-SETTLE_S = 1           # how long Puller.settle's round trip to nats-server may take (s)
+SETTLE_S = 1           # how long settle()'s round trip to nats-server may take (s)
 _OVER = object()        # left for `next` by take_delivered when it took all a request asked for
 
 
@@ -232,23 +232,10 @@ class Puller:
                 return None  # 408 expired, 404 no messages, 409 ...: this request is over
             return msg
 
-    async def settle(self) -> bool:
-        """Until what nats-server has sent this puller so far has been handed on (queued for
-        `next`, or to `on_stray`). A message JetStream has stored and acknowledged to its
-        publisher may still be on its way here; a caller that must not overtake it
-        (worker_svc.lanes) settles first. A PING's PONG comes after whatever the server wrote to
-        this connection before it, and the client's read loop hands messages to the
-        subscription's queue in order, so after `flush` only that queue is left; its task hands
-        each on in one step. False when the round trip failed (a reconnect): the caller goes on
-        without."""
-        try:
-            await self._nc.flush(SETTLE_S)
-        except (TimeoutError, nats.errors.Error) as e:
-            log.debug("jetstream.settle_gave_up", error=repr(e))
-            return False
+    async def _handed_on(self) -> None:
+        """Until the subscription's queue is empty: its task hands each message on in one step."""
         while self._sub is not None and self._sub.pending_msgs:
             await asyncio.sleep(0)   # lets the subscription's task (ready to run) hand them on
-        return True
 
     def take_delivered(self) -> list[Msg]:
         """The messages the request being read has brought that `next` has not returned yet,
@@ -257,7 +244,7 @@ class Puller:
         taken, rest = [], []
         while not self._queue.empty():
             msg = self._queue.get_nowait()
-            (taken if msg is not _OVER and msg.reply else rest).append(msg)
+            (taken if _is_delivery(msg) else rest).append(msg)
         if taken and not rest and not self._expect:
             rest.append(_OVER)
         for msg in rest:
@@ -271,7 +258,7 @@ class Puller:
             return
         while not self._queue.empty():
             msg = self._queue.get_nowait()
-            if msg is not _OVER and (msg.data or msg.reply):
+            if _is_delivery(msg):
                 self.on_stray(msg)
 
     async def close(self) -> None:
@@ -281,6 +268,30 @@ class Puller:
             await sub.unsubscribe()
         self._expect = 0
         self._settle_leftovers()
+
+
+def _is_delivery(msg) -> bool:
+    """A message of the stream, not a pull request's end (a status, or _OVER)."""
+    return msg is not _OVER and bool(msg.data or msg.reply)
+
+
+async def settle(pullers: list[Puller]) -> bool:
+    """Until what nats-server has sent `pullers` so far has been handed on (queued for `next`,
+    or to `on_stray`). A message JetStream has stored and acknowledged to its publisher may
+    still be on its way to a pull; a caller that must not overtake it (worker_svc.lanes)
+    settles first. A PING's PONG comes after whatever the server wrote to that connection
+    before it, and the client's read loop hands messages to each subscription's queue in
+    order, so after one `flush` per connection only those queues are left. False when a round
+    trip failed (a reconnect): the caller goes on without."""
+    try:
+        for nc in {id(p._nc): p._nc for p in pullers}.values():
+            await nc.flush(SETTLE_S)
+    except (TimeoutError, nats.errors.Error) as e:
+        log.debug("jetstream.settle_gave_up", error=repr(e))
+        return False
+    for p in pullers:
+        await p._handed_on()
+    return True
 
 
 async def pull_loop(puller: Puller, room: Callable[[], Awaitable[int]], take: Callable[[Msg], Awaitable[None]]) -> None:

@@ -36,12 +36,15 @@ def _bucket(n: int, edges: Sequence[int]) -> int:
     return next((i for i, e in enumerate(edges) if n < e), len(edges))
 
 
+def head_and_tail(text: str) -> str:
+    """What the model reads of a message: its first FIRST_CHARS and last LAST_CHARS characters."""
+    return text if len(text) <= FIRST_CHARS + LAST_CHARS else text[:FIRST_CHARS] + "\n" + text[-LAST_CHARS:]
+
+
 def features(view: RequestView) -> set[str]:
     """The request's features, as strings (hashed by the model)."""
     texts = view.texts or ("",)
-    last = texts[-1]
-    if len(last) > FIRST_CHARS + LAST_CHARS:
-        last = last[:FIRST_CHARS] + "\n" + last[-LAST_CHARS:]
+    last = head_and_tail(texts[-1])
     out = {
         f"ep={view.endpoint}",
         f"msgs={_bucket(len(texts), (2, 4, 8))}",

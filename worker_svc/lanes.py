@@ -218,14 +218,14 @@ class Lanes:
         lanes have been sent is held here first, so that the sweep sees it. Without this a
         request JetStream had stored (and acknowledged to the router) but that was still on its
         way to a lingering pull when a slot freed lost its turn to an earlier, lower one held
-        here (seen in test_tenancy). One round trip to nats-server per lingering lane (see
-        jetstream.Puller.settle), and only when a lower lane has something held or will be pulled."""
+        here (seen in test_tenancy). One round trip to nats-server (see jetstream.settle), and
+        only when a lower lane has something held or will be pulled."""
         if not self._polls:
             return
         lingering = sorted(self._polls)
         if not any(self.held[i] or i not in self._polls for i in range(lingering[0] + 1, len(self._lanes))):
             return
-        await asyncio.gather(*(self._lanes[i].settle() for i in lingering))
+        await jetstream.settle([self._lanes[i] for i in lingering])
         for i in lingering:
             for msg in self._lanes[i].take_delivered():
                 self._hold(i, msg)

@@ -27,7 +27,7 @@ from sklearn.svm import LinearSVC
 
 from roundhouse import routing, stack
 from roundhouse.catalogue import load
-from router_svc.classifier import features
+from router_svc.classifier import features, head_and_tail
 from router_svc.evaluate import load_labelled
 from router_svc.train_classifier import DATA
 
@@ -79,7 +79,7 @@ def main() -> None:
     chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2).fit_transform(
         [t[:400] for t in last])
     words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b").fit_transform(
-        [t if len(t) <= 1300 else t[:1000] + "\n" + t[-300:] for t in last])
+        [head_and_tail(t) for t in last])
     both = hstack([chars, normalize(feats)]).tocsr()
     print(f"5-fold cross-validation through the embedded routing, {len(y)} training requests "
           f"({sum(bool(r) for r in by_rules)} routed by their metadata)")
