@@ -28,6 +28,7 @@ from roundhouse.catalogue import ModelSpec
 from roundhouse.errors import DuplicateRequest, QueueFull, RoundhouseError, Unavailable
 from roundhouse.metrics import OTHER_MODEL
 from router_svc import classifier, metrics
+from router_svc.demand import DemandSignal
 from router_svc.auth import ANYONE, Tenant
 from router_svc.limits import Limiter, tokens_of
 from router_svc.config import RouterConfig
@@ -55,6 +56,20 @@ class Gateway:
         self._limiter = limiter
         self._counters = {m.name: PromptCounter.for_model(m.path) for m in config.catalogue.models}
         self._predictor = classifier.for_routing(config.catalogue.routing, config.catalogue.resolve)
+        loop = asyncio.get_running_loop()
+        self._demand = DemandSignal(self._tell_manager, loop.time, loop.call_later)
+        self._telling: set[asyncio.Task] = set()
+
+    def _tell_manager(self, model: str) -> None:
+        """Demand for the manager (router_svc/demand.py); losing one is harmless."""
+        task = asyncio.create_task(self._nc.publish(subjects.REQUEST_EVENTS, model.encode()))
+        self._telling.add(task)
+        task.add_done_callback(self._told)
+
+    def _told(self, task: asyncio.Task) -> None:
+        self._telling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("demand.not_sent", error=repr(task.exception()))
 
     def _tokenize(self, spec: ModelSpec, req: router_pb2.GenerateRequest) -> list[int] | None:
         counter = self._counters[spec.name]
@@ -147,8 +162,7 @@ class Gateway:
             clock.queued_ns = time.time_ns()
             flight.seq = ack.seq
             log.debug("request.routed", seq=ack.seq, route=admitted.route_reason)
-            with contextlib.suppress(nats.errors.Error):  # demand for the manager; losing one is harmless
-                await self._nc.publish(subjects.REQUEST_EVENTS, q.model.encode())
+            self._demand.queued(q.model)
             yield router_pb2.GenerateEvent(queued=router_pb2.Queued(
                 request_id=q.request_id, model=q.model, prompt_tokens=admitted.prompt_tokens,
                 route_reason=admitted.route_reason))

@@ -106,6 +106,16 @@ class _SseSink:
         return True
 
 
+class _SseResponse(web.StreamResponse):
+    """A stream whose headers go out with its first bytes (the first data chunk, or a progress
+    comment) in one write, as aiohttp does for a whole Response: one send(2) fewer per request,
+    and one wake-up fewer for the caller. A caller still has its headers within
+    QUEUED_COMMENT_AFTER_S, when the `: queued` comment goes. (aiohttp reads this class
+    attribute since 3.11; an older one sends the headers at once, as before.)"""
+
+    _send_headers_immediately = False
+
+
 class HttpApi:
     def __init__(self, gateway: Gateway, healthy: Callable[[], bool], stop_grace_s: float = 20.0, auth: Auth | None = None,
                  ssl_context: ssl.SSLContext | None = None):
@@ -249,7 +259,7 @@ class HttpApi:
         bench strips each network read, so a comment read on its own glues itself to the data
         after it and the whole stream is lost)."""
         first = await anext(events)  # raises before any byte is sent when the request cannot be queued
-        resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        resp = _SseResponse(headers={**_SSE_HEADERS, **headers})
         if sink is not None:
             resp.enable_chunked_encoding()  # the sink frames its chunks itself (HTTP/1.1 only)
         await resp.prepare(request)
