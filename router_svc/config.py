@@ -29,6 +29,7 @@ class RouterConfig:
     ready_file: str = ""                 # written with the ports as JSON once serving
     otel: bool = False                   # export traces over OTLP (roundhouse.tracing)
     event_loop: str = "uvloop"           # entry.EVENT_LOOPS
+    cpu_nice: int = 0                    # roundhouse.cpu: < 0 puts the router ahead of a local engine
     auth: Auth | None = None             # the tenants' keys, read at the edge (None: built from the catalogue)
     tls_internal: tls.Internal | None = None   # the delivery port's mutual TLS (None: from the catalogue's tls)
     tls_public: tls.Public | None = None       # the gRPC and HTTP ports' TLS (None: from the catalogue's tls)
@@ -60,7 +61,13 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     entry.ready_flag(p, _env)
     entry.otel_flag(p, _env)
     entry.event_loop_flag(p, _env, RouterConfig.event_loop)
+    p.add_argument("--cpu-nice", type=int, default=int(_env("CPU_NICE", "0")),
+                   help="nice value for this process and its session (-20..19; below 0 needs CAP_SYS_NICE): "
+                        "`roundhouse up` runs the router at -10 so that the engine beside it does not delay "
+                        "its wake-ups (roundhouse/cpu.py; env ROUNDHOUSE_ROUTER_CPU_NICE)")
     a = p.parse_args(argv)
+    if not -20 <= a.cpu_nice <= 19:
+        p.error(f"--cpu-nice must be within -20..19, got {a.cpu_nice}")
     cat = entry.load_catalogue(p, a.config)
     try:
         auth = Auth(cat)
@@ -93,6 +100,7 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
         ready_file=a.ready_file,
         otel=a.otel,
         event_loop=a.event_loop,
+        cpu_nice=a.cpu_nice,
         auth=auth,
         tls_internal=internal,
         tls_public=public,

@@ -29,6 +29,7 @@ class WorkerConfig:
     metrics_port: int = 0              # Prometheus /metrics (0: any free port, in the ready file; -1: off)
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
     event_loop: str = "asyncio"        # entry.EVENT_LOOPS
+    cpu_nice: int = 0                  # roundhouse.cpu: < 0 puts this process (not its engine) ahead for CPU
     manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
     tls_internal: tls.Internal | None = None   # mutual TLS on its port and to the manager and routers
 
@@ -57,7 +58,13 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     entry.otel_flag(p, _env)
     entry.event_loop_flag(p, _env, WorkerConfig.event_loop)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--cpu-nice", type=int, default=int(_env("CPU_NICE", "0")),
+                   help="nice value for this process, not its engine's (-20..19; below 0 needs CAP_SYS_NICE): "
+                        "`roundhouse up` runs workers at -10 so that their own engine does not delay the "
+                        "tokens' way out (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_CPU_NICE)")
     a = p.parse_args(argv)
+    if not -20 <= a.cpu_nice <= 19:
+        p.error(f"--cpu-nice must be within -20..19, got {a.cpu_nice}")
     if not a.model:
         p.error("--model is required")
     cat = entry.load_catalogue(p, a.config)
@@ -95,6 +102,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         metrics_port=a.metrics_port,
         otel=a.otel,
         event_loop=a.event_loop,
+        cpu_nice=a.cpu_nice,
         manager_key=manager_key,
         tls_internal=internal,
     )

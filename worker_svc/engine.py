@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from protos.v1 import common_pb2
-from roundhouse import reaper
+from roundhouse import cpu, reaper
 from roundhouse.errors import EngineDead, GenerationFailed, InvalidRequest
 
 log = structlog.get_logger("worker.engine")
@@ -481,6 +481,11 @@ class Engine:
         except BaseException:
             await engine.shutdown()
             raise
+        # A worker ahead of its engine for CPU (--cpu-nice): the engine, which inherited the
+        # worker's nice, goes back to the one the worker had (roundhouse/cpu.py).
+        reniced = await asyncio.to_thread(cpu.restore, engine._processes)
+        if reniced:
+            log.info("engine.nice_restored", processes=len(engine._processes), threads=reniced)
         if on_cpu and spec.sched_idle:
             threads = await asyncio.to_thread(yield_cpu_to_serving, engine._processes)
             log.info("engine.sched_idle", processes=len(engine._processes), threads=threads)

@@ -1,0 +1,46 @@
+"""roundhouse.cpu: a service's nice, and its session's autogroup nice where autogroups are on."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from roundhouse import cpu
+
+PROBE = (
+    "import os, sys; from roundhouse import cpu\n"
+    "print(cpu.set_nice(int(sys.argv[1])))\n"
+    "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
+    "print(open(cpu.AUTOGROUP).read().split()[-1] if cpu._autogroups_on() else 'off')\n"
+)
+
+
+def _probe(nice: int) -> list[str]:
+    # Its own process and session: the test process's priority and autogroup are not touched.
+    out = subprocess.run([sys.executable, "-c", PROBE, str(nice)], capture_output=True, text=True, timeout=60,
+                         start_new_session=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux priorities")
+def test_a_higher_nice_takes_for_the_process_and_its_session():
+    refused, nice, group = _probe(5)     # raising nice needs no privilege
+    assert refused == "None"
+    assert nice == "5"
+    assert group in ("5", "off")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux priorities")
+def test_nice_zero_changes_nothing():
+    refused, nice, group = _probe(0)
+    assert (refused, nice) == ("None", "0")
+    assert group in ("0", "off")
+
+
+def test_refusal_is_reported_not_raised(monkeypatch):
+    def deny(*_):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(cpu.os, "setpriority", deny)
+    monkeypatch.setattr(cpu, "_autogroups_on", lambda: False)
+    assert cpu.set_nice(-10) == "setpriority: Operation not permitted"
