@@ -47,6 +47,32 @@ def set_nice(nice: int, session: bool = True) -> str | None:
     return "; ".join(problems) or None
 
 
+def set_nice_of(pid: int, nice: int) -> str | None:
+    """`set_nice` for another process we started in its own session (nats-server, a Go binary
+    that cannot be asked): its session's autogroup nice where autogroups are on, and every
+    thread it has now (threads it starts later inherit from the one that starts them). None
+    when it took, else what refused."""
+    problems = set()
+    if _autogroups_on():
+        try:
+            with open(f"/proc/{pid}/autogroup", "w") as f:
+                f.write(str(nice))
+        except OSError as e:
+            problems.add(f"autogroup: {e.strerror}")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError as e:
+        return f"/proc/{pid}/task: {e.strerror}"
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:   # a thread that just ended
+            pass
+        except OSError as e:
+            problems.add(f"setpriority: {e.strerror}")
+    return "; ".join(sorted(problems)) or None
+
+
 def restore(processes) -> int:
     """Puts every thread of `processes` (psutil handles: ones this process started after
     set_nice, which inherited its nice) back at the nice this process had before; returns how

@@ -1,6 +1,7 @@
 """roundhouse.cpu: a service's nice, and its session's autogroup nice where autogroups are on."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -44,3 +45,21 @@ def test_refusal_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(cpu.os, "setpriority", deny)
     monkeypatch.setattr(cpu, "_autogroups_on", lambda: False)
     assert cpu.set_nice(-10) == "setpriority: Operation not permitted"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux priorities")
+def test_another_process_in_its_own_session_takes_a_higher_nice_on_every_thread():
+    child = subprocess.Popen([sys.executable, "-c", "import threading, sys; e = threading.Event(); "
+                              "threading.Thread(target=e.wait, daemon=True).start(); print('up', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        assert cpu.set_nice_of(child.pid, 7) is None
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tids) >= 2
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids} == {7}
+        if cpu._autogroups_on():
+            assert open(f"/proc/{child.pid}/autogroup").read().split()[-1] == "7"
+    finally:
+        child.kill()
+        child.wait(10)
