@@ -131,18 +131,9 @@ def add_port(server, address: str, tls: "Internal | Public | None") -> int:
 
 def channel(address: str, tls: "Internal | Public | None", options: list | None = None) -> grpc.aio.Channel:
     """A channel to `address`: mutual TLS with `Internal`, server TLS with `Public`, else plaintext."""
-    return _channel(grpc.aio, address, tls, options)
-
-
-def sync_channel(address: str, tls: "Internal | Public | None", options: list | None = None) -> grpc.Channel:
-    """`channel`, for grpc's synchronous API (calls made and read on threads of their own)."""
-    return _channel(grpc, address, tls, options)
-
-
-def _channel(api, address: str, tls: "Internal | Public | None", options: list | None):
     options = list(options or [])
     if tls is None:
-        return api.insecure_channel(address, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
     if isinstance(tls, Internal):
         options += tls.channel_options()
-    return api.secure_channel(address, tls.channel_credentials(), options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
