@@ -27,11 +27,11 @@ import grpc
 from protos.v1 import common_pb2, manager_pb2, manager_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
 
 # `up` runs every service and the engines on one machine: nats-server, the router, and each
-# worker's own process (not its engine), ahead of the engines for CPU (roundhouse/cpu.py says why and what it
-# measured; without CAP_SYS_NICE they run as before).
+# worker's own process (not its engine) go ahead of the engines for CPU (roundhouse/cpu.py says
+# why and what it measured; without CAP_SYS_NICE they run as before).
 ROUTER_NICE = -10
 WORKER_NICE = -10
-NATS_NICE = -10   # its PubAck is on every request's way to its first token: 22-40 -> 13-20 ms at c32
+NATS_NICE = -10   # its PubAck is on every request's way to its first token: 22-40 -> 17-23 ms at c32
 
 
 def _cmd_make_models(a: argparse.Namespace) -> int:

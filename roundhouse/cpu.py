@@ -1,19 +1,22 @@
 """A service's CPU priority next to a CPU-hungry engine on the same machine (`--cpu-nice`).
 
 Why: on one machine (`roundhouse up`), vLLM's engine processes keep the cores busy: the model
-runner computes, and vLLM's queues busy-poll between steps. Each time the router's thread wakes
-(a request, a PubAck, a worker's batch), it waited its turn behind them: at concurrency 1 the
-router's JetStream ack came 16-32 ms after admission although nats-server stores a message in
-0.3 ms (bench_publish), and the router's loop thread waited 0.23-0.27 ms on the run queue per
-wake-up (/proc/PID/task/TID/schedstat). With the router's session at nice -10, one
-bench_openai round at concurrency 1 measured the ack at 5.7-9.6 ms and time to first token
-within +7 ms of `vllm serve`; the router uses ~0.1 s of CPU per 1,000 tokens, so the engine
-loses little. Where kernel autogroups are on (each session shares CPU as one group, before a
-process's own nice counts), the session's autogroup nice is what matters; elsewhere (cgroups
-alone) the process's nice.
+runner computes, and vLLM's queues busy-poll between steps. Each time a service on a token's
+way woke (the router for a request, a PubAck or a worker's batch; nats-server; the worker for
+the engine's output), it waited its turn behind them: at concurrency 1 the router's JetStream
+ack came 16-32 ms after admission although nats-server stores a message in 0.3 ms
+(bench_publish); the router's loop thread waited 0.23-0.27 ms on the run queue per wake-up and
+nats-server's threads 2-3.5 ms (/proc/PID/task/TID/schedstat). With the router, nats-server and
+the worker's own process at nice -10 the ack comes 2-5 ms after admission (8-13 ms at
+concurrency 32, from 45-70), and bench_openai's time to first token is within a few ms of
+`vllm serve`'s (README, Tests and benchmarks). The three use 0.075-0.080 s of CPU per 1,000
+tokens at concurrency 32, so the engine loses little. Where kernel autogroups are on (each
+session shares CPU as one group, before a process's own nice counts), the session's autogroup
+nice is what matters; elsewhere (cgroups alone) the process's nice.
 
-Lowering nice needs CAP_SYS_NICE (root in most containers): without it the service says so
-and runs as it was. Written by hand: no library wraps /proc/PID/autogroup.
+Lowering nice needs CAP_SYS_NICE (root on a host; a container must be granted it, Docker's
+`--cap-add SYS_NICE`): without it the service says so and runs as it was. Written by hand:
+no library wraps /proc/PID/autogroup.
 """
 from __future__ import annotations
 
@@ -22,6 +25,19 @@ import os
 AUTOGROUP = "/proc/self/autogroup"
 
 _before: int | None = None   # this process's nice before set_nice changed it
+
+
+def nice_value(text: str) -> int:
+    """argparse type of `--cpu-nice`: an int within -20..19."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not -20 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be within -20..19, got {value}")
+    return value
 
 
 def set_nice(nice: int, session: bool = True) -> str | None:
@@ -77,10 +93,17 @@ def restore(processes) -> int:
     """Puts every thread of `processes` (psutil handles: ones this process started after
     set_nice, which inherited its nice) back at the nice this process had before; returns how
     many. Raising a nice needs no privilege. A no-op when set_nice changed nothing."""
-    import psutil
-
     if _before is None:
         return 0
+    before = _before
+    return each_thread(processes, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, before))
+
+
+def each_thread(processes, fn) -> int:
+    """Calls fn(tid) for every thread of `processes` (psutil handles); returns how many took.
+    A process or thread that ended meanwhile is skipped."""
+    import psutil
+
     done = 0
     for proc in processes:
         try:
@@ -89,7 +112,7 @@ def restore(processes) -> int:
             continue
         for t in threads:
             try:
-                os.setpriority(os.PRIO_PROCESS, t.id, _before)
+                fn(t.id)
                 done += 1
             except OSError:   # a thread that just ended
                 pass

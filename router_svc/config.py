@@ -6,7 +6,7 @@ import dataclasses
 import ipaddress
 import socket
 
-from roundhouse import catalogue, entry, tenancy, tls
+from roundhouse import catalogue, cpu, entry, tenancy, tls
 from router_svc.auth import Auth
 
 
@@ -61,13 +61,11 @@ def parse(argv: list[str] | None = None) -> RouterConfig:
     entry.ready_flag(p, _env)
     entry.otel_flag(p, _env)
     entry.event_loop_flag(p, _env, RouterConfig.event_loop)
-    p.add_argument("--cpu-nice", type=int, default=int(_env("CPU_NICE", "0")),
+    p.add_argument("--cpu-nice", type=cpu.nice_value, default=_env("CPU_NICE", "0"),
                    help="nice value for this process and its session (-20..19; below 0 needs CAP_SYS_NICE): "
                         "`roundhouse up` runs the router at -10 so that the engine beside it does not delay "
                         "its wake-ups (roundhouse/cpu.py; env ROUNDHOUSE_ROUTER_CPU_NICE)")
     a = p.parse_args(argv)
-    if not -20 <= a.cpu_nice <= 19:
-        p.error(f"--cpu-nice must be within -20..19, got {a.cpu_nice}")
     cat = entry.load_catalogue(p, a.config)
     try:
         auth = Auth(cat)

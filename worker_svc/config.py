@@ -6,7 +6,7 @@ import dataclasses
 import socket
 import uuid
 
-from roundhouse import catalogue, entry, metrics, tenancy, tls
+from roundhouse import catalogue, cpu, entry, metrics, tenancy, tls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +58,11 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     entry.otel_flag(p, _env)
     entry.event_loop_flag(p, _env, WorkerConfig.event_loop)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
-    p.add_argument("--cpu-nice", type=int, default=int(_env("CPU_NICE", "0")),
+    p.add_argument("--cpu-nice", type=cpu.nice_value, default=_env("CPU_NICE", "0"),
                    help="nice value for this process, not its engine's (-20..19; below 0 needs CAP_SYS_NICE): "
                         "`roundhouse up` runs workers at -10 so that their own engine does not delay the "
                         "tokens' way out (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_CPU_NICE)")
     a = p.parse_args(argv)
-    if not -20 <= a.cpu_nice <= 19:
-        p.error(f"--cpu-nice must be within -20..19, got {a.cpu_nice}")
     if not a.model:
         p.error("--model is required")
     cat = entry.load_catalogue(p, a.config)

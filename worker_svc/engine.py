@@ -395,19 +395,7 @@ def yield_cpu_to_serving(processes) -> int:
     concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in.
     Unprivileged (a process may always lower its own class); threads and processes started later
     inherit it. CPU engines only: a GPU engine's polling paces its kernel launches."""
-    import psutil
-
-    done = 0
-    for proc in processes:
-        try:
-            threads = proc.threads()
-        except psutil.Error:
-            continue
-        for t in threads:
-            with contextlib.suppress(OSError):   # a thread that just ended
-                os.sched_setscheduler(t.id, os.SCHED_IDLE, os.sched_param(0))
-                done += 1
-    return done
+    return cpu.each_thread(processes, lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0)))
 
 
 class Engine:

@@ -63,3 +63,11 @@ def test_another_process_in_its_own_session_takes_a_higher_nice_on_every_thread(
     finally:
         child.kill()
         child.wait(10)
+
+
+@pytest.mark.parametrize("text", ["-21", "20", "x", "1.5"])
+def test_a_nice_out_of_range_or_not_an_integer_is_refused_with_the_reason(text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+        cpu.nice_value(text)
+    assert cpu.nice_value("-10") == -10
