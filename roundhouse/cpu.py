@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 
-AUTOGROUP = "/proc/self/autogroup"
-
 _before: int | None = None   # this process's nice before set_nice changed it
 
 
@@ -54,12 +52,8 @@ def set_nice(nice: int, session: bool = True) -> str | None:
         _before = before
     except OSError as e:
         problems.append(f"setpriority: {e.strerror}")
-    if session and _autogroups_on():
-        try:
-            with open(AUTOGROUP, "w") as f:
-                f.write(str(nice))
-        except OSError as e:
-            problems.append(f"{AUTOGROUP}: {e.strerror}")
+    if session and (refused := _set_autogroup("self", nice)):
+        problems.append(refused)
     return "; ".join(problems) or None
 
 
@@ -69,12 +63,8 @@ def set_nice_of(pid: int, nice: int) -> str | None:
     thread it has now (threads it starts later inherit from the one that starts them). None
     when it took, else what refused."""
     problems = set()
-    if _autogroups_on():
-        try:
-            with open(f"/proc/{pid}/autogroup", "w") as f:
-                f.write(str(nice))
-        except OSError as e:
-            problems.add(f"autogroup: {e.strerror}")
+    if refused := _set_autogroup(str(pid), nice):
+        problems.add(refused)
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError as e:
@@ -117,6 +107,20 @@ def each_thread(processes, fn) -> int:
             except OSError:   # a thread that just ended
                 pass
     return done
+
+
+def _set_autogroup(pid: str, nice: int) -> str | None:
+    """The autogroup nice of process `pid`'s session ("self": this one's), where autogroups are
+    on; None when it took (or there are none), else what refused."""
+    if not _autogroups_on():
+        return None
+    path = f"/proc/{pid}/autogroup"
+    try:
+        with open(path, "w") as f:
+            f.write(str(nice))
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    return None
 
 
 def _autogroups_on() -> bool:

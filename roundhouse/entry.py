@@ -10,7 +10,9 @@ import pathlib
 import signal
 from collections.abc import Awaitable, Callable
 
-from roundhouse import catalogue, logs, tracing
+import structlog
+
+from roundhouse import catalogue, cpu, logs, tracing
 
 
 def env_reader(service: str) -> Callable[[str, str], str]:
@@ -97,10 +99,15 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable[None]], otel: bool = False,
-        event_loop: str = "asyncio") -> None:
-    """Configures logging and tracing, then runs `serve(stop)` on `event_loop` (EVENT_LOOPS) until
-    SIGINT / SIGTERM sets `stop`."""
+        event_loop: str = "asyncio", cpu_nice: int = 0, cpu_session: bool = True) -> None:
+    """Configures logging, the process's CPU priority (`cpu.set_nice(cpu_nice, cpu_session)`,
+    before tracing or the loop start a thread: threads inherit it) and tracing, then runs
+    `serve(stop)` on `event_loop` (EVENT_LOOPS) until SIGINT / SIGTERM sets `stop`."""
     logs.configure(service, log_level)
+    refused = cpu.set_nice(cpu_nice, cpu_session)
+    if refused:
+        structlog.get_logger(service).warning(f"{service}.cpu_nice_refused", nice=cpu_nice, why=refused,
+                                              hint="runs at its old priority; needs CAP_SYS_NICE")
     tracing.configure(service, export=True if otel else None)
 
     async def main() -> None:

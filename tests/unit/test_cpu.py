@@ -13,7 +13,7 @@ PROBE = (
     "import os, sys; from roundhouse import cpu\n"
     "print(cpu.set_nice(int(sys.argv[1])))\n"
     "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
-    "print(open(cpu.AUTOGROUP).read().split()[-1] if cpu._autogroups_on() else 'off')\n"
+    "print(open('/proc/self/autogroup').read().split()[-1] if cpu._autogroups_on() else 'off')\n"
 )
 
 
