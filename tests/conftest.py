@@ -6,6 +6,8 @@ engines in worker processes, on tiny models made here. Slow things are session-s
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import pathlib
 import re
 import time
@@ -221,6 +223,43 @@ def pytest_configure(config):
     from roundhouse import logs
 
     logs.configure("tests", "info", json=False)
+
+
+# ---- a hung test fails alone ---------------------------------------------------------------------
+
+DEADLINE_MARGIN_S = 30.0
+
+
+def _with_deadline(fn, seconds: float):
+    """`fn` (an async test) cancelled after `seconds`, failing with where it was waiting."""
+    @functools.wraps(fn)
+    async def bounded(*args, **kwargs):
+        try:
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+        except TimeoutError as e:
+            raise AssertionError(f"test body still waiting after {seconds:.0f} s (the await it was cancelled in "
+                                 f"is in the traceback above)") from e
+    return bounded
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every async test body runs under an asyncio deadline 30 s short of its pytest-timeout.
+
+    pytest-timeout's thread method (the only one that works with a loop: see pyproject) ends the
+    whole run when one test hangs: CI then shows the threads' stacks and neither the test's name
+    nor the other tests' results. The deadline cancels the test's coroutine instead: that test
+    fails with the await it was stuck in, its fixtures tear down, and the run goes on.
+    pytest-timeout stays behind it for a hang that blocks the loop itself."""
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        fn = getattr(item, "obj", None)
+        if not inspect.iscoroutinefunction(fn):
+            continue
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else default
+        if limit > DEADLINE_MARGIN_S * 2:
+            item.obj = _with_deadline(fn, limit - DEADLINE_MARGIN_S)
 
 
 # ---- event loop lag: the router under test shares this process's loop -------------------------
