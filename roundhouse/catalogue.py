@@ -30,6 +30,9 @@ names the bad key, and `roundhouse config schema` prints it as JSON Schema for e
                                    # engine keeps no statistics, as `vllm serve --disable-log-stats`)
         engine_sched_idle: false   # CPU engines: the engine's processes in SCHED_IDLE (first tokens
                                    # sooner on a small host, fewer tokens/s; see README)
+        stream_interval: 1         # tokens per streamed chunk, as `vllm serve --stream-interval`: the
+                                   # first and last go at once; more: fewer, larger chunks, less
+                                   # host CPU per token (a request may ask for more, never fewer)
 
     gpus:                          # optional; default: one "cpu" GPU with 8GiB
       - id: cpu                    # or cuda:0, ...
@@ -119,6 +122,8 @@ class ModelSpec:
     engine_sched_idle: StrictBool = Field(
         False, description="CPU engines: run the engine's processes in SCHED_IDLE, so the serving path never waits "
                            "behind vLLM's busy-polling (lower time to first token on small hosts, lower throughput)")
+    stream_interval: Positive = Field(
+        1, description="tokens per streamed chunk, as vllm serve --stream-interval (first and last chunks go at once)")
 
     @property
     def token_limit(self) -> int:

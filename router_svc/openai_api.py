@@ -5,7 +5,7 @@ and the NATS job API (router_svc/jobs.py, whose JSON body is the same) use them.
 
 Accepted, as OpenAI and vLLM's server do: `model`, `messages` (string content or text parts) /
 `prompt` (a string or a list of one string), `max_tokens` / `max_completion_tokens`,
-`temperature`, `top_p`, `top_k` and `ignore_eos` (vLLM extensions), `seed`, `stop`, `n` = 1,
+`temperature`, `top_p`, `top_k`, `ignore_eos` and `stream_interval` (vLLM extensions), `seed`, `stop`, `n` = 1,
 `stream`, `stream_options.include_usage`, `metadata` (hints for model "auto"), `service_tier`
 ("flex" runs in the low priority class). Fields that would
 change the output and are not supported (n > 1, tools, logprobs, penalties, ...) are refused
@@ -61,7 +61,7 @@ SERVICE_TIERS = {"auto": "", "default": "", "flex": "low", "scale": "", "priorit
 
 _KNOWN = frozenset({
     "model", "messages", "prompt", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "seed", "stop", "ignore_eos", "metadata", "stream", "stream_options", "user", "store", "service_tier",
+    "seed", "stop", "ignore_eos", "stream_interval", "metadata", "stream", "stream_options", "user", "store", "service_tier",
     "parallel_tool_calls", *_UNSUPPORTED,
 })
 
@@ -108,7 +108,7 @@ def parse(body: Any, endpoint: str, request_id: str = "", also: frozenset[str] =
     if body.get("top_k") is not None:
         s.top_k = _int("top_k", body["top_k"])
     if body.get("seed") is not None:
-        s.seed = _int("seed", body["seed"])
+        s.seed = _int("seed", body["seed"], bits=64)
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -117,6 +117,8 @@ def parse(body: Any, endpoint: str, request_id: str = "", also: frozenset[str] =
         s.stop.extend(stops)
     if body.get("ignore_eos") is not None:
         s.ignore_eos = _bool("ignore_eos", body["ignore_eos"])
+    if body.get("stream_interval") is not None:
+        s.stream_interval = _int("stream_interval", body["stream_interval"])
     tier = body.get("service_tier")
     if tier is not None:
         if not isinstance(tier, str) or tier not in SERVICE_TIERS:  # (a list or an object is unhashable)
@@ -170,9 +172,13 @@ def _prompt(req: router_pb2.GenerateRequest, prompt: Any) -> None:
     req.prompt = prompt
 
 
-def _int(field: str, v: Any) -> int:
+def _int(field: str, v: Any, bits: int = 32) -> int:
+    """An integer that fits the request's field (int32, or int64 for `seed`): a larger one is a
+    400 naming the field, not protobuf's ValueError (a 500)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequest(field, f"must be an integer, got {v!r}")
+    if not -2 ** (bits - 1) <= v < 2 ** (bits - 1):
+        raise InvalidRequest(field, f"must be an integer of at most {bits} bits, got {v}")
     return v
 
 

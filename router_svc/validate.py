@@ -106,6 +106,8 @@ def admit(
         raise InvalidRequest("top_p", f"must be in (0, 1], got {s.top_p}")
     if s.HasField("top_k") and s.top_k < -1:
         raise InvalidRequest("top_k", f"must be -1 (off), 0 (off) or > 0, got {s.top_k}")
+    if s.HasField("stream_interval") and s.stream_interval < 1:
+        raise InvalidRequest("stream_interval", f"must be >= 1 (tokens per streamed chunk), got {s.stream_interval}")
     if len(s.stop) > MAX_STOP_STRINGS or any(not x for x in s.stop):
         raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} non-empty stop strings")
     # 6. Length against the context.

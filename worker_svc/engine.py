@@ -63,6 +63,7 @@ class EngineSpec:
     max_loras: int = 4
     max_lora_rank: int = 16
     sleep_mode: bool = True            # vLLM sleep mode (CUDA only: vLLM refuses it on CPU)
+    stream_interval: int = 1           # vLLM's --stream-interval: tokens per streamed output
 
 
 # The fixed greedy probe run at first load and after every wake: a woken engine must give the
@@ -446,6 +447,7 @@ class Engine:
             seed=spec.seed,
             kv_cache_memory_bytes=spec.kv_cache_bytes,
             disable_log_stats=True,
+            stream_interval=spec.stream_interval,
             enable_sleep_mode=spec.sleep_mode and not on_cpu,
             enable_lora=bool(spec.adapters),
             **({"max_loras": spec.max_loras + bool(null_adapter), "max_lora_rank": spec.max_lora_rank} if spec.adapters else {}),

@@ -167,6 +167,7 @@ class ModelWorker:
                     logits_processors=spec.logits_processors,
                     engine_metrics=spec.engine_metrics,
                     sched_idle=spec.engine_sched_idle,
+                    stream_interval=spec.stream_interval,
                 )
             )
         except Exception as e:  # any load failure: bad weights, does not fit, ...
@@ -584,7 +585,7 @@ class ModelWorker:
 def _sampling(p: common_pb2.SamplingParams) -> dict:
     """SamplingParams fields for vLLM; the router has already filled in every default."""
     out: dict = {"max_tokens": p.max_tokens, "ignore_eos": p.ignore_eos}
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "stream_interval"):
         if p.HasField(name):
             out[name] = getattr(p, name)
     if p.stop:

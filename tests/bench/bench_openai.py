@@ -178,13 +178,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def start_vllm(model_dir: pathlib.Path, work: pathlib.Path, context: int = 1024,
-               engine_stats: bool = False) -> tuple[subprocess.Popen, str]:
+               engine_stats: bool = False, stream_interval: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(work / "vllm-serve.log", "ab")
     proc = subprocess.Popen([
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "tiny-0",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(context), "--max-num-seqs", "64",
         "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20), "--seed", "0",
+        "--stream-interval", str(stream_interval),
         *([] if engine_stats else ["--disable-log-stats"]),
     ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -233,15 +234,18 @@ def main() -> None:
                         "default); without it neither does (--disable-log-stats; engine_metrics: false)")
     p.add_argument("--engine-sched-idle", action="store_true",
                    help="Roundhouse's engine in SCHED_IDLE (the model's engine_sched_idle; vllm serve has no such setting)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk in both servers (vllm serve --stream-interval; the model's "
+                        "stream_interval in Roundhouse's catalogue)")
     a = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="rh-bench-openai-"))
     config = stack.write_tiny_catalogue(work, 1, kv_cache_bytes=128 * 2**20, max_num_seqs=64, max_tokens_limit=1000,
                                         **({} if a.engine_stats else {"engine_metrics": False}),
-                                        engine_sched_idle=a.engine_sched_idle)
+                                        engine_sched_idle=a.engine_sched_idle, stream_interval=a.stream_interval)
     model_dir = work / "models" / "tiny-0"
     servers = {}
     try:
-        servers["vllm serve"] = start_vllm(model_dir, work, engine_stats=a.engine_stats)
+        servers["vllm serve"] = start_vllm(model_dir, work, engine_stats=a.engine_stats, stream_interval=a.stream_interval)
         servers["roundhouse"] = start_roundhouse(config, work)
         for name, (proc, base) in servers.items():  # one unmeasured pass each: compile and cache warm-up
             for b in BACKENDS:
@@ -255,7 +259,8 @@ def main() -> None:
             stop(proc)
     print(f"\n{a.num_prompts} prompts, {a.input_len} in / {a.output_len} out tokens, concurrency {a.concurrency}, "
           f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both"
-          + (", Roundhouse's engine in SCHED_IDLE" if a.engine_sched_idle else ""))
+          + (", Roundhouse's engine in SCHED_IDLE" if a.engine_sched_idle else "")
+          + (f", stream interval {a.stream_interval} in both" if a.stream_interval > 1 else ""))
     print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
     for b in BACKENDS:
         for r in range(a.rounds):

@@ -15,12 +15,14 @@ def test_chat_body_with_text_parts_and_vllm_extensions():
                      {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}],
         "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 9, "stop": "\n",
         "ignore_eos": True, "metadata": {"quality": "high"}, "user": "ignored", "n": 1, "logprobs": False,
+        "stream_interval": 4,
     }
     req, opts = openai_api.parse(body, "chat", "rid-1")
     assert req.model == "auto" and req.request_id == "rid-1"
     assert [(m.role, m.content) for m in req.chat.messages] == [("system", "be brief"), ("user", "hello")]
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop), s.ignore_eos) == (7, 0.0, 0.5, 3, 9, ["\n"], True)
+    assert s.stream_interval == 4
     assert dict(req.metadata) == {"quality": "high"}
     assert opts == openai_api.Options("chat", stream=True, include_usage=True)
 
@@ -44,6 +46,11 @@ def test_completions_prompt_string_or_list_of_one():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": ["a"]}, "metadata"),
     ({"model": 3, "messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_interval": 2.5}, "stream_interval"),
+    # Past the request's int32 / int64 fields: a 400 naming the field, not protobuf's ValueError.
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2**40}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_interval": 2**31}, "stream_interval"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**63}, "seed"),
 ])
 def test_chat_refusals_name_the_field(body, field):
     with pytest.raises(InvalidRequest) as e:

@@ -64,6 +64,7 @@ def test_default_max_tokens_is_clamped_to_the_room_left_in_the_context():
         (req(top_p=0.0), InvalidRequest, "top_p"),
         (req(top_p=1.01), InvalidRequest, "top_p"),
         (req(top_k=-2), InvalidRequest, "top_k"),
+        (req(stream_interval=0), InvalidRequest, "stream_interval"),
         (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 100)), InvalidRequest, "prompt"),
         (router_pb2.GenerateRequest(model="m", prompt=" ".join(["w"] * 50), sampling=common_pb2.SamplingParams(max_tokens=60)), InvalidRequest, "max_tokens"),
         (router_pb2.GenerateRequest(model="m" * 257, prompt="x"), InvalidRequest, "257 characters; a model name has at most 256"),
