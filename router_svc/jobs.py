@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from protos.v1 import common_pb2, router_pb2
-from roundhouse import jetstream, subjects, tracing
+from roundhouse import jetstream, subjects, tasks, tracing
 from roundhouse.errors import InvalidRequest, JobNotFound, PermissionDenied, QueueFull, RoundhouseError, Unavailable
 from router_svc import metrics, openai_api
 from router_svc.auth import ANYONE, Auth, Tenant
@@ -117,17 +117,12 @@ class Jobs:
         """Hands running jobs back to the stream (another router runs them now) and stops."""
         self._stopping = True
         # Stop pulling first: a job handed back must not land in this router's own open pull.
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await tasks.cancel_all(self._tasks)
         for sub in [*self._subs, getattr(self, "_puller", None)]:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await (sub.close() if sub is self._puller else sub.unsubscribe())
-        running = list(self._running.values())
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await tasks.cancel_all(list(self._running.values()))  # each hands its job back (see _run)
 
     # ---- the API (gRPC and NATS) ----------------------------------------------------------------
 

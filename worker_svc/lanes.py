@@ -37,7 +37,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from roundhouse import jetstream, subjects
+from roundhouse import jetstream, subjects, tasks
 from worker_svc.residency import State
 from worker_svc.worker import ModelWorker
 
@@ -132,10 +132,7 @@ class Lanes:
                         self._polls[i] = asyncio.create_task(self._linger(i), name=f"lane-{subjects.PRIORITIES[i]}")
                 await self._wait(None)
         finally:
-            polls = list(self._polls.values())
-            for task in polls:
-                task.cancel()
-            await asyncio.gather(*polls, return_exceptions=True)
+            await tasks.cancel_all(list(self._polls.values()))
             self._harvest()
             await self.close()            # what was delivered and not read is held (on_stray)
             await self._give_back(lambda since: True)

@@ -9,7 +9,7 @@ import structlog
 
 
 from protos.v1 import manager_pb2_grpc, worker_pb2, worker_pb2_grpc
-from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects, tls
+from roundhouse import entry, grpcserver, jetstream, natsconn, reaper, subjects, tasks as aiotasks, tls
 from roundhouse import metrics as shared_metrics
 from worker_svc import consume, lanes, metrics, preflight
 from worker_svc.config import WorkerConfig
@@ -61,12 +61,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         #    stop the engine, close the server and the NATS connection.
         log.info("worker.stopping")
         await health.enter_graceful_shutdown()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await aiotasks.cancel_all(tasks)
         await worker.close()  # requests in flight finish (still heartbeated) or are handed back
-        heartbeat.cancel()
-        await asyncio.gather(heartbeat, return_exceptions=True)
+        await aiotasks.cancel_all([heartbeat])
         await server.stop(grace=2)
         await pull.close()
         with contextlib.suppress(Exception):

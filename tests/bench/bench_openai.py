@@ -111,7 +111,7 @@ def bench(base: str, backend: str, model: str, tokenizer: str, a: argparse.Names
     ])
     result = serve.main(args)
     return {"tok_s": result["output_throughput"], "ttft_p50": result["median_ttft_ms"], "ttft_p99": result["p99_ttft_ms"],
-            "ttft_mean": result["mean_ttft_ms"],
+            "ttft_mean": result["mean_ttft_ms"], "tpot_mean": result["mean_tpot_ms"],
             "completed": result["completed"], "failed": a.num_prompts - result["completed"]}
 
 
@@ -261,15 +261,20 @@ def main() -> None:
           f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both"
           + (", Roundhouse's engine in SCHED_IDLE" if a.engine_sched_idle else "")
           + (f", stream interval {a.stream_interval} in both" if a.stream_interval > 1 else ""))
-    print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'failed':>6}")
+    # A request's time is its first token plus (output tokens - 1) x TPOT: the mean columns say
+    # which of the two a throughput difference came from.
+    print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+          f"{'TTFT mean':>10} {'TPOT mean':>10} {'failed':>6}")
     for b in BACKENDS:
         for r in range(a.rounds):
             v = next(x[b] for rr, n, x in rows if rr == r + 1 and n == "vllm serve")
             h = next(x[b] for rr, n, x in rows if rr == r + 1 and n == "roundhouse")
             for name, x in (("vllm serve", v), ("roundhouse", h)):
-                print(f"{b:12} {r + 1:>5} {name:10} {x['tok_s']:>10.1f} {x['ttft_p50']:>12.2f} {x['ttft_p99']:>12.2f} {x['failed']:>6}")
+                print(f"{b:12} {r + 1:>5} {name:10} {x['tok_s']:>10.1f} {x['ttft_p50']:>12.2f} {x['ttft_p99']:>12.2f} "
+                      f"{x['ttft_mean']:>10.2f} {x['tpot_mean']:>10.3f} {x['failed']:>6}")
             print(f"{b:12} {r + 1:>5} {'ratio':10} {h['tok_s'] / v['tok_s']:>10.2%} {h['ttft_p50'] - v['ttft_p50']:>+12.2f} "
-                  f"{h['ttft_p99'] - v['ttft_p99']:>+12.2f}")
+                  f"{h['ttft_p99'] - v['ttft_p99']:>+12.2f} {h['ttft_mean'] - v['ttft_mean']:>+10.2f} "
+                  f"{h['tpot_mean'] - v['tpot_mean']:>+10.3f}")
     print("\nserver CPU seconds per 1,000 output tokens, by process (all rounds)")
     out_tokens = a.num_prompts * a.output_len
     for b in BACKENDS:
