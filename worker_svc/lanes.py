@@ -153,10 +153,16 @@ class Lanes:
             self._arrived_on(i, msg)
 
     def _arrived_on(self, i: int, msg: Msg) -> None:
-        """A lingering pull brought `msg`: it starts now if a slot is free and nothing of its
-        class or higher waits here for one; else it is held for its turn."""
+        """A lingering pull brought `msg`: it starts now if a slot is free, nothing of its class
+        or higher waits here for one, and every higher lane has a lingering pull of its own (so
+        none has requests waiting in its queue); else it is held for its turn, and the sweep
+        that its arrival wakes pulls the higher lanes first. Without the last condition a
+        request that came to a lower lane's pull just as a slot freed started before a higher
+        one waiting in a queue whose pull had expired while the engine was full (seen in
+        test_tenancy: "normal" before "high")."""
         if (self._worker.residency.state is State.READY and self._worker.slots_now() > 0
-                and not any(self.held[j] for j in range(i + 1))):
+                and not any(self.held[j] for j in range(i + 1))
+                and all(j in self._polls and not self._polls[j].done() for j in range(i))):
             self.picks += 1
             self._worker.start(msg)
         else:

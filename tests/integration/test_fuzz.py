@@ -95,6 +95,16 @@ requests = st.builds(router_pb2.GenerateRequest, model=st.sampled_from(["chat", 
                      metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
 
 
+def _check_refusal(e: grpc.RpcError) -> None:
+    assert e.code() in GRPC_REFUSALS, (e.code(), e.details())
+    # A request for a model no worker serves ("auto" falls back to tiny-1) waits until its 30 s
+    # deadline: then the router's DEADLINE_EXCEEDED and the caller's own gRPC deadline race
+    # (both at the same instant), and under load the caller's wins with gRPC's own wording.
+    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and e.details() in ("Deadline Exceeded", "Stream removed (Deadline Exceeded)"):
+        return
+    assert e.details().startswith("roundhouse: "), e.details()
+
+
 def _fuzz_grpc(address: str) -> None:
     with grpc.insecure_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
@@ -107,8 +117,7 @@ def _fuzz_grpc(address: str) -> None:
                 events = list(stub.Generate(req, timeout=30))
                 assert events[-1].WhichOneof("event") == "finished", events[-1]
             except grpc.RpcError as e:
-                assert e.code() in GRPC_REFUSALS, (e.code(), e.details())
-                assert e.details().startswith("roundhouse: "), e.details()
+                _check_refusal(e)
 
         @FUZZ
         @given(raw=st.binary(max_size=200))
@@ -116,8 +125,7 @@ def _fuzz_grpc(address: str) -> None:
             try:
                 list(raw_generate(raw, timeout=30))
             except grpc.RpcError as e:
-                assert e.code() in GRPC_REFUSALS, (e.code(), e.details())
-                assert e.details().startswith("roundhouse: "), e.details()
+                _check_refusal(e)
 
         messages_get_answers()
         bytes_get_answers()

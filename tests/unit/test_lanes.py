@@ -262,6 +262,23 @@ async def test_a_freed_slot_takes_the_highest_class_before_earlier_lower_ones():
         assert r.worker.started == ["blocker", "high-1", "normal-1", "low-1", "low-2", "low-3"]
 
 
+async def test_an_arrival_waits_for_a_higher_class_whose_pull_expired_while_the_engine_was_full():
+    """The high lane's lingering pull runs out while the one slot is taken, so a high request
+    stays in its queue; a slot then frees just as a normal request reaches its lane's
+    still-lingering pull: the sweep starts the high one first (test_tenancy saw "normal" first)."""
+    async with Running(slots=1) as r:
+        await r.idle()
+        r.push(LOW, "blocker")
+        await until(lambda: r.worker.started == ["blocker"], "started at once")
+        r.consumers[HIGH].expire()
+        r.push(HIGH, "high-1")
+        assert [m.name for m in r.consumers[HIGH].stored] == ["high-1"], "no pull asks for it: it waits in its queue"
+        r.worker.slots = 2                    # a slot frees, and the normal request arrives before the loop sweeps
+        r.push(NORMAL, "normal-1")
+        await until(lambda: len(r.worker.started) == 2, "the free slot takes one request")
+        assert r.worker.started == ["blocker", "high-1"] and r.held(NORMAL) == ["normal-1"]
+
+
 async def test_a_lower_class_is_never_starved():
     owed_after = 4
     async with Running(slots=1, owed_after=owed_after) as r:
