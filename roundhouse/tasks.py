@@ -21,6 +21,7 @@ async def cancel_all(tasks: Iterable[asyncio.Future], recancel_s: float = RECANC
     outlive `recancel_s` after a cancel. Their results and exceptions are left unread (as
     gather(..., return_exceptions=True) would), apart from being retrieved so none is logged
     as never retrieved."""
+    tasks = list(tasks)   # read twice below
     pending = {t for t in tasks if not t.done()}
     while pending:
         for t in pending:
