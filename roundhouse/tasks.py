@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-RECANCEL_S = 0.5   # how long a cancelled task gets to end before it is cancelled again
+# How long a cancelled task gets to end before it is cancelled again: long enough for the
+# cleanup a cancel starts (a job's nak, a worker's hand-back: one NATS round trip, which this
+# machine can stall for a second or more) not to be cut short by the second cancel; a task whose
+# cancel was dropped only holds its stop this much longer.
+RECANCEL_S = 5.0
 
 
 async def cancel_all(tasks: Iterable[asyncio.Future], recancel_s: float = RECANCEL_S) -> None:

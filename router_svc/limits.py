@@ -36,6 +36,7 @@ import nats.js.errors
 import structlog
 from nats.js.api import KeyValueConfig, StorageType
 
+from roundhouse import tasks
 from roundhouse.errors import RateLimited, Unavailable
 from router_svc import metrics
 from router_svc.auth import Tenant
@@ -142,9 +143,7 @@ class Limiter:
 
     async def stop(self) -> None:
         if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+            await tasks.cancel_all([self._renewer])   # its KV writes go through wait_for (roundhouse.tasks)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         for tenant in [t for t, n in self._in_flight.items() if n]:

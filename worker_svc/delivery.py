@@ -14,14 +14,13 @@ fall (bench_openai 64/64 at concurrency 1, the worker at nice -10: 0.25-0.31 s t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import grpc
 import structlog
 
 from protos.v1 import worker_pb2, worker_pb2_grpc
-from roundhouse import tls
+from roundhouse import tasks, tls
 
 log = structlog.get_logger("worker.delivery")
 
@@ -107,9 +106,7 @@ class RouterLink:
 
     async def close(self) -> None:
         self._closed = True
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        await tasks.cancel_all([self._task])
         await self._channel.close()
 
 
