@@ -57,6 +57,18 @@ def set_nice(nice: int, session: bool = True) -> str | None:
     return "; ".join(problems) or None
 
 
+def set_session_nice(nice: int) -> str | None:
+    """The autogroup nice of this process's session, where autogroups are on, if this process
+    leads that session (else the change would reach every process that shares it). Returns
+    None when it took or there was nothing to do, else why not, for a log line. A worker leads
+    a session that holds its engine's processes too (`roundhouse up`, `--engine-group-nice`)."""
+    if nice == 0 or not _autogroups_on():
+        return None
+    if os.getsid(0) != os.getpid():
+        return "this process does not lead its session (its other processes would share the change)"
+    return _set_autogroup("self", nice)
+
+
 def set_nice_of(pid: int, nice: int) -> str | None:
     """`set_nice` for another process we started in its own session (nats-server, a Go binary
     that cannot be asked): its session's autogroup nice where autogroups are on, and every

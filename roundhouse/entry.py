@@ -99,15 +99,18 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable[None]], otel: bool = False,
-        event_loop: str = "asyncio", cpu_nice: int = 0, cpu_session: bool = True) -> None:
+        event_loop: str = "asyncio", cpu_nice: int = 0, cpu_session: bool = True, session_nice: int = 0) -> None:
     """Configures logging, the process's CPU priority (`cpu.set_nice(cpu_nice, cpu_session)`,
-    before tracing or the loop start a thread: threads inherit it) and tracing, then runs
-    `serve(stop)` on `event_loop` (EVENT_LOOPS) until SIGINT / SIGTERM sets `stop`."""
+    before tracing or the loop start a thread: threads inherit it; `session_nice`: its session's
+    group, `cpu.set_session_nice`) and tracing, then runs `serve(stop)` on `event_loop`
+    (EVENT_LOOPS) until SIGINT / SIGTERM sets `stop`."""
     logs.configure(service, log_level)
     refused = cpu.set_nice(cpu_nice, cpu_session)
     if refused:
         structlog.get_logger(service).warning(f"{service}.cpu_nice_refused", nice=cpu_nice, why=refused,
                                               hint="runs at its old priority; needs CAP_SYS_NICE")
+    if refused := cpu.set_session_nice(session_nice):
+        structlog.get_logger(service).warning(f"{service}.session_nice_not_set", nice=session_nice, why=refused)
     tracing.configure(service, export=True if otel else None)
 
     async def main() -> None:

@@ -13,10 +13,10 @@ def main(argv: list[str] | None = None) -> None:
 
         await serve_forever(config, stop)
 
-    # Its session holds its engine's processes too: the process's own nice only, which the
-    # engine's processes are given back once started (Engine.start).
+    # Its session holds its engine's processes too: the process's own nice (which the engine's
+    # processes are given back once started, Engine.start), and the session's group apart.
     entry.run("worker", config.log_level, serve, otel=config.otel, event_loop=config.event_loop,
-              cpu_nice=config.cpu_nice, cpu_session=False)
+              cpu_nice=config.cpu_nice, cpu_session=False, session_nice=config.engine_group_nice)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class WorkerConfig:
     otel: bool = False                 # export traces over OTLP (roundhouse.tracing)
     event_loop: str = "asyncio"        # entry.EVENT_LOOPS
     cpu_nice: int = 0                  # roundhouse.cpu: < 0 puts this process (not its engine) ahead for CPU
+    engine_group_nice: int = 0         # roundhouse.cpu: > 0 puts every other process ahead of this worker's session
     manager_key: str = ""              # sent with every report (the config's admin.worker_key; "" when none)
     tls_internal: tls.Internal | None = None   # mutual TLS on its port and to the manager and routers
 
@@ -62,6 +63,11 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
                    help="nice value for this process, not its engine's (-20..19; below 0 needs CAP_SYS_NICE): "
                         "`roundhouse up` runs workers at -10 so that their own engine does not delay the "
                         "tokens' way out (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_CPU_NICE)")
+    p.add_argument("--engine-group-nice", type=cpu.nice_value, default=_env("ENGINE_GROUP_NICE", "0"),
+                   help="nice of the kernel's CPU group (autogroup) of this worker's session, which holds its "
+                        "engine, where autogroups are on and the worker leads its session: above 0, a wake-up "
+                        "of any other process (router, NATS, another worker) takes the CPU from this engine at "
+                        "once; `roundhouse up` uses 10 (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_ENGINE_GROUP_NICE)")
     a = p.parse_args(argv)
     if not a.model:
         p.error("--model is required")
@@ -101,6 +107,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         otel=a.otel,
         event_loop=a.event_loop,
         cpu_nice=a.cpu_nice,
+        engine_group_nice=a.engine_group_nice,
         manager_key=manager_key,
         tls_internal=internal,
     )

@@ -39,6 +39,28 @@ def test_nice_zero_changes_nothing():
     assert group in ("0", "off")
 
 
+SESSION_PROBE = (
+    "import sys; from roundhouse import cpu\n"
+    "print(cpu.set_session_nice(int(sys.argv[1])) is None)\n"
+    "print(open('/proc/self/autogroup').read().split()[-1] if cpu._autogroups_on() else 'off')\n"
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux autogroups")
+def test_a_session_leader_takes_a_session_nice_and_a_process_that_shares_its_session_does_not():
+    led = subprocess.run([sys.executable, "-c", SESSION_PROBE, "10"], capture_output=True, text=True, timeout=60,
+                         start_new_session=True, check=True).stdout.split()
+    assert led[0] == "True"
+    assert led[1] in ("10", "off")
+    # In the test's own session: refused with the reason, and the session's group left as it was.
+    before = open("/proc/self/autogroup").read() if cpu._autogroups_on() else "off"
+    shared = subprocess.run([sys.executable, "-c", SESSION_PROBE, "10"], capture_output=True, text=True, timeout=60,
+                            check=True).stdout.split()
+    if cpu._autogroups_on():
+        assert shared[0] == "False"
+        assert open("/proc/self/autogroup").read() == before
+
+
 def test_refusal_is_reported_not_raised(monkeypatch):
     def deny(*_):
         raise PermissionError(1, "Operation not permitted")
