@@ -14,6 +14,21 @@ tokens at concurrency 32, so the engine loses little. Where kernel autogroups ar
 session shares CPU as one group, before a process's own nice counts), the session's autogroup
 nice is what matters; elsewhere (cgroups alone) the process's nice.
 
+That was not enough where autogroups are on (`--engine-group-nice`, `set_session_nice`). A
+group that sleeps most of the time, as the router's and nats-server's do, was still kept off
+the CPU for tens of ms at times when it woke beside the always-busy group of a worker and its
+engine, nice -10 or not. `perf sched timehist` over a concurrency-1 run: the router's gRPC
+threads waited up to 37-64 ms to run while vLLM's model runner and EngineCore (nice 0, in the
+worker's group) took the cores in ~1 ms slices; that was the tail of the router's Delivery
+receive (p99 60-78 ms from the worker's send, README). With the worker's session group at nice
+10 (its own threads stay at -10 within it, ahead of its engine), any other process's wake-up
+takes the CPU from the engine at once: at concurrency 1 the hops of a first token came down
+from 8-19 ms to 2.2-3.3 ms (means) and Roundhouse's TTFT p99 from 74-86 ms to 11-27 ms. The
+price is output tokens/s at concurrency 1, where each token's wake-ups (worker, router, the
+caller if it is on the machine) now stall the engine's pipeline instead of filling its
+busy-polling: 62-75% of `vllm serve` against 73-82% at nice 0 in the same hour. Figures, and
+concurrency 32 and 64: README, Tests and benchmarks.
+
 Lowering nice needs CAP_SYS_NICE (root on a host; a container must be granted it, Docker's
 `--cap-add SYS_NICE`): without it the service says so and runs as it was. Written by hand:
 no library wraps /proc/PID/autogroup.

@@ -393,7 +393,10 @@ def yield_cpu_to_serving(processes) -> int:
     What did: the model runner in SCHED_IDLE (alone, or with the EngineCore as here): TTFT p50 55-64 -> 8-10 ms, but output tokens/s at
     concurrency 1 fell 15-25% in a probe and 18-37% in bench_openai --engine-sched-idle (every
     thread that wakes, the client's included, now preempts the runner's forward pass), and at
-    concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in.
+    concurrency 32 completions fell to 59-71% of `vllm serve`. Hence opt-in. Later, the worker's
+    whole session group at nice 10 (`--engine-group-nice`, `roundhouse up`'s default; the engine
+    stays in the normal class) took the time-to-first-token tail off at a smaller price: see
+    roundhouse/cpu.py.
     Unprivileged (a process may always lower its own class); threads and processes started later
     inherit it. CPU engines only: a GPU engine's polling paces its kernel launches."""
     return cpu.each_thread(processes, lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0)))
