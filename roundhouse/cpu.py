@@ -21,13 +21,14 @@ engine, nice -10 or not. `perf sched timehist` over a concurrency-1 run: the rou
 threads waited up to 37-64 ms to run while vLLM's model runner and EngineCore (nice 0, in the
 worker's group) took the cores in ~1 ms slices; that was the tail of the router's Delivery
 receive (p99 60-78 ms from the worker's send, README). With the worker's session group at nice
-10 (its own threads stay at -10 within it, ahead of its engine), any other process's wake-up
-takes the CPU from the engine at once: at concurrency 1 the hops of a first token came down
-from 8-19 ms to 2.2-3.3 ms (means) and Roundhouse's TTFT p99 from 74-86 ms to 11-27 ms. The
-price is output tokens/s at concurrency 1, where each token's wake-ups (worker, router, the
-caller if it is on the machine) now stall the engine's pipeline instead of filling its
-busy-polling: 62-75% of `vllm serve` against 73-82% at nice 0 in the same hour. Figures, and
-concurrency 32 and 64: README, Tests and benchmarks.
+10, any other process's wake-up takes the CPU from the engine at once: at concurrency 1 the
+hops of a first token came down from 8-19 ms to 2.2-3.3 ms (means) and Roundhouse's TTFT p99
+from 74-86 ms to 8-27 ms. Inside that group the worker itself runs best at its engine's nice:
+at -10 it took the CPU from the EngineCore at every token, which stalled the engine's pipeline
+(output tokens/s at concurrency 1: 700-800 against 767-824 with the group at 0); at 0 it
+waits for the EngineCore's busy-polling to yield (775-917). `roundhouse up` therefore runs
+workers with `--engine-group-nice 10` and `--cpu-nice 0` where autogroups are on, and at
+`--cpu-nice -10` elsewhere. Figures for concurrency 1, 32 and 64: README, Tests and benchmarks.
 
 Lowering nice needs CAP_SYS_NICE (root on a host; a container must be granted it, Docker's
 `--cap-add SYS_NICE`): without it the service says so and runs as it was. Written by hand:
@@ -77,7 +78,7 @@ def set_session_nice(nice: int) -> str | None:
     leads that session (else the change would reach every process that shares it). Returns
     None when it took or there was nothing to do, else why not, for a log line. A worker leads
     a session that holds its engine's processes too (`roundhouse up`, `--engine-group-nice`)."""
-    if nice == 0 or not _autogroups_on():
+    if nice == 0 or not autogroups_on():
         return None
     if os.getsid(0) != os.getpid():
         return "this process does not lead its session (its other processes would share the change)"
@@ -139,7 +140,7 @@ def each_thread(processes, fn) -> int:
 def _set_autogroup(pid: str, nice: int) -> str | None:
     """The autogroup nice of process `pid`'s session ("self": this one's), where autogroups are
     on; None when it took (or there are none), else what refused."""
-    if not _autogroups_on():
+    if not autogroups_on():
         return None
     path = f"/proc/{pid}/autogroup"
     try:
@@ -150,7 +151,7 @@ def _set_autogroup(pid: str, nice: int) -> str | None:
     return None
 
 
-def _autogroups_on() -> bool:
+def autogroups_on() -> bool:
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
             return f.read().strip() == "1"

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
         await serve_forever(config, stop)
 
     # Its session holds its engine's processes too: the process's own nice (which the engine's
-    # processes are given back once started, Engine.start), and the session's group apart.
+    # processes are given back once started, Engine.start) and, apart, the session's group.
     entry.run("worker", config.log_level, serve, otel=config.otel, event_loop=config.event_loop,
               cpu_nice=config.cpu_nice, cpu_session=False, session_nice=config.engine_group_nice)
 

@@ -66,8 +66,9 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--engine-group-nice", type=cpu.nice_value, default=_env("ENGINE_GROUP_NICE", "0"),
                    help="nice of the kernel's CPU group (autogroup) of this worker's session, which holds its "
                         "engine, where autogroups are on and the worker leads its session: above 0, a wake-up "
-                        "of any other process (router, NATS, another worker) takes the CPU from this engine at "
-                        "once; `roundhouse up` uses 10 (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_ENGINE_GROUP_NICE)")
+                        "of any other process (router, NATS, another worker) takes the CPU from this worker and "
+                        "its engine at once; `roundhouse up` uses 10 there, with --cpu-nice 0 "
+                        "(roundhouse/cpu.py; env ROUNDHOUSE_WORKER_ENGINE_GROUP_NICE)")
     a = p.parse_args(argv)
     if not a.model:
         p.error("--model is required")

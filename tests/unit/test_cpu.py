@@ -13,7 +13,7 @@ PROBE = (
     "import os, sys; from roundhouse import cpu\n"
     "print(cpu.set_nice(int(sys.argv[1])))\n"
     "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
-    "print(open('/proc/self/autogroup').read().split()[-1] if cpu._autogroups_on() else 'off')\n"
+    "print(open('/proc/self/autogroup').read().split()[-1] if cpu.autogroups_on() else 'off')\n"
 )
 
 
@@ -42,7 +42,7 @@ def test_nice_zero_changes_nothing():
 SESSION_PROBE = (
     "import sys; from roundhouse import cpu\n"
     "print(cpu.set_session_nice(int(sys.argv[1])) is None)\n"
-    "print(open('/proc/self/autogroup').read().split()[-1] if cpu._autogroups_on() else 'off')\n"
+    "print(open('/proc/self/autogroup').read().split()[-1] if cpu.autogroups_on() else 'off')\n"
 )
 
 
@@ -53,10 +53,10 @@ def test_a_session_leader_takes_a_session_nice_and_a_process_that_shares_its_ses
     assert led[0] == "True"
     assert led[1] in ("10", "off")
     # In the test's own session: refused with the reason, and the session's group left as it was.
-    before = open("/proc/self/autogroup").read() if cpu._autogroups_on() else "off"
+    before = open("/proc/self/autogroup").read() if cpu.autogroups_on() else "off"
     shared = subprocess.run([sys.executable, "-c", SESSION_PROBE, "10"], capture_output=True, text=True, timeout=60,
                             check=True).stdout.split()
-    if cpu._autogroups_on():
+    if cpu.autogroups_on():
         assert shared[0] == "False"
         assert open("/proc/self/autogroup").read() == before
 
@@ -65,7 +65,7 @@ def test_refusal_is_reported_not_raised(monkeypatch):
     def deny(*_):
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(cpu.os, "setpriority", deny)
-    monkeypatch.setattr(cpu, "_autogroups_on", lambda: False)
+    monkeypatch.setattr(cpu, "autogroups_on", lambda: False)
     assert cpu.set_nice(-10) == "setpriority: Operation not permitted"
 
 
@@ -80,7 +80,7 @@ def test_another_process_in_its_own_session_takes_a_higher_nice_on_every_thread(
         tids = os.listdir(f"/proc/{child.pid}/task")
         assert len(tids) >= 2
         assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids} == {7}
-        if cpu._autogroups_on():
+        if cpu.autogroups_on():
             assert open(f"/proc/{child.pid}/autogroup").read().split()[-1] == "7"
     finally:
         child.kill()
