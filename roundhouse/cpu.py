@@ -23,7 +23,7 @@ worker's group) took the cores in ~1 ms slices; that was the tail of the router'
 receive (p99 60-78 ms from the worker's send, README). With the worker's session group at nice
 10, any other process's wake-up takes the CPU from the engine at once: at concurrency 1 the
 hops of a first token came down from 8-19 ms to 2.2-3.3 ms (means) and Roundhouse's TTFT p99
-from 74-86 ms to 8-27 ms. Inside that group the worker itself runs best at its engine's nice:
+from 74-86 ms to 8-24 ms. Inside that group the worker itself runs best at its engine's nice:
 at -10 it took the CPU from the EngineCore at every token, which stalled the engine's pipeline
 (output tokens/s at concurrency 1: 700-800 against 767-824 with the group at 0); at 0 it
 waits for the EngineCore's busy-polling to yield (775-917). `roundhouse up` therefore runs
@@ -31,12 +31,16 @@ workers with `--engine-group-nice 10` and `--cpu-nice 0` where autogroups are on
 `--cpu-nice -10` elsewhere. Figures for concurrency 1, 32 and 64: README, Tests and benchmarks.
 
 Lowering nice needs CAP_SYS_NICE (root on a host; a container must be granted it, Docker's
-`--cap-add SYS_NICE`): without it the service says so and runs as it was. Written by hand:
-no library wraps /proc/PID/autogroup.
+`--cap-add SYS_NICE`): without it the service says so and runs as it was. Autogroups decide
+only for processes in the root CPU cgroup (`autogroups_on`): in a container the cgroup is the
+group, and the process's nice is what counts. Without CAP_SYS_ADMIN the kernel takes one
+autogroup write per 100 ms on the whole machine, so a refused write is tried again. Written by
+hand: no library wraps /proc/PID/autogroup.
 """
 from __future__ import annotations
 
 import os
+import time
 
 _before: int | None = None   # this process's nice before set_nice changed it
 
@@ -137,23 +141,53 @@ def each_thread(processes, fn) -> int:
     return done
 
 
+AUTOGROUP_RETRIES = 4      # the kernel takes one autogroup write per 100 ms machine-wide ...
+AUTOGROUP_RETRY_S = 0.11   # ... from a process without CAP_SYS_ADMIN (EAGAIN otherwise)
+
+
 def _set_autogroup(pid: str, nice: int) -> str | None:
-    """The autogroup nice of process `pid`'s session ("self": this one's), where autogroups are
-    on; None when it took (or there are none), else what refused."""
-    if not autogroups_on():
+    """The autogroup nice of process `pid`'s session ("self": this one's), where autogroups
+    apply to it; None when it took (or they do not apply), else what refused. Without
+    CAP_SYS_ADMIN the kernel refuses a write within 100 ms of any other on the machine (another
+    service starting beside this one): that is tried again, a few times."""
+    if not autogroups_on(pid):
         return None
     path = f"/proc/{pid}/autogroup"
-    try:
-        with open(path, "w") as f:
-            f.write(str(nice))
-    except OSError as e:
-        return f"{path}: {e.strerror}"
+    for attempt in range(AUTOGROUP_RETRIES + 1):
+        try:
+            with open(path, "w") as f:
+                f.write(str(nice))
+            return None
+        except BlockingIOError:
+            if attempt == AUTOGROUP_RETRIES:
+                return f"{path}: the kernel refused {AUTOGROUP_RETRIES + 1} times (one write per 100 ms)"
+            time.sleep(AUTOGROUP_RETRY_S)  # the kernel's rate limit: nothing to wait on but time
+        except OSError as e:
+            return f"{path}: {e.strerror}"
     return None
 
 
-def autogroups_on() -> bool:
+def autogroups_on(pid: str = "self") -> bool:
+    """Whether the kernel's autogroups decide process `pid`'s CPU share: the feature is on and
+    the process sits in the root CPU cgroup (the kernel groups by session only there; in a
+    container or a CPU-controlled systemd slice its cgroup is the group)."""
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
-            return f.read().strip() == "1"
+            if f.read().strip() != "1":
+                return False
+        with open(f"/proc/{pid}/cgroup") as f:
+            return _in_root_cpu_cgroup(f.read())
     except OSError:
         return False
+
+
+def _in_root_cpu_cgroup(cgroup_file: str) -> bool:
+    """From /proc/PID/cgroup: the cgroup v1 `cpu` controller's path, else the v2 path, is "/"."""
+    unified = None
+    for line in cgroup_file.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path == "/"
+        if controllers == "":
+            unified = path
+    return unified in (None, "/")

@@ -61,8 +61,9 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     p.add_argument("--cpu-nice", type=cpu.nice_value, default=_env("CPU_NICE", "0"),
                    help="nice value for this process, not its engine's (-20..19; below 0 needs CAP_SYS_NICE): "
-                        "`roundhouse up` runs workers at -10 so that their own engine does not delay the "
-                        "tokens' way out (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_CPU_NICE)")
+                        "`roundhouse up` runs workers at -10 where the kernel's autogroups do not apply, so "
+                        "that their own engine does not delay the tokens' way out, and uses "
+                        "--engine-group-nice where they do (roundhouse/cpu.py; env ROUNDHOUSE_WORKER_CPU_NICE)")
     p.add_argument("--engine-group-nice", type=cpu.nice_value, default=_env("ENGINE_GROUP_NICE", "0"),
                    help="nice of the kernel's CPU group (autogroup) of this worker's session, which holds its "
                         "engine, where autogroups are on and the worker leads its session: above 0, a wake-up "

@@ -173,22 +173,53 @@ QUIET_WINDOW_S = 0.5  # ... over this window: the machine is quiet
 QUIET_LIMIT_S = 15.0
 
 
-def wait_quiet(procs: list[subprocess.Popen]) -> float:
-    """Waits until every server is idle; returns how long it took. vLLM's engine busy-polls for
-    about a second after its last request (its shm_broadcast queue spins with sched_yield before
-    it sleeps): measured right after the other server's run, a server shares the cores with
-    that spin. Roundhouse's engine, in a session group at nice 10 (`roundhouse up`), yields to
-    it: its completions rounds, which follow `vllm serve`'s chat rounds, had a time to first
-    token of 17.4-17.6 ms against 7.4-8.2 ms three seconds later (the engine's part 12.7-12.8 ms
-    against 3.0-3.5). Gating every measured run on a quiet machine treats both servers alike."""
+def wait_quiet(procs: list[subprocess.Popen]) -> float | None:
+    """Waits until every server is idle; returns how long it took, None if they never were
+    within QUIET_LIMIT_S. vLLM's engine busy-polls for about a second after its last request
+    (its shm_broadcast queue spins with sched_yield before it sleeps): measured right after the
+    other server's run, a server shares the cores with that spin. Roundhouse's engine, in a
+    session group at nice 10 (`roundhouse up`), yields to it: its completions rounds, which
+    follow `vllm serve`'s chat rounds, had a time to first token of 17.4-17.6 ms against
+    7.4-8.2 ms three seconds later (the engine's part 12.7-12.8 ms against 3.0-3.5). Gating
+    every measured run on a quiet machine treats both servers alike."""
     started = time.monotonic()
     while time.monotonic() - started < QUIET_LIMIT_S:
-        before = sum(sum(cpu_by_process(p.pid).values()) for p in procs)
+        before = _cpu_by_pid(procs)
         time.sleep(QUIET_WINDOW_S)  # a CPU rate over a window: nothing to await
-        after = sum(sum(cpu_by_process(p.pid).values()) for p in procs)
-        if after - before < QUIET_CPU * QUIET_WINDOW_S:
-            break
-    return time.monotonic() - started
+        after = _cpu_by_pid(procs)
+        # Only processes alive at both readings: one that ended or began meanwhile says nothing.
+        busy = sum(after[k] - before[k] for k in after.keys() & before.keys())
+        if busy < QUIET_CPU * QUIET_WINDOW_S:
+            return time.monotonic() - started
+    return None
+
+
+def _cpu_by_pid(procs: list[subprocess.Popen]) -> dict[tuple[int, float], float]:
+    """CPU seconds so far of the servers' processes, keyed by (pid, start time)."""
+    import psutil
+
+    out = {}
+    for root in procs:
+        try:
+            family = [psutil.Process(root.pid)]
+            family += family[0].children(recursive=True)
+        except psutil.Error:
+            continue
+        for p in family:
+            try:
+                t = p.cpu_times()
+                out[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:
+                pass
+    return out
+
+
+def _quiet_summary(waited: list[float | None]) -> str:
+    took = [w for w in waited if w is not None]
+    said = f"; each run began once both servers were idle (waited {min(took):.1f}-{max(took):.1f} s)" if took else ""
+    if len(took) < len(waited):
+        said += f"; {len(waited) - len(took)} run(s) began on servers still busy after {QUIET_LIMIT_S:.0f} s"
+    return said
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -291,7 +322,7 @@ def main() -> None:
           f"tiny Llama on CPU, {a.rounds} rounds A B, engine statistics {'on' if a.engine_stats else 'off'} in both"
           + (", Roundhouse's engine in SCHED_IDLE" if a.engine_sched_idle else "")
           + (f", stream interval {a.stream_interval} in both" if a.stream_interval > 1 else "")
-          + f"; each run began once both servers were idle (waited {min(waited):.1f}-{max(waited):.1f} s)")
+          + _quiet_summary(waited))
     # A request's time is its first token plus (output tokens - 1) x TPOT: the mean columns say
     # which of the two a throughput difference came from.
     print(f"{'backend':12} {'round':>5} {'server':10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "

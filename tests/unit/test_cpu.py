@@ -61,11 +61,66 @@ def test_a_session_leader_takes_a_session_nice_and_a_process_that_shares_its_ses
         assert open("/proc/self/autogroup").read() == before
 
 
+def test_a_process_that_does_not_lead_its_session_leaves_the_group_and_says_why(monkeypatch):
+    monkeypatch.setattr(cpu, "autogroups_on", lambda pid="self": True)
+    monkeypatch.setattr(cpu.os, "getsid", lambda pid: os.getpid() + 1)
+    monkeypatch.setattr(cpu, "_set_autogroup", lambda *_: pytest.fail("the group was written"))
+    assert "does not lead its session" in cpu.set_session_nice(10)
+
+
+class _Refusing:
+    """/proc/PID/autogroup as the kernel answers a write within 100 ms of another's: EAGAIN."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.written = refusals, []
+
+    def __call__(self, path, mode="r"):
+        outer = self
+
+        class File:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *_):
+                return False
+
+            def write(self, text):
+                if outer.refusals:
+                    outer.refusals -= 1
+                    raise BlockingIOError(11, "Resource temporarily unavailable")
+                outer.written.append(text)
+
+        return File()
+
+
+def test_a_group_write_the_kernel_rate_limits_is_tried_again(monkeypatch):
+    monkeypatch.setattr(cpu, "autogroups_on", lambda pid="self": True)
+    monkeypatch.setattr(cpu, "AUTOGROUP_RETRY_S", 0.0)
+    refusing = _Refusing(2)
+    monkeypatch.setattr("builtins.open", refusing)
+    assert cpu._set_autogroup("self", 10) is None
+    assert refusing.written == ["10"]
+    always = _Refusing(99)
+    monkeypatch.setattr("builtins.open", always)
+    assert "refused 5 times" in cpu._set_autogroup("self", 10)
+
+
+@pytest.mark.parametrize("text, root", [
+    ("12:cpu,cpuacct:/\n0::/user.slice\n", True),          # v1 cpu controller at its root
+    ("12:cpu,cpuacct:/docker/abc\n0::/\n", False),         # v1, in a container's cgroup
+    ("1:cpu:/\n4:memory:/x\n", True),
+    ("0::/\n", True),                                      # v2 only, root
+    ("0::/system.slice/roundhouse.service\n", False),      # v2 only, in a service's cgroup
+])
+def test_autogroups_apply_only_in_the_root_cpu_cgroup(text, root):
+    assert cpu._in_root_cpu_cgroup(text) is root
+
+
 def test_refusal_is_reported_not_raised(monkeypatch):
     def deny(*_):
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(cpu.os, "setpriority", deny)
-    monkeypatch.setattr(cpu, "autogroups_on", lambda: False)
+    monkeypatch.setattr(cpu, "autogroups_on", lambda pid="self": False)
     assert cpu.set_nice(-10) == "setpriority: Operation not permitted"
 
 
