@@ -143,7 +143,9 @@ async def test_a_worker_killed_mid_stream_tells_its_callers_and_is_restarted(up)
     assert engine, "the worker's vLLM EngineCore runs as its child"
     killed_at = time.monotonic()
     worker.kill()  # SIGKILL the worker process alone, as the OOM killer would
-    after_kill = asyncio.create_task(client.completions.create(model="chat", prompt="sent while it is down", max_tokens=4))
+    # ignore_eos: sampled freely, the tiny model may end it early (a full run saw 3 tokens of 4).
+    after_kill = asyncio.create_task(client.completions.create(model="chat", prompt="sent while it is down", max_tokens=4,
+                                                               extra_body={"ignore_eos": True}))
 
     alive = await processes_gone(engine, TOLD_WITHIN_S)
     assert not alive, f"the killed worker's engine outlived it: {[(p.pid, p.name()) for p in alive]}"
