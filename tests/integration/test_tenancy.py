@@ -273,6 +273,11 @@ async def test_under_saturation_a_higher_class_starts_before_earlier_lower_ones(
         await jetstream.ensure_consumers(js, "nobody-serves-this", 30.0, 5)
         for priority in ("low", "high", "low"):
             await js.publish(subjects.request_subject("nobody-serves-this", priority), b"x")
+        # A consumer counts a stored message a moment after the PubAck (nats-server signals its
+        # consumers apart from the store): a full run read (1, 0, 1) at once.
+        async def all_counted() -> bool:
+            return (await jetstream.depth(js, "nobody-serves-this")).total >= 3
+        await eventually(all_counted, 5, "the consumers count all three messages")
         depth = await jetstream.depth(js, "nobody-serves-this")
         assert depth.pending == (1, 0, 2) and depth.total == 3 and depth.top() == 0 and depth.acked == (0, 0, 0)
         await js.purge_stream(subjects.STREAM, subject=subjects.request_subject("nobody-serves-this", "low"))
