@@ -116,13 +116,20 @@ def bench(base: str, backend: str, model: str, tokenizer: str, a: argparse.Names
             "completed": result["completed"], "failed": a.num_prompts - result["completed"]}
 
 
+def _family(root_pid: int) -> list:
+    """A server's process and its descendants (psutil handles); raises if the server is gone."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    return [root, *root.children(recursive=True)]
+
+
 def cpu_by_process(root_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of a server process and its descendants, by role."""
     import psutil
 
     out: dict[str, float] = {}
-    root = psutil.Process(root_pid)
-    for p in [root, *root.children(recursive=True)]:
+    for p in _family(root_pid):
         try:
             cmd = " ".join(p.cmdline())
             t = p.cpu_times()
@@ -201,8 +208,7 @@ def _cpu_by_pid(procs: list[subprocess.Popen]) -> dict[tuple[int, float], float]
     out = {}
     for root in procs:
         try:
-            family = [psutil.Process(root.pid)]
-            family += family[0].children(recursive=True)
+            family = _family(root.pid)
         except psutil.Error:
             continue
         for p in family:
