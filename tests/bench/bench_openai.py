@@ -259,14 +259,16 @@ def start_vllm(model_dir: pathlib.Path, work: pathlib.Path, context: int = 1024,
     return proc, base
 
 
-def start_roundhouse(config: pathlib.Path, work: pathlib.Path) -> tuple[subprocess.Popen, str]:
+def start_roundhouse(config: pathlib.Path, work: pathlib.Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`roundhouse up` on `config`, warmed; `env`: variables its processes get on top of ours."""
     port = free_port()
     log_path = work / "roundhouse-up.log"
     log_path.write_bytes(b"")
     proc = subprocess.Popen([
         sys.executable, "-m", "roundhouse.cli", "up", "--config", str(config), "--var", str(work / "var"),
         "--port", "0", "--manager-port", "0", "--http-port", str(port), "--log-level", "warning",
-    ], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    ], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **env} if env else None)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
