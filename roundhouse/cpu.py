@@ -60,7 +60,8 @@ def nice_value(text: str) -> int:
 
 def set_nice(nice: int, session: bool = True) -> str | None:
     """Sets this process's nice (its main thread's, which threads and processes started later
-    inherit) and, with `session` where autogroups are on, its session's autogroup nice. Returns
+    inherit) and, with `session` where autogroups are on, its session's autogroup nice if it
+    leads that session (`roundhouse up` starts each service in a session of its own). Returns
     None when it took, or what refused, for a log line. Call before starting threads."""
     global _before
     if nice == 0:
@@ -72,7 +73,7 @@ def set_nice(nice: int, session: bool = True) -> str | None:
         _before = before
     except OSError as e:
         problems.append(f"setpriority: {e.strerror}")
-    if session and (refused := _set_autogroup("self", nice)):
+    if session and (refused := _set_own_group(nice)):
         problems.append(refused)
     return "; ".join(problems) or None
 
@@ -82,10 +83,17 @@ def set_session_nice(nice: int) -> str | None:
     leads that session (else the change would reach every process that shares it). Returns
     None when it took or there was nothing to do, else why not, for a log line. A worker leads
     a session that holds its engine's processes too (`roundhouse up`, `--engine-group-nice`)."""
-    if nice == 0 or not autogroups_on():
+    return None if nice == 0 else _set_own_group(nice)
+
+
+def _set_own_group(nice: int) -> str | None:
+    """This process's session group at `nice`, where autogroups apply, if this process leads
+    the session: a service started by hand from a shell shares the shell's session, and the
+    change would reach the shell and everything else started from it."""
+    if not autogroups_on():
         return None
     if os.getsid(0) != os.getpid():
-        return "this process does not lead its session (its other processes would share the change)"
+        return "this process does not lead its session (its other processes would share the change): its group is left as it was"
     return _set_autogroup("self", nice)
 
 

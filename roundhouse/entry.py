@@ -108,7 +108,8 @@ def run(service: str, log_level: str, serve: Callable[[asyncio.Event], Awaitable
     refused = cpu.set_nice(cpu_nice, cpu_session)
     if refused:
         structlog.get_logger(service).warning(f"{service}.cpu_nice_refused", nice=cpu_nice, why=refused,
-                                              hint="runs at its old priority; needs CAP_SYS_NICE")
+                                              **({"hint": "runs at its old priority; needs CAP_SYS_NICE"}
+                                                 if "setpriority" in refused else {}))
     if refused := cpu.set_session_nice(session_nice):
         structlog.get_logger(service).warning(f"{service}.session_nice_not_set", nice=session_nice, why=refused)
     tracing.configure(service, export=True if otel else None)

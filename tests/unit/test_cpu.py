@@ -36,6 +36,21 @@ def test_a_higher_nice_takes_for_the_process_and_its_session():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux priorities")
+def test_a_process_that_shares_its_session_takes_the_nice_and_leaves_the_group_as_it_was():
+    # A service started by hand from a shell: the shell's session group is not the service's to change.
+    before = open("/proc/self/autogroup").read() if cpu.autogroups_on() else "off"
+    out = subprocess.run([sys.executable, "-c", PROBE, "5"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    said, nice = out.stdout.splitlines()[:2]
+    assert nice == "5"
+    if cpu.autogroups_on():
+        assert "does not lead its session" in said and "setpriority" not in said
+        assert open("/proc/self/autogroup").read() == before
+    else:
+        assert said == "None"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux priorities")
 def test_nice_zero_changes_nothing():
     refused, nice, group = _probe(0)
     assert (refused, nice) == ("None", "0")
