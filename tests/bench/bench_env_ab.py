@@ -21,15 +21,13 @@ the one before it: read the medians and the ratios over 8 rounds or more.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import pathlib
 import statistics
 import tempfile
-import time
 
 from roundhouse import stack
 from tests.bench import bench_openai
-from tests.bench.bench_per_request import drive
+from tests.bench.bench_per_request import measured_run
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -65,12 +63,8 @@ def main() -> None:
             for name in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
                 proc, base = stacks[name]
                 bench_openai.wait_quiet([s[0] for s in stacks.values()])
-                before = bench_openai.cpu_by_process(proc.pid)
-                t = time.perf_counter()
-                ttfts = asyncio.run(drive(base, a.endpoint, a.requests, a.concurrency, a.max_tokens))
-                wall = time.perf_counter() - t
-                after = bench_openai.cpu_by_process(proc.pid)
-                per = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}
+                wall, ttfts, spent = measured_run(proc, base, a.endpoint, a.requests, a.concurrency, a.max_tokens)
+                per = {k: 1000 * v / tokens for k, v in spent.items()}
                 row = (tokens / wall, ttfts[len(ttfts) // 2], per.get("worker", 0.0), per.get("router", 0.0))
                 rows[name].append(row)
                 print(f"round {rnd + 1} {name}: {row[0]:7.0f} tok/s, first data chunk p50 {row[1]:5.1f} ms, CPU s per "

@@ -48,6 +48,17 @@ async def drive(base: str, endpoint: str, n: int, concurrency: int, max_tokens: 
     return sorted(ttfts)
 
 
+def measured_run(proc, base: str, endpoint: str, n: int, concurrency: int, max_tokens: int) -> tuple[float, list[float], dict[str, float]]:
+    """One `drive` against the stack `proc` (`roundhouse up`): its wall seconds, its client times to
+    the first data chunk (ms, sorted) and the CPU seconds each role spent during it."""
+    before = bench_openai.cpu_by_process(proc.pid)
+    t = time.perf_counter()
+    ttfts = asyncio.run(drive(base, endpoint, n, concurrency, max_tokens))
+    wall = time.perf_counter() - t
+    after = bench_openai.cpu_by_process(proc.pid)
+    return wall, ttfts, {k: after[k] - before.get(k, 0.0) for k in after}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=3000)
@@ -62,12 +73,8 @@ def main() -> None:
     try:
         asyncio.run(drive(base, a.endpoint, 2 * a.concurrency, a.concurrency, a.max_tokens))   # warm-up
         for run in range(2):
-            before = bench_openai.cpu_by_process(proc.pid)
-            t = time.perf_counter()
-            ttfts = asyncio.run(drive(base, a.endpoint, a.requests, a.concurrency, a.max_tokens))
-            wall = time.perf_counter() - t
-            after = bench_openai.cpu_by_process(proc.pid)
-            per = {k: 1000 * (after[k] - before.get(k, 0.0)) / a.requests for k in after}
+            wall, ttfts, spent = measured_run(proc, base, a.endpoint, a.requests, a.concurrency, a.max_tokens)
+            per = {k: 1000 * v / a.requests for k, v in spent.items()}
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005)
             print(f"run {run + 1}: {a.endpoint}, {a.requests} requests of {a.max_tokens} tokens at concurrency "
                   f"{a.concurrency}: {a.requests / wall:.1f} requests/s, first data chunk p50 {ttfts[len(ttfts) // 2]:.1f} ms; "

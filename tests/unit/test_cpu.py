@@ -22,6 +22,14 @@ PROBE = (
 )
 
 
+def _run(probe: str, nice: int, new_session: bool) -> list[str]:
+    """The probe's printed lines."""
+    out = subprocess.run([sys.executable, "-c", probe, str(nice)], capture_output=True, text=True, timeout=60,
+                         start_new_session=new_session)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
 def _probe(nice: int) -> list[str]:
     # Its own process and session: the test process's priority and autogroup are not touched.
     return _run(PROBE, nice, new_session=True)
@@ -39,9 +47,7 @@ def test_a_higher_nice_takes_for_the_process_and_its_session():
 def test_a_process_that_shares_its_session_takes_the_nice_and_leaves_the_group_as_it_was():
     # A service started by hand from a shell: the shell's session group is not the service's to change.
     before = open("/proc/self/autogroup").read() if cpu.autogroups_on() else "off"
-    out = subprocess.run([sys.executable, "-c", PROBE, "5"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    said, nice = out.stdout.splitlines()[:2]
+    said, nice, _ = _run(PROBE, 5, new_session=False)
     assert nice == "5"
     if cpu.autogroups_on():
         assert "does not lead its session" in said and "setpriority" not in said
@@ -62,13 +68,6 @@ SESSION_PROBE = (
     "print(cpu.set_session_nice(int(sys.argv[1])) is None)\n"
     f"print({GROUP})\n"
 )
-
-
-def _run(probe: str, nice: int, new_session: bool) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", probe, str(nice)], capture_output=True, text=True, timeout=60,
-                         start_new_session=new_session)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux autogroups")
